@@ -1,0 +1,55 @@
+"""The math of reasoning-RL: advantages, policy losses, KL estimators and entropy controllers.
+
+Pure torch, no collectives and no global state: tensors in, ``(loss, metrics)`` out. The parallel
+layer (:mod:`megacov.parallel`) computes global statistics and token choices and passes them in;
+:func:`policy_loss` is the single-scope entry point that treats the tensors passed as everything.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from megacov.algorithms.losses import (  # noqa: F401  (public API)
+    AGG_MODES,
+    METRIC_REDUCTIONS,
+    LossNormalizer,
+    aggregate,
+    get_policy_loss,
+    list_policy_losses,
+    register_policy_loss,
+)
+from megacov.config.schema import AlgorithmConfig
+
+_CALL_ARGS = ("step", "entropy", "weights", "global_ids", "max_len")
+
+
+def algorithm_hparams(**overrides: Any) -> AlgorithmConfig:
+    """An AlgorithmConfig with the schema defaults and ``overrides`` (names as in the config)."""
+    known = {f.name for f in dataclasses.fields(AlgorithmConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise TypeError(f"unknown algorithm hyperparameter(s) {', '.join(unknown)}; "
+                        f"valid: {', '.join(sorted(known))}")
+    return dataclasses.replace(AlgorithmConfig(), **overrides)
+
+
+def policy_loss(name: str, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, **hparams: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Policy loss ``name`` over tensors [B, T] that form the whole selection scope.
+
+    ``hparams`` are AlgorithmConfig fields (clip_ratio_low, clip_cov_ratio, kl_cov_coef,
+    loss_agg_mode, seed, ...; unspecified ones take the schema defaults) plus ``step`` (Clip-Cov
+    keys; 0 if absent), ``entropy`` [B, T] (logged), ``weights`` [B, T] (per-token loss
+    multipliers, e.g. PAR), ``global_ids`` [B, T] (default: row-major positions) and ``max_len``
+    (seq-mean-token-sum-norm constant; default T). Returns the 0-dim loss and its metrics;
+    ``metrics["selected"]`` is the chosen-token mask for clip_cov / kl_cov.
+    """
+    call = {k: hparams.pop(k) for k in _CALL_ARGS if k in hparams}
+    hp = algorithm_hparams(**hparams)
+    norm = LossNormalizer.from_mask(response_mask, call.pop("max_len", None))
+    fn = get_policy_loss(name)
+    step = int(call.pop("step", 0))
+    return fn(log_prob, old_log_prob, advantages, response_mask, norm=norm, selected=None, hp=hp,
+              step=step, **call)

@@ -1,0 +1,273 @@
+"""Policy losses (PPO-clip, Clip-Cov, KL-Cov), registered by name, and loss aggregation.
+
+Every loss is a pure function ``(log_prob, old_log_prob, advantages, response_mask, *, norm,
+selected, hp, entropy=None) -> (loss, metrics)`` on [B, T] tensors (B sequences x T response
+positions). Two decisions keep them exact under any parallel layout:
+
+* The normaliser (:class:`LossNormalizer`) is passed in and describes the *whole* scope, so the
+  losses of micro-batches and data-parallel ranks simply add up to the loss of the mini-batch.
+  Scalar metrics are divided by the same normaliser, so they also add up (see
+  :data:`METRIC_REDUCTIONS` for the few that do not: maxima and quantiles).
+* The Clip-Cov / KL-Cov token choice may be passed in (``selected``), computed globally by
+  :mod:`megacov.parallel` from :mod:`megacov.algorithms.selection`; with ``selected=None`` the loss
+  computes it from the tensors passed, treating them as the whole scope. Either way the loss
+  arithmetic after the choice is the same code, so both paths give identical numbers.
+
+Padding never influences anything: values under ``mask == 0`` are replaced before any arithmetic
+(``torch.where``, not multiplication, so even inf/NaN padding cannot leak into the loss or grads).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from megacov.algorithms import selection as sel
+from megacov.algorithms.selection import LOG_RATIO_CLAMP, masked_log_ratio  # noqa: F401 (re-exported)
+
+AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+#: How each scalar metric combines across micro-batches and ranks. Everything not listed is
+#: pre-normalised by the global normaliser and combines by SUM. "local" statistics describe only
+#: the tensors passed (exact when those are the whole scope, e.g. a gathered global batch).
+METRIC_REDUCTIONS = {
+    "cov_max": "max",
+    "cov_min": "min",
+    "cov_std": "local",
+    "cov_q10": "local",
+    "cov_q50": "local",
+    "cov_q90": "local",
+    "cov_q99": "local",
+}
+
+#: Quantiles of cov_t reported as metrics (name suffix -> q).
+COV_QUANTILES = {"q10": 0.10, "q50": 0.50, "q90": 0.90, "q99": 0.99}
+
+
+@dataclass(frozen=True)
+class LossNormalizer:
+    """GLOBAL counts of the scope a loss is normalised over (one mini-batch over all ranks).
+
+    ``num_tokens``: valid tokens (token-mean); ``num_seqs``: sequences (seq-mean-*);
+    ``max_len``: the constant of ``seq-mean-token-sum-norm`` (usually rollout.max_response_len).
+    """
+
+    num_tokens: float
+    num_seqs: float
+    max_len: int
+
+    def __post_init__(self) -> None:
+        if self.num_tokens < 0 or self.num_seqs < 0 or self.max_len < 1:
+            raise ValueError(f"LossNormalizer needs num_tokens, num_seqs >= 0 and max_len >= 1, got {self}")
+
+    @classmethod
+    def from_mask(cls, mask: torch.Tensor, max_len: Optional[int] = None) -> "LossNormalizer":
+        """The normaliser of a scope that is exactly ``mask`` ([B, T]); sequences without any valid
+        token are not counted; ``max_len`` defaults to T."""
+        m = mask.bool()
+        return cls(num_tokens=float(m.sum()), num_seqs=float(m.any(dim=-1).sum()),
+                   max_len=int(max_len if max_len is not None else m.shape[-1]))
+
+
+def _positive(x: float) -> float:
+    # An empty scope has an all-zero numerator; dividing by 1 keeps the loss 0 instead of NaN.
+    return x if x > 0 else 1.0
+
+
+def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, norm: LossNormalizer) -> torch.Tensor:
+    """Reduce a per-token loss [B, T] to a scalar share of the global loss.
+
+    token-mean: sum / num_tokens. seq-mean-token-sum: sum / num_seqs. seq-mean-token-mean:
+    sum_b (sum_t / len_b) / num_seqs. seq-mean-token-sum-norm (Dr.GRPO): sum / (num_seqs * max_len),
+    i.e. the mean over sequences of the token sum divided by a constant length.
+    """
+    m = mask.bool()
+    masked = torch.where(m, loss_mat, torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device))
+    if mode == "token-mean":
+        return masked.sum() / _positive(norm.num_tokens)
+    if mode == "seq-mean-token-sum":
+        return masked.sum() / _positive(norm.num_seqs)
+    if mode == "seq-mean-token-mean":
+        lens = m.sum(dim=-1).clamp(min=1).to(loss_mat.dtype)
+        return (masked.sum(dim=-1) / lens).sum() / _positive(norm.num_seqs)
+    if mode == "seq-mean-token-sum-norm":
+        return masked.sum() / (_positive(norm.num_seqs) * norm.max_len)
+    raise ValueError(f"unknown loss_agg_mode '{mode}'; expected one of {', '.join(AGG_MODES)}")
+
+
+def _token_sum(x: torch.Tensor, m: torch.Tensor, norm: LossNormalizer) -> torch.Tensor:
+    """Share of the global token-mean of ``x`` held by these tokens (sums correctly)."""
+    x = x.detach()
+    return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / _positive(norm.num_tokens)
+
+
+def cov_metrics(cov: torch.Tensor, m: torch.Tensor, norm: LossNormalizer) -> dict[str, torch.Tensor]:
+    """Mean / second moment (summable), max, min, std and quantiles of cov_t over valid tokens."""
+    out = {"cov_mean": _token_sum(cov, m, norm), "cov_sq_mean": _token_sum(cov * cov, m, norm)}
+    vals = cov[m]
+    if vals.numel() == 0:
+        zero = torch.zeros((), dtype=cov.dtype, device=cov.device)
+        out.update({"cov_max": zero, "cov_min": zero, "cov_std": zero})
+        out.update({f"cov_{k}": zero for k in COV_QUANTILES})
+        return out
+    out["cov_max"] = vals.max()
+    out["cov_min"] = vals.min()
+    out["cov_std"] = vals.std(unbiased=False)
+    n = vals.numel()
+    for name, q in COV_QUANTILES.items():
+        # Nearest-rank quantile via kthvalue: O(N) and free of torch.quantile's size limit.
+        k = min(n, max(1, int(round(q * (n - 1))) + 1))
+        out[f"cov_{name}"] = vals.kthvalue(k).values
+    return out
+
+
+class _Prepared:
+    """Shared preamble of the losses: masked log-ratio, ratio, masked advantages, statistics."""
+
+    def __init__(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                 response_mask: torch.Tensor, global_ids: Optional[torch.Tensor],
+                 stats: Optional[sel.ScopeStats]) -> None:
+        if not (log_prob.shape == old_log_prob.shape == advantages.shape == response_mask.shape):
+            raise ValueError(
+                "log_prob, old_log_prob, advantages and response_mask must share one [B, T] shape, got "
+                f"{tuple(log_prob.shape)}, {tuple(old_log_prob.shape)}, {tuple(advantages.shape)}, "
+                f"{tuple(response_mask.shape)}")
+        self.m = response_mask.bool()
+        self.log_ratio = masked_log_ratio(log_prob, old_log_prob, self.m)
+        self.ratio = torch.exp(self.log_ratio)
+        dtype = self.ratio.dtype
+        self.adv = torch.where(self.m, advantages.detach().to(dtype), torch.zeros((), dtype=dtype,
+                                                                                 device=self.ratio.device))
+        self.log_prob = log_prob
+        self.global_ids = global_ids if global_ids is not None else sel.default_global_ids(self.m)
+        self.stats = stats if stats is not None else sel.scope_stats(log_prob, advantages, self.m)
+        self.cov = sel.covariance(log_prob, advantages, self.m, self.stats.mean_logp, self.stats.mean_adv)
+
+
+def _finish(loss_mat: torch.Tensor, p: _Prepared, norm: LossNormalizer, hp: Any,
+            weights: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+            metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+    if weights is not None:
+        loss_mat = loss_mat * torch.where(p.m, weights.to(loss_mat.dtype), 1)
+    loss = aggregate(loss_mat, p.m, hp.loss_agg_mode, norm)
+    metrics = {"pg_loss": loss.detach(), **metrics}
+    metrics.update(cov_metrics(p.cov, p.m, norm))
+    if entropy is not None:
+        metrics["entropy"] = _token_sum(entropy.to(p.ratio.dtype), p.m, norm)
+    return loss, metrics
+
+
+PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
+_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
+
+
+def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
+    """Decorator: make a loss selectable as ``algorithm.policy_loss=<name>``."""
+    def deco(fn: PolicyLossFn) -> PolicyLossFn:
+        if name in _POLICY_LOSSES and _POLICY_LOSSES[name] is not fn:
+            raise ValueError(f"policy loss '{name}' is already registered")
+        _POLICY_LOSSES[name] = fn
+        return fn
+    return deco
+
+
+def get_policy_loss(name: str) -> PolicyLossFn:
+    if name not in _POLICY_LOSSES:
+        raise KeyError(f"unknown policy loss '{name}'; registered: {', '.join(list_policy_losses())}")
+    return _POLICY_LOSSES[name]
+
+
+def list_policy_losses() -> list[str]:
+    return sorted(_POLICY_LOSSES)
+
+
+@register_policy_loss("ppo")
+def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+             response_mask: torch.Tensor, *, norm: LossNormalizer, selected: Optional[torch.Tensor],
+             hp: Any, entropy: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+             global_ids: Optional[torch.Tensor] = None, stats: Optional[sel.ScopeStats] = None,
+             step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """PPO-clip with clip-higher (eps_low, eps_high) and optional dual clip c for A < 0.
+
+    per token: l = max(-A r, -A clip(r, 1-eps_low, 1+eps_high)); if c is set and A < 0:
+    min(l, -A c). ``selected`` is ignored. Shapes: all [B, T]; returns a 0-dim loss.
+    """
+    p = _Prepared(log_prob, old_log_prob, advantages, response_mask, global_ids, stats)
+    unclipped = -p.adv * p.ratio
+    clipped = -p.adv * torch.clamp(p.ratio, 1.0 - hp.clip_ratio_low, 1.0 + hp.clip_ratio_high)
+    loss_mat = torch.maximum(unclipped, clipped)
+    metrics = {"clipfrac": _token_sum((clipped > unclipped).to(loss_mat.dtype), p.m, norm)}
+    if hp.clip_ratio_c is not None:
+        dual = -p.adv * hp.clip_ratio_c
+        negative = p.adv < 0
+        metrics["clipfrac_lower"] = _token_sum((negative & (loss_mat > dual)).to(loss_mat.dtype), p.m, norm)
+        loss_mat = torch.where(negative, torch.minimum(loss_mat, dual), loss_mat)
+    metrics["ppo_kl"] = _token_sum(-p.log_ratio, p.m, norm)
+    return _finish(loss_mat, p, norm, hp, weights, entropy, metrics)
+
+
+@register_policy_loss("clip_cov")
+def clip_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                  response_mask: torch.Tensor, *, norm: LossNormalizer, selected: Optional[torch.Tensor],
+                  hp: Any, entropy: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                  global_ids: Optional[torch.Tensor] = None, stats: Optional[sel.ScopeStats] = None,
+                  step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Clip-Cov (Cui et al. 2025): PPO-clip, but a few high-covariance tokens lose their gradient.
+
+    The chosen tokens (``selected``, or chosen here from the whole scope with keys from
+    ``(hp.seed, step, global id)``) get loss x 0 and stay in the denominator. No dual clip, as in
+    the reference. clipfrac = share of valid tokens PPO clipped or Clip-Cov detached.
+    """
+    p = _Prepared(log_prob, old_log_prob, advantages, response_mask, global_ids, stats)
+    unclipped = -p.adv * p.ratio
+    clipped = -p.adv * torch.clamp(p.ratio, 1.0 - hp.clip_ratio_low, 1.0 + hp.clip_ratio_high)
+    if selected is None:
+        selected = sel.select_clip_cov(
+            log_prob, old_log_prob, advantages, p.m, p.global_ids, p.stats,
+            clip_ratio_low=hp.clip_ratio_low, clip_ratio_high=hp.clip_ratio_high,
+            clip_cov_ratio=hp.clip_cov_ratio, clip_cov_lb=hp.clip_cov_lb, clip_cov_ub=hp.clip_cov_ub,
+            seed=hp.seed, step=step, cov=p.cov, ppo_clipped=(clipped > unclipped).detach() & p.m)
+    chosen = selected.bool() & p.m
+    ppo_mat = torch.maximum(unclipped, clipped)
+    loss_mat = torch.where(chosen, torch.zeros((), dtype=ppo_mat.dtype, device=ppo_mat.device), ppo_mat)
+    dt = loss_mat.dtype
+    metrics = {
+        "clipfrac": _token_sum(((clipped > unclipped) | chosen).to(dt), p.m, norm),
+        "ppo_kl": _token_sum(-p.log_ratio, p.m, norm),
+        "selected": chosen,
+        "selected_count": chosen.sum(),
+        "selected_frac": _token_sum(chosen.to(dt), p.m, norm),
+    }
+    return _finish(loss_mat, p, norm, hp, weights, entropy, metrics)
+
+
+@register_policy_loss("kl_cov")
+def kl_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                response_mask: torch.Tensor, *, norm: LossNormalizer, selected: Optional[torch.Tensor],
+                hp: Any, entropy: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
+                global_ids: Optional[torch.Tensor] = None, stats: Optional[sel.ScopeStats] = None,
+                step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
+    """KL-Cov (Cui et al. 2025): plain policy gradient -A r (no clipping) plus beta |logp - old_logp|
+    on the top-k covariance tokens (``selected``, or chosen here from the whole scope).
+
+    Fully on-policy (old_logp == logp) the penalty has zero gradient, so KL-Cov reduces to the
+    unclipped policy gradient; :func:`megacov.algorithms.checks.check_algorithm_config` warns.
+    """
+    p = _Prepared(log_prob, old_log_prob, advantages, response_mask, global_ids, stats)
+    if selected is None:
+        selected = sel.select_kl_cov(log_prob, advantages, p.m, p.global_ids, p.stats,
+                                     kl_cov_ratio=hp.kl_cov_ratio, cov=p.cov)
+    chosen = selected.bool() & p.m
+    abs_kl = p.log_ratio.abs()
+    pg = -p.adv * p.ratio
+    loss_mat = torch.where(chosen, pg + hp.kl_cov_coef * abs_kl, pg)
+    dt = loss_mat.dtype
+    metrics = {
+        "clipfrac": torch.zeros((), dtype=dt, device=loss_mat.device),
+        "ppo_kl": _token_sum(abs_kl, p.m, norm),
+        "selected": chosen,
+        "selected_count": chosen.sum(),
+        "selected_frac": _token_sum(chosen.to(dt), p.m, norm),
+    }
+    return _finish(loss_mat, p, norm, hp, weights, entropy, metrics)
