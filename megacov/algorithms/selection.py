@@ -213,7 +213,7 @@ def _select(order: torch.Tensor, candidates: torch.Tensor, global_ids: torch.Ten
     ids = global_ids.reshape(-1).to(torch.int64)
     if vals.is_floating_point():
         fill = float("-inf") if largest else float("inf")
-        vals = torch.nan_to_num(vals, nan=fill)
+        vals = torch.where(torch.isnan(vals), torch.full((), fill, dtype=vals.dtype, device=vals.device), vals)
     else:
         fill = torch.iinfo(vals.dtype).min if largest else torch.iinfo(vals.dtype).max
     work = torch.where(cand, vals, torch.full((), fill, dtype=vals.dtype, device=vals.device))
