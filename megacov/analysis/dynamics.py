@@ -36,10 +36,10 @@ def level_at(steps: np.ndarray, values: np.ndarray, at: float, window: Optional[
     return float(np.interp(at, steps, smooth(values, window)))
 
 
-def _share(part: float, total: float) -> Optional[float]:
-    # A run whose metric did not move has no meaningful share; say so with None rather than inf.
-    scale = max(abs(part), abs(total), 1e-12)
-    return part / total if abs(total) > 1e-9 * scale else None
+def _share(part: float, total: float, magnitude: float) -> Optional[float]:
+    # A curve that did not move (total change at rounding level relative to its values) has no
+    # meaningful share; say so with None rather than a ratio of rounding errors.
+    return part / total if abs(total) > 1e-9 * max(magnitude, 1e-12) else None
 
 
 def phase_changes(steps, values, n_phases: int = 4, window: Optional[int] = None) -> list[dict]:
@@ -60,7 +60,7 @@ def phase_changes(steps, values, n_phases: int = 4, window: Optional[int] = None
         change = float(levels[i + 1] - levels[i])
         phases.append({"phase": i + 1, "step_start": float(bounds[i]), "step_end": float(bounds[i + 1]),
                        "start": float(levels[i]), "end": float(levels[i + 1]), "change": change,
-                       "share": _share(change, total)})
+                       "share": _share(change, total, float(np.abs(v).max()))})
     return phases
 
 
@@ -75,7 +75,7 @@ def early_share(steps, values, early_frac: float = 0.1, window: Optional[int] = 
     start, at_cut, end = (float(x) for x in np.interp([s[0], cut, s[-1]], s, sm))
     return {"early_frac": early_frac, "until_step": cut, "start": start, "at_cut": at_cut, "end": end,
             "early_change": at_cut - start, "total_change": end - start,
-            "share": _share(at_cut - start, end - start)}
+            "share": _share(at_cut - start, end - start, float(np.abs(v).max()))}
 
 
 def series_summary(steps, values, *, early_frac: float = 0.1, n_phases: int = 4) -> Optional[dict]:

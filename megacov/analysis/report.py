@@ -144,7 +144,7 @@ def save_figures(analyses: Sequence[RunAnalysis], out_dir: str) -> dict[str, str
 def _fmt(x, digits: int = 4) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "—"
-    if isinstance(x, (int, np.integer)):
+    if isinstance(x, (int, np.integer)) or (float(x).is_integer() and abs(x) < 1e15):
         return str(int(x))
     return f"{float(x):.{digits}g}"
 

@@ -3,7 +3,8 @@
 Pairing entropy with the validation metric: eval metrics exist only on eval steps, entropy on every
 training step. A metric at step s is paired with the entropy logged at s; an eval logged where no
 training step logged entropy (typically the initial eval at step 0) is paired with the next logged
-entropy, since that policy is the one that sampled the following step's rollouts.
+entropy, since that policy is the one that sampled the following step's rollouts. A step whose
+entropy was logged as NaN/inf is dropped instead: that is a failed measurement, not a gap.
 """
 from __future__ import annotations
 
@@ -94,9 +95,12 @@ def pair_metric_with_entropy(run: RunMetrics, entropy_key: str, metric_key: str
     steps, hs, ms = [], [], []
     shifted = 0
     exact = dict(zip(h_steps.tolist(), h_vals.tolist()))
+    logged = run.columns.get(entropy_key, {})
     for s, m in zip(m_steps.tolist(), m_vals.tolist()):
         if s in exact:
             h = exact[s]
+        elif s in logged:
+            continue  # entropy logged but not finite at this step: a bad measurement, not a gap
         else:
             later = np.searchsorted(h_steps, s, side="right")
             if later >= h_steps.size:
