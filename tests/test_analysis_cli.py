@@ -29,7 +29,8 @@ def test_demo_runs_fit_predict_and_report(tmp_path, capsys):
         assert abs(r["fit"]["ceiling"] - (spec.b - spec.a)) < 0.02, (name, r["fit"])
         assert r["fit"]["r2"] > 0.9
         # Prediction numbers agree with the rows in the file (final step = last eval step).
-        rows = [json.loads(line) for line in open(os.path.join(tmp_path, name, "metrics.jsonl"))]
+        with open(os.path.join(tmp_path, name, "metrics.jsonl")) as fh:
+            rows = [json.loads(line) for line in fh]
         last_eval = [row for row in rows if "val/acc" in row][-1]
         p = r["prediction"]
         assert p["final_step"] == last_eval["step"] and p["final_actual"] == last_eval["val/acc"]

@@ -9,8 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from megacov.analysis.fit import (FitError, cutoff_step, fit_and_predict, fit_entropy_law,
-                                  predict_ceiling)
+from megacov.analysis.fit import FitError, cutoff_step, fit_and_predict, fit_entropy_law, predict_ceiling
 
 A_TRUE, B_TRUE = 0.04, 0.72
 

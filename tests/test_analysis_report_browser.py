@@ -7,7 +7,6 @@ decoded at its real size. A copy with one image's data corrupted is the negative
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -36,7 +35,7 @@ TABLE_HEADER = (238, 238, 255)  # th background in the report's CSS
 def _chromium(tmp_path, *args: str, name: str) -> subprocess.CompletedProcess:
     profile = tmp_path / f"profile-{name}"
     return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
-                          text=True, timeout=180)
+                          text=True, timeout=180, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -85,13 +84,14 @@ def _dump_dom(tmp_path, html_text: str, name: str) -> str:
 
 def test_every_embedded_image_decodes_and_tables_hold_the_numbers(report, tmp_path):
     path, figures, analyses = report
-    html_text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as fh:
+        html_text = fh.read()
     dom = _dump_dom(tmp_path, html_text, "ok")
     widths = [int(w) for w in re.search(r'data-probe="([^"]*)"', dom).group(1).split(",")]
     expected = [_rgb(p).shape[1] for p in figures.values()]
     assert widths == expected  # each image decoded at its PNG's real width
     assert dom.count("<table") >= 1 + 3  # comparison table + per-run phase tables
-    comparison = re.search(r'<table class="comparison">.*?</table>', dom, re.S).group(0)
+    comparison = re.search(r'<table class="comparison">.*?</table>', dom, re.DOTALL).group(0)
     for res in analyses:
         assert f"<th>{res.run.name}</th>" in comparison
         assert f"<td>{res.fit.ceiling:.4g}</td>" in comparison
@@ -99,7 +99,8 @@ def test_every_embedded_image_decodes_and_tables_hold_the_numbers(report, tmp_pa
 
 def test_negative_control_corrupted_image_is_detected(report, tmp_path):
     path, figures, _ = report
-    html_text = open(path, encoding="utf-8").read()
+    with open(path, encoding="utf-8") as fh:
+        html_text = fh.read()
     broken = re.sub(r"(data:image/png;base64,)[A-Za-z0-9+/=]{200}", r"\1AAAA", html_text, count=1)
     assert broken != html_text
     dom = _dump_dom(tmp_path, broken, "broken")

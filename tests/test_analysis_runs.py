@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest
@@ -44,7 +43,7 @@ def test_rows_merge_by_step_and_later_values_win(tmp_path):
     run = read_run(str(path))
     assert run.columns["actor/entropy"][1.0] == 1.0 and run.columns["val/acc"][1.0] == 0.3
     assert run.columns["actor/entropy"][2.0] == 0.8
-    steps, values = run.series("actor/entropy")
+    steps, _ = run.series("actor/entropy")
     np.testing.assert_array_equal(steps, [1, 2])
     assert run.non_finite("actor/entropy") == 1
     text = "\n".join(run.warnings)
@@ -97,7 +96,7 @@ def test_eval_without_entropy_pairs_with_next_step():
         "actor/entropy": {1.0: 1.0, 2.0: 0.9, 3.0: 0.8},
         "val/acc": {0.0: 0.1, 2.0: 0.2, 5.0: 0.9},  # 0: initial eval; 5: no later entropy
     })
-    steps, h, m, shifted = pair_metric_with_entropy(run, "actor/entropy", "val/acc")
+    steps, h, _, shifted = pair_metric_with_entropy(run, "actor/entropy", "val/acc")
     np.testing.assert_array_equal(steps, [0, 2])
     np.testing.assert_array_equal(h, [1.0, 0.9])
     assert shifted == 1

@@ -10,14 +10,15 @@ phase boundaries, which makes them add up exactly to the total change.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import numpy as np
+
+from megacov.analysis.runs import RunMetrics
 
 COV_KEYS = ("cov/mean", "cov/std", "cov/max", "cov/selected_mean", "cov/num_selected")
 
 
-def smooth(values: np.ndarray, window: Optional[int] = None) -> np.ndarray:
+def smooth(values: np.ndarray, window: int | None = None) -> np.ndarray:
     """Centred moving average; the window shrinks at the ends instead of padding with guesses."""
     v = np.asarray(values, dtype=np.float64)
     n = v.size
@@ -31,18 +32,18 @@ def smooth(values: np.ndarray, window: Optional[int] = None) -> np.ndarray:
     return (csum[hi] - csum[lo]) / (hi - lo)
 
 
-def level_at(steps: np.ndarray, values: np.ndarray, at: float, window: Optional[int] = None) -> float:
+def level_at(steps: np.ndarray, values: np.ndarray, at: float, window: int | None = None) -> float:
     """The smoothed curve's value at step ``at`` (linear interpolation between logged steps)."""
     return float(np.interp(at, steps, smooth(values, window)))
 
 
-def _share(part: float, total: float, magnitude: float) -> Optional[float]:
+def _share(part: float, total: float, magnitude: float) -> float | None:
     # A curve that did not move (total change at rounding level relative to its values) has no
     # meaningful share; say so with None rather than a ratio of rounding errors.
     return part / total if abs(total) > 1e-9 * max(magnitude, 1e-12) else None
 
 
-def phase_changes(steps, values, n_phases: int = 4, window: Optional[int] = None) -> list[dict]:
+def phase_changes(steps, values, n_phases: int = 4, window: int | None = None) -> list[dict]:
     """Change of the smoothed curve over ``n_phases`` equal spans of steps, and each one's share.
 
     Returns ``[{phase, step_start, step_end, start, end, change, share}]``; empty with < 2 points.
@@ -64,7 +65,7 @@ def phase_changes(steps, values, n_phases: int = 4, window: Optional[int] = None
     return phases
 
 
-def early_share(steps, values, early_frac: float = 0.1, window: Optional[int] = None) -> Optional[dict]:
+def early_share(steps, values, early_frac: float = 0.1, window: int | None = None) -> dict | None:
     """Share of the total change of the smoothed curve that happened by ``early_frac`` of the steps."""
     s = np.asarray(steps, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
@@ -78,7 +79,7 @@ def early_share(steps, values, early_frac: float = 0.1, window: Optional[int] = 
             "share": _share(at_cut - start, end - start, float(np.abs(v).max()))}
 
 
-def series_summary(steps, values, *, early_frac: float = 0.1, n_phases: int = 4) -> Optional[dict]:
+def series_summary(steps, values, *, early_frac: float = 0.1, n_phases: int = 4) -> dict | None:
     """First/last/min/max, the smoothed total change, the early share and the per-phase changes."""
     s = np.asarray(steps, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
@@ -90,7 +91,7 @@ def series_summary(steps, values, *, early_frac: float = 0.1, n_phases: int = 4)
     return out
 
 
-def cov_summary(run, n_phases: int = 4) -> Optional[dict]:
+def cov_summary(run: RunMetrics, n_phases: int = 4) -> dict | None:
     """Means of the covariance statistics over the run (and per phase), and the tokens touched.
 
     ``selected_over_all`` compares the mean covariance of the tokens Clip-Cov/KL-Cov selected with
@@ -119,11 +120,11 @@ def cov_summary(run, n_phases: int = 4) -> Optional[dict]:
     return out
 
 
-def _mean_or_none(v: np.ndarray) -> Optional[float]:
+def _mean_or_none(v: np.ndarray) -> float | None:
     return float(v.mean()) if v.size else None
 
 
-def _ratio_of_means(run, num_key: str, den_key: str) -> Optional[float]:
+def _ratio_of_means(run: RunMetrics, num_key: str, den_key: str) -> float | None:
     """Ratio of the means over the steps where both are logged (None if the denominator is ~0)."""
     _, num, den = run.paired(num_key, den_key)
     if num.size == 0:

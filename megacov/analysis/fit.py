@@ -17,8 +17,8 @@ the trainer can call :func:`predict_ceiling` periodically without pulling in plo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -50,7 +50,7 @@ class EntropyLawFit:
         """Performance at zero entropy, the law's upper bound: -a + b."""
         return -self.a + self.b
 
-    def predict(self, entropy: Union[Sequence[float], np.ndarray]) -> np.ndarray:
+    def predict(self, entropy: Sequence[float] | np.ndarray) -> np.ndarray:
         return -self.a * np.exp(np.asarray(entropy, dtype=np.float64)) + self.b
 
     @property
@@ -81,7 +81,7 @@ def _check(h: np.ndarray, r: np.ndarray, min_points: int) -> None:
                        "so a and b cannot be told apart")
 
 
-def fit_entropy_law(entropy, metric, *, loss: str = "soft_l1", f_scale: Optional[float] = None,
+def fit_entropy_law(entropy, metric, *, loss: str = "soft_l1", f_scale: float | None = None,
                     min_points: int = MIN_POINTS) -> EntropyLawFit:
     """Fit R = -a * exp(H) + b on paired (H, R) values; non-finite pairs are dropped.
 
@@ -108,7 +108,7 @@ def fit_entropy_law(entropy, metric, *, loss: str = "soft_l1", f_scale: Optional
 
 
 def _robust(x: np.ndarray, r: np.ndarray, a0: float, b0: float, loss: str,
-            f_scale: Optional[float]) -> tuple[float, float]:
+            f_scale: float | None) -> tuple[float, float]:
     from scipy.optimize import least_squares
 
     if f_scale is None:
@@ -131,7 +131,7 @@ def _robust(x: np.ndarray, r: np.ndarray, a0: float, b0: float, loss: str,
 
 
 def predict_ceiling(entropies, metrics, *, loss: str = "soft_l1",
-                    min_points: int = MIN_POINTS) -> Optional[dict]:
+                    min_points: int = MIN_POINTS) -> dict | None:
     """Live use from the trainer: ``dict(a, b, ceiling, r2, n)`` from the pairs so far, or None.
 
     None (rather than an exception) when the pairs cannot support a fit yet -- too few finite points
@@ -183,7 +183,7 @@ class Prediction:
         }
 
 
-def cutoff_step(steps: np.ndarray, fit_until: Union[int, float]) -> float:
+def cutoff_step(steps: np.ndarray, fit_until: float) -> float:
     """The last step used for fitting: a float is a fraction in (0, 1) of the step span, an int a step.
 
     A fraction f means steps up to first + f * (last - first), so ``0.25`` is the first quarter of
@@ -199,7 +199,7 @@ def cutoff_step(steps: np.ndarray, fit_until: Union[int, float]) -> float:
     return first + fraction * (last - first)
 
 
-def fit_and_predict(steps, entropy, metric, fit_until: Union[int, float], *,
+def fit_and_predict(steps, entropy, metric, fit_until: float, *,
                     loss: str = "soft_l1") -> Prediction:
     """Fit on pairs with step <= cutoff, predict the metric at the later steps from their entropy.
 

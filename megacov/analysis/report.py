@@ -11,7 +11,7 @@ import datetime as _dt
 import html
 import math
 import os
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -149,7 +149,7 @@ def _fmt(x, digits: int = 4) -> str:
     return f"{float(x):.{digits}g}"
 
 
-def _get(d: Optional[dict], *path):
+def _get(d: dict | None, *path):
     for key in path:
         if d is None:
             return None
@@ -181,7 +181,7 @@ COMPARISON_ROWS = (
 )
 
 
-def _arrow(a, b) -> Optional[str]:
+def _arrow(a, b) -> str | None:
     return None if a is None or b is None else f"{_fmt(a)} → {_fmt(b)}"
 
 
@@ -219,18 +219,45 @@ def _phase_table(res: RunAnalysis) -> str:
     return "".join(blocks)
 
 
+def _fit_table(res: RunAnalysis) -> str:
+    if res.fit is None:
+        return ""
+    rows = [["all points", res.fit.n, res.fit.a, res.fit.b, res.fit.ceiling, res.fit.r2, res.fit.rmse,
+             None, None, None]]
+    pred = res.prediction
+    if pred is not None:
+        rows.append([f"steps <= {pred.cutoff_step:g}", pred.fit.n, pred.fit.a, pred.fit.b,
+                     pred.fit.ceiling, pred.fit.r2, pred.fit.rmse, int(pred.steps.size), pred.rmse,
+                     pred.final_error])
+    return ("<h4>fit and prediction</h4>"
+            + _table(["fitted on", "n", "a", "b", "ceiling", "R²", "fit RMSE", "predicted points",
+                      "prediction RMSE", "final-step error"], rows))
+
+
+def _cov_table(res: RunAnalysis) -> str:
+    if not res.cov:
+        return ""
+    keys = [k.split("/", 1)[1] for k in res.cov["keys"]]
+    n = len(res.cov[f"{keys[0]}_by_phase"])
+    rows = [[f"phase {i + 1}", *(res.cov[f"{k}_by_phase"][i] for k in keys)] for i in range(n)]
+    rows.append(["whole run", *(res.cov[f"{k}_mean_over_steps"] for k in keys)])
+    return "<h4>covariance statistics (means)</h4>" + _table(["", *(f"cov/{k}" for k in keys)], rows)
+
+
 def _run_section(res: RunAnalysis) -> str:
     name = html.escape(res.run.name)
-    parts = [f'<section class="run"><h3>{name}</h3><p class="src">{html.escape(res.run.source)} · '
-             f"{res.run.n_rows} rows · entropy <code>{html.escape(res.entropy_key)}</code>, metric "
-             f"<code>{html.escape(res.metric_key)}</code></p>"]
-    for msg in ([res.fit_error] if res.fit_error else []) + ([res.prediction_error] if res.prediction_error
-                                                             else []):
+    head = (f'<section class="run" id="run-{name}"><h3>{name}</h3><p class="src">'
+            f"{html.escape(res.run.source)} · {res.run.n_rows} rows · entropy "
+            f"<code>{html.escape(res.entropy_key)}</code>, metric <code>{html.escape(res.metric_key)}</code></p>")
+    parts = [head]
+    for msg in filter(None, (res.fit_error, res.prediction_error)):
         parts.append(f'<p class="problem">{html.escape(msg)}</p>')
     if res.notes or res.run.warnings:
         items = "".join(f"<li>{html.escape(n)}</li>" for n in [*res.notes, *res.run.warnings])
         parts.append(f'<ul class="notes">{items}</ul>')
+    parts.append(_fit_table(res))
     parts.append(_phase_table(res))
+    parts.append(_cov_table(res))
     if res.fit is not None:
         rows = [[s, h, r, f, r - f] for s, h, r, f in
                 zip(res.steps, res.entropy, res.metric, res.fit.predict(res.entropy))]

@@ -13,8 +13,8 @@ import csv
 import json
 import math
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -98,7 +98,7 @@ def run_name(path: str) -> str:
     return stem
 
 
-def _as_float(value: object) -> Optional[float]:
+def _as_float(value: object) -> float | None:
     """Numbers (and numeric strings, as in CSV) become floats; bools, blanks and text become None."""
     if isinstance(value, bool) or value is None:
         return None
@@ -151,7 +151,7 @@ def _iter_csv(path: str, warnings: list[str]) -> Iterator[tuple[int, dict]]:
         yield lineno, row
 
 
-def _pick_step_key(first_rows: Iterable[dict], step_key: Optional[str]) -> Optional[str]:
+def _pick_step_key(first_rows: Iterable[dict], step_key: str | None) -> str | None:
     if step_key:
         return step_key
     rows = list(first_rows)
@@ -161,7 +161,7 @@ def _pick_step_key(first_rows: Iterable[dict], step_key: Optional[str]) -> Optio
     return None
 
 
-def read_run(path: str, *, step_key: Optional[str] = None, name: Optional[str] = None) -> RunMetrics:
+def read_run(path: str, *, step_key: str | None = None, name: str | None = None) -> RunMetrics:
     """Read a run directory or a JSONL/CSV metrics file (format chosen by the ``.csv`` extension).
 
     Rows without a step get the next step after the previous row, so an export without a step
@@ -183,7 +183,7 @@ def read_run(path: str, *, step_key: Optional[str] = None, name: Optional[str] =
     return run
 
 
-def _merge_rows(run: RunMetrics, rows: list[tuple[int, dict]], step_key: Optional[str], path: str) -> None:
+def _merge_rows(run: RunMetrics, rows: list[tuple[int, dict]], step_key: str | None, path: str) -> None:
     bad_values: dict[str, int] = {}
     missing_step = 0
     repeated = 0

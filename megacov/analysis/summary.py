@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 import numpy as np
 
@@ -27,10 +26,10 @@ DEFAULT_REWARD_KEY = "reward/mean"
 @dataclass
 class AnalysisOptions:
     entropy_key: str = DEFAULT_ENTROPY_KEY
-    metric_key: Optional[str] = None
+    metric_key: str | None = None
     """None: ``val/acc``, or ``reward/acc`` when a run has fewer than 3 ``val/acc`` points."""
     reward_key: str = DEFAULT_REWARD_KEY
-    fit_until: Union[int, float] = 0.25
+    fit_until: int | float = 0.25
     early_frac: float = 0.1
     n_phases: int = 4
     loss: str = "soft_l1"
@@ -44,12 +43,12 @@ class RunAnalysis:
     steps: np.ndarray
     entropy: np.ndarray
     metric: np.ndarray
-    fit: Optional[EntropyLawFit] = None
-    fit_error: Optional[str] = None
-    prediction: Optional[Prediction] = None
-    prediction_error: Optional[str] = None
+    fit: EntropyLawFit | None = None
+    fit_error: str | None = None
+    prediction: Prediction | None = None
+    prediction_error: str | None = None
     dynamics: dict = field(default_factory=dict)
-    cov: Optional[dict] = None
+    cov: dict | None = None
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -76,7 +75,7 @@ class RunAnalysis:
         }
 
 
-def choose_metric_key(run: RunMetrics, requested: Optional[str]) -> tuple[str, Optional[str]]:
+def choose_metric_key(run: RunMetrics, requested: str | None) -> tuple[str, str | None]:
     """The metric column to fit, and a note when the default had to fall back."""
     if requested:
         return requested, None

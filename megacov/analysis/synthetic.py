@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import numpy as np
 
@@ -79,7 +78,7 @@ def synthetic_rows(spec: SyntheticSpec) -> list[dict]:
     return rows
 
 
-def write_synthetic_run(run_dir: str, spec: Optional[SyntheticSpec] = None, *,
+def write_synthetic_run(run_dir: str, spec: SyntheticSpec | None = None, *,
                         truncate_last: bool = False) -> str:
     """Write ``metrics.jsonl`` (and ``synthetic.json``) into ``run_dir``; returns the metrics path.
 

@@ -12,12 +12,11 @@ import argparse
 import json
 import os
 import sys
-from typing import Union
 
 from megacov.cli._common import fail
 
 
-def _fit_until(text: str) -> Union[int, float]:
+def _fit_until(text: str) -> int | float:
     """An integer is a step; anything else must be a fraction of the step span in (0, 1)."""
     try:
         return int(text)
