@@ -11,7 +11,21 @@ from typing import Any
 
 import torch
 
-from megacov.algorithms.losses import (  # noqa: F401  (public API)
+from megacov.algorithms.advantages import (  # noqa: F401  (public API)
+    compute_advantages,
+    get_advantage,
+    list_advantages,
+    register_advantage,
+)
+from megacov.algorithms.entropy import (  # noqa: F401
+    Controls,
+    build_entropy_controller,
+    list_entropy_controllers,
+    par_weights,
+    register_entropy_controller,
+)
+from megacov.algorithms.kl import kl_estimate, kl_loss, kl_reward_penalty  # noqa: F401
+from megacov.algorithms.losses import (  # noqa: F401
     AGG_MODES,
     METRIC_REDUCTIONS,
     LossNormalizer,
@@ -20,6 +34,7 @@ from megacov.algorithms.losses import (  # noqa: F401  (public API)
     list_policy_losses,
     register_policy_loss,
 )
+from megacov.algorithms.objective import actor_loss  # noqa: F401
 from megacov.config.schema import AlgorithmConfig
 
 _CALL_ARGS = ("step", "entropy", "weights", "global_ids", "max_len")
