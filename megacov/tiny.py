@@ -1,0 +1,127 @@
+"""The embedded CPU default: a tiny Qwen2-style model, a character-level tokenizer and a small task.
+
+Everything here is generated locally (no hub downloads), so the demo and every CPU test run on a
+fresh machine without network. The model keeps head_dim = 32 because vLLM's CPU attention rejects
+smaller heads; the vocabulary (67 symbols) is deliberately *not* a multiple of 2 or 4, so tensor
+parallelism always exercises vocab padding.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import string
+from typing import Optional
+
+# Special tokens first so their ids are stable; then every printable character the task needs.
+SPECIAL_TOKENS = ["<|pad|>", "<|endoftext|>", "<|bos|>"]
+CHARS = list(string.digits + string.ascii_lowercase + " +-*=?:.,()[]{}<>|/\\_#'\"!")
+
+
+def build_tokenizer(out_dir: Optional[str] = None):
+    """A character-level ``PreTrainedTokenizerFast``: one token per character, EOS = <|endoftext|>."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + CHARS)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|endoftext|>", bos_token="<|bos|>",
+        unk_token="?", model_max_length=512, clean_up_tokenization_spaces=False,
+    )
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
+    return fast
+
+
+def tiny_vocab_size() -> int:
+    return len(SPECIAL_TOKENS) + len(CHARS)
+
+
+def build_model(
+    out_dir: str,
+    *,
+    num_layers: int = 4,
+    hidden_size: int = 64,
+    num_heads: int = 2,
+    num_kv_heads: int = 2,
+    intermediate_size: int = 128,
+    tie_word_embeddings: bool = False,
+    architecture: str = "qwen2",
+    seed: int = 0,
+    vocab_size: Optional[int] = None,
+) -> str:
+    """Write a randomly initialised HF model + the char tokenizer to ``out_dir`` (fp32 safetensors).
+
+    ``architecture`` picks the family (qwen2, llama, qwen3, mistral) so the conversion tests can build
+    a tiny model of each. Returns ``out_dir``.
+    """
+    import torch
+    import transformers
+
+    tokenizer = build_tokenizer()
+    vocab = vocab_size or len(tokenizer)
+    common = dict(
+        vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+    )
+    classes = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, {}),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+                  {"head_dim": hidden_size // num_heads}),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    }
+    if architecture not in classes:
+        raise ValueError(f"unknown tiny architecture '{architecture}' (choose from {', '.join(classes)})")
+    cfg_cls, model_cls, extra = classes[architecture]
+    torch.manual_seed(seed)
+    config = cfg_cls(**common, **extra)
+    model = model_cls(config).to(torch.float32)
+    # Larger-than-default init so that a random tiny model is not almost uniform (entropy would then
+    # sit at log(V) and the covariance statistics would be degenerate).
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.02)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny reasoning task: two-digit addition with an exact answer.
+# --------------------------------------------------------------------------------------------
+
+
+def make_problem(rng: random.Random) -> dict:
+    a, b = rng.randint(0, 49), rng.randint(0, 49)
+    return {"prompt": f"{a}+{b}=", "answer": str(a + b)}
+
+
+def write_task_data(out_dir: str, n_train: int = 512, n_eval: int = 64, seed: int = 0) -> dict:
+    """Write ``train.jsonl`` and ``eval.jsonl`` with disjoint problems. Returns their paths."""
+    rng = random.Random(seed)
+    seen: set = set()
+    rows = []
+    while len(rows) < n_train + n_eval:
+        row = make_problem(rng)
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            rows.append(row)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {}
+    for name, part in (("train", rows[:n_train]), ("eval", rows[n_train:])):
+        paths[name] = os.path.join(out_dir, f"{name}.jsonl")
+        with open(paths[name], "w") as fh:
+            for row in part:
+                fh.write(json.dumps(row) + "\n")
+    return paths
