@@ -26,6 +26,10 @@ class ModelConfig:
     """Training dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``fp32``, ``bf16`` or ``fp16``."""
     reference_path: Optional[str] = None
     """HF directory of the reference policy; ``None`` means the initial actor weights."""
+    vocab_divisible_by: int = 128
+    """The Megatron embedding/output vocabulary is padded to a multiple of lcm(this, parallel.tp), so a
+    checkpoint saved at one TP loads at any power-of-two TP; padded rows are zero and are dropped on
+    export and masked out of log-prob/entropy."""
     gradient_checkpointing: bool = False
     """Recompute transformer layers in backward (megatron full recompute) to save activation memory."""
 
