@@ -1,0 +1,1 @@
+"""Ray side of megacov: cluster connection, worker groups and their placement."""
