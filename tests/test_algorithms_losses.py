@@ -331,3 +331,17 @@ def test_defaults_come_from_the_schema():
     hp = algorithm_hparams()
     assert hp == AlgorithmConfig()
     assert algorithm_hparams(clip_cov_ratio=0.5).clip_cov_ratio == 0.5
+
+
+def test_bench_script_runs_on_a_tiny_batch(capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "bench_losses.py"
+    spec = importlib.util.spec_from_file_location("bench_losses", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--batch", "8", "--seq-len", "32", "--warmup", "0", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("megacov ppo", "megacov clip_cov", "megacov kl_cov", "reference-style kl_cov"):
+        assert row in out

@@ -102,23 +102,42 @@ def _token_sum(x: torch.Tensor, m: torch.Tensor, norm: LossNormalizer) -> torch.
     return torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum() / _positive(norm.num_tokens)
 
 
+def _share(x: torch.Tensor, norm: LossNormalizer, dtype: torch.dtype) -> torch.Tensor:
+    """Like :func:`_token_sum` for a tensor already 0 / False on padding (no masking pass)."""
+    return x.detach().sum().to(dtype) / _positive(norm.num_tokens)
+
+
+#: Quantiles are computed on at most this many valid tokens, taken at an even stride over the
+#: positions (deterministic): exact for micro-batches up to that size, and a full sort of a
+#: million-token scope would cost more than the loss itself on CPU.
+QUANTILE_SAMPLE = 65536
+
+
 def cov_metrics(cov: torch.Tensor, m: torch.Tensor, norm: LossNormalizer) -> dict[str, torch.Tensor]:
-    """Mean / second moment (summable), max, min, std and quantiles of cov_t over valid tokens."""
-    out = {"cov_mean": _token_sum(cov, m, norm), "cov_sq_mean": _token_sum(cov * cov, m, norm)}
-    vals = cov[m]
-    if vals.numel() == 0:
-        zero = torch.zeros((), dtype=cov.dtype, device=cov.device)
+    """Mean / second moment (summable), max, min, std and quantiles of cov_t over valid tokens.
+
+    ``cov`` must be 0 on padding (as :func:`~megacov.algorithms.selection.covariance` returns it).
+    """
+    s1 = cov.sum(dtype=torch.float64)
+    s2 = (cov * cov).sum(dtype=torch.float64)
+    out = {"cov_mean": (s1 / _positive(norm.num_tokens)).to(cov.dtype),
+           "cov_sq_mean": (s2 / _positive(norm.num_tokens)).to(cov.dtype)}
+    zero = torch.zeros((), dtype=cov.dtype, device=cov.device)
+    n = int(m.sum())
+    if n == 0:
         out.update({"cov_max": zero, "cov_min": zero, "cov_std": zero})
         out.update({f"cov_{k}": zero for k in COV_QUANTILES})
         return out
-    out["cov_max"] = vals.max()
-    out["cov_min"] = vals.min()
-    out["cov_std"] = vals.std(unbiased=False)
-    n = vals.numel()
+    inf = torch.full((), float("inf"), dtype=cov.dtype, device=cov.device)
+    out["cov_max"] = torch.where(m, cov, -inf).max()
+    out["cov_min"] = torch.where(m, cov, inf).min()
+    out["cov_std"] = torch.sqrt(torch.clamp(s2 / n - (s1 / n) ** 2, min=0)).to(cov.dtype)
+    stride = max(1, -(-m.numel() // QUANTILE_SAMPLE))
+    flat_c, flat_m = cov.reshape(-1)[::stride], m.reshape(-1)[::stride]
+    vals = torch.sort(flat_c[flat_m]).values if bool(flat_m.any()) else cov[m].sort().values
+    k = vals.numel()
     for name, q in COV_QUANTILES.items():
-        # Nearest-rank quantile via kthvalue: O(N) and free of torch.quantile's size limit.
-        k = min(n, max(1, int(round(q * (n - 1))) + 1))
-        out[f"cov_{name}"] = vals.kthvalue(k).values
+        out[f"cov_{name}"] = vals[min(k - 1, int(round(q * (k - 1))))]
     return out
 
 
@@ -197,13 +216,13 @@ def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: tor
     unclipped = -p.adv * p.ratio
     clipped = -p.adv * torch.clamp(p.ratio, 1.0 - hp.clip_ratio_low, 1.0 + hp.clip_ratio_high)
     loss_mat = torch.maximum(unclipped, clipped)
-    metrics = {"clipfrac": _token_sum((clipped > unclipped).to(loss_mat.dtype), p.m, norm)}
+    metrics = {"clipfrac": _share(clipped > unclipped, norm, loss_mat.dtype)}
     if hp.clip_ratio_c is not None:
         dual = -p.adv * hp.clip_ratio_c
         negative = p.adv < 0
-        metrics["clipfrac_lower"] = _token_sum((negative & (loss_mat > dual)).to(loss_mat.dtype), p.m, norm)
+        metrics["clipfrac_lower"] = _share(negative & (loss_mat > dual), norm, loss_mat.dtype)
         loss_mat = torch.where(negative, torch.minimum(loss_mat, dual), loss_mat)
-    metrics["ppo_kl"] = _token_sum(-p.log_ratio, p.m, norm)
+    metrics["ppo_kl"] = _share(-p.log_ratio, norm, loss_mat.dtype)
     return _finish(loss_mat, p, norm, hp, weights, entropy, metrics)
 
 
@@ -233,11 +252,11 @@ def clip_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     loss_mat = torch.where(chosen, torch.zeros((), dtype=ppo_mat.dtype, device=ppo_mat.device), ppo_mat)
     dt = loss_mat.dtype
     metrics = {
-        "clipfrac": _token_sum(((clipped > unclipped) | chosen).to(dt), p.m, norm),
-        "ppo_kl": _token_sum(-p.log_ratio, p.m, norm),
+        "clipfrac": _share((clipped > unclipped) | chosen, norm, dt),
+        "ppo_kl": _share(-p.log_ratio, norm, dt),
         "selected": chosen,
         "selected_count": chosen.sum(),
-        "selected_frac": _token_sum(chosen.to(dt), p.m, norm),
+        "selected_frac": _share(chosen, norm, dt),
     }
     return _finish(loss_mat, p, norm, hp, weights, entropy, metrics)
 
@@ -265,9 +284,9 @@ def kl_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: 
     dt = loss_mat.dtype
     metrics = {
         "clipfrac": torch.zeros((), dtype=dt, device=loss_mat.device),
-        "ppo_kl": _token_sum(abs_kl, p.m, norm),
+        "ppo_kl": _share(abs_kl, norm, dt),
         "selected": chosen,
         "selected_count": chosen.sum(),
-        "selected_frac": _token_sum(chosen.to(dt), p.m, norm),
+        "selected_frac": _share(chosen, norm, dt),
     }
     return _finish(loss_mat, p, norm, hp, weights, entropy, metrics)

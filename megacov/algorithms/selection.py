@@ -221,6 +221,8 @@ def _select(order: torch.Tensor, candidates: torch.Tensor, global_ids: torch.Ten
     better = cand & ((work > thr) if largest else (work < thr))
     ties = cand & (work == thr)
     need = n - int(better.sum())
+    if int(ties.sum()) == need:  # the usual case: no tie straddles the cut
+        return (better | ties).reshape(shape)
     tie_ids = torch.where(ties, ids, torch.full((), _INT64_MAX, dtype=ids.dtype, device=ids.device))
     id_thr = torch.topk(tie_ids, need, largest=False, sorted=True).values[-1]
     chosen = better | (ties & (ids <= id_thr))
@@ -266,8 +268,15 @@ def select_clip_cov(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantag
         ppo_clipped = ppo_clipped_mask(log_prob, old_log_prob, advantages, mask, clip_ratio_low,
                                        clip_ratio_high)
     eligible = clip_cov_eligible(cov, ppo_clipped, mask, clip_cov_lb, clip_cov_ub)
-    keys = token_keys(seed, step, global_ids)
-    return select_smallest(keys, eligible, global_ids, clip_cov_count(stats.n_valid, clip_cov_ratio))
+    # Hash only the (few) eligible tokens: same keys, a fraction of the work.
+    where = eligible.reshape(-1).nonzero().squeeze(1)
+    cand_ids = global_ids.reshape(-1)[where]
+    keys = token_keys(seed, step, cand_ids)
+    every = torch.ones_like(cand_ids, dtype=torch.bool)
+    chosen = select_smallest(keys, every, cand_ids, clip_cov_count(stats.n_valid, clip_cov_ratio))
+    out = torch.zeros(eligible.numel(), dtype=torch.bool, device=eligible.device)
+    out[where[chosen]] = True
+    return out.reshape(eligible.shape)
 
 
 def select_kl_cov(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
