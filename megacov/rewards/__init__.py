@@ -1,0 +1,122 @@
+"""Outcome rewards, chosen by ``reward.name``: a registered name or ``module:function``.
+
+A reward function is ``fn(response: str, answer: str[, question: str]) -> float`` (a bool, or a
+dict with a ``score`` entry, also works). Built in: ``tiny`` (exact answer of the demo task),
+``math`` (final answer checked with math-verify) and ``judge`` (a judge model's probability of the
+"correct" verdict, :mod:`megacov.rewards.judge`). Rule-based functions run in a process pool with a
+per-call timeout (:mod:`megacov.rewards.pool`); ``reward.workers=0`` runs them in-process instead
+(cheaper, but a hang cannot be stopped).
+
+:class:`RewardManager` is what the trainer calls: it scores a batch, applies the overlong penalty and
+counts failures, which become the ``reward/errors`` and ``reward/timeouts`` metrics.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from megacov.rewards.pool import Outcome, RewardPool, RewardSpecError, call_reward, resolve
+
+log = logging.getLogger(__name__)
+
+_REGISTRY: dict[str, str] = {
+    "tiny": "megacov.rewards.tiny:tiny_reward",
+    "math": "megacov.rewards.math:math_reward",
+}
+
+#: A response whose reward is above this counts as correct in ``reward/acc`` and ``val/*``.
+CORRECT_THRESHOLD = 0.5
+
+
+def register_reward(name: str, spec: str) -> None:
+    """Make ``module:function`` selectable as ``reward.name=<name>``."""
+    if name in _REGISTRY and _REGISTRY[name] != spec:
+        raise ValueError(f"reward '{name}' is already registered as {_REGISTRY[name]}")
+    _REGISTRY[name] = spec
+
+
+def list_rewards() -> list[str]:
+    return sorted([*_REGISTRY, "judge"])
+
+
+def reward_spec(name: str) -> str:
+    """``module:function`` of a rule-based reward (registered name or spec)."""
+    return _REGISTRY.get(name, name)
+
+
+@dataclass
+class RewardBatch:
+    """Scores of one batch. ``raw`` is what the function returned (0 for failures); ``scores`` adds
+    the overlong penalty and is what advantages are computed from."""
+
+    scores: np.ndarray
+    raw: np.ndarray
+    correct: np.ndarray
+    errors: int = 0
+    timeouts: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def metrics(self, prefix: str = "reward") -> dict[str, float]:
+        return {f"{prefix}/errors": float(self.errors), f"{prefix}/timeouts": float(self.timeouts)}
+
+
+class RewardManager:
+    """Scores responses with the configured reward; one instance per run (the pool is reused)."""
+
+    def __init__(self, reward_cfg: Any, judge: Optional[Any] = None) -> None:
+        self.cfg = reward_cfg
+        self.judge = judge
+        self._pool: Optional[RewardPool] = None
+        self._fn: Optional[Callable[..., Any]] = None
+        if reward_cfg.name == "judge":
+            if judge is None:
+                raise RewardSpecError("reward.name=judge needs a judge (reward.judge_model)")
+            return
+        spec = reward_spec(reward_cfg.name)
+        self._fn = resolve(spec)  # fail at start-up, in the driver, on a bad name
+        if reward_cfg.workers > 0:
+            self._pool = RewardPool(spec, reward_cfg.workers, reward_cfg.timeout_s)
+
+    def _outcomes(self, responses: Sequence[str], answers: Sequence[str],
+                  questions: Sequence[str]) -> list[Outcome]:
+        if self.judge is not None:
+            return self.judge.score(responses, answers, questions)
+        tasks = list(zip(responses, answers, questions))
+        if self._pool is not None:
+            return self._pool.map(tasks)
+        out = []
+        assert self._fn is not None
+        for task in tasks:
+            try:
+                out.append(Outcome(call_reward(self._fn, *task), "ok"))
+            except Exception as exc:  # noqa: BLE001 - a failing reward scores 0 and is counted
+                out.append(Outcome(0.0, "error", f"{type(exc).__name__}: {exc}"[:300]))
+        return out
+
+    def score(self, responses: Sequence[str], answers: Sequence[str], questions: Sequence[str],
+              truncated: Optional[Sequence[bool]] = None) -> RewardBatch:
+        outcomes = self._outcomes(responses, answers, questions)
+        raw = np.array([o.score for o in outcomes], dtype=np.float64)
+        scores = raw.copy()
+        if truncated is not None and self.cfg.overlong_penalty:
+            scores -= self.cfg.overlong_penalty * np.asarray(truncated, dtype=np.float64)
+        batch = RewardBatch(scores=scores, raw=raw, correct=raw > CORRECT_THRESHOLD,
+                            errors=sum(o.status == "error" for o in outcomes),
+                            timeouts=sum(o.status == "timeout" for o in outcomes),
+                            failures=[o.detail for o in outcomes if o.status != "ok"][:5])
+        if batch.errors or batch.timeouts:
+            log.warning("reward: %d error(s), %d timeout(s) scored 0, e.g. %s", batch.errors, batch.timeouts,
+                        batch.failures[0])
+        return batch
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
+
+
+__all__ = ["CORRECT_THRESHOLD", "Outcome", "RewardBatch", "RewardManager", "RewardPool", "RewardSpecError",
+           "list_rewards", "register_reward", "reward_spec", "resolve"]
