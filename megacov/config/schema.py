@@ -173,6 +173,9 @@ class RewardConfig:
     """``soft`` (probability of the 'correct' verdict) or ``binary`` (argmax verdict)."""
     overlong_penalty: float = 0.0
     """Reward subtracted from responses that hit max_response_len without EOS (0 disables)."""
+    judge_verdicts: list[str] = field(default_factory=lambda: ["YES", "NO"])
+    """``judge`` reward: the verdict words meaning correct / incorrect; the first token of each is
+    scored, so they must start with different tokens."""
 
 
 @dataclass
@@ -181,6 +184,8 @@ class DataConfig:
     """Prompt datasets (JSONL or Parquet)."""
     eval_files: list[str] = field(default_factory=lambda: ["examples/tiny/data/eval.jsonl"])
     """Held-out datasets for evaluation."""
+    sft_files: list[str] = field(default_factory=list)
+    """Datasets of the supervised warm-start (prompt + answer); empty uses train_files."""
     prompt_key: str = "prompt"
     """Column holding the prompt (a string or a chat message list)."""
     answer_key: str = "answer"
