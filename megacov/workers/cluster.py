@@ -11,8 +11,9 @@ Ray is imported inside the functions only, so ``import megacov.workers.cluster``
 worker group (``megacov.workers.group``) mixes :class:`RendezvousMixin` into its Ray actor class and
 calls :func:`rendezvous_address` with its actor handles ordered by rank.
 
-``python -m megacov.workers.cluster wait-nodes --nodes N`` blocks until N nodes have joined; the
-SLURM and KubeRay launchers use it before submitting the training job.
+``python -m megacov.workers.cluster wait-nodes --nodes N`` blocks until N nodes have joined and
+``... node-ip [--iface IF]`` prints the address a node should give ``ray start``; the launchers in
+``tools/launch`` and ``docker/`` use both.
 """
 from __future__ import annotations
 
@@ -90,6 +91,31 @@ def node_ip() -> str:
     import ray.util
 
     return ray.util.get_node_ip_address()
+
+
+def host_ip(iface: Optional[str] = None) -> str:
+    """This host's IPv4 address for Ray's ``--node-ip-address``, before Ray runs.
+
+    With ``iface`` the address of that interface (for nodes with several networks, e.g. to keep
+    Ray's control traffic off a storage network); otherwise the source address of the default
+    route, found by connecting a UDP socket, which sends no packet.
+    """
+    if iface:
+        import psutil
+
+        addrs = psutil.net_if_addrs().get(iface)
+        if addrs is None:
+            raise ValueError(f"no network interface '{iface}' on {socket.gethostname()}")
+        for a in addrs:
+            if a.family == socket.AF_INET:
+                return str(a.address)
+        raise ValueError(f"interface '{iface}' on {socket.gethostname()} has no IPv4 address")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.connect(("192.0.2.1", 9))  # TEST-NET-1: only the routing table is consulted
+            return str(sock.getsockname()[0])
+        except OSError:
+            return socket.gethostbyname(socket.gethostname())
 
 
 def free_port(host: str = "") -> int:
@@ -187,17 +213,24 @@ def alive_nodes() -> list[dict[str, Any]]:
     return [n for n in ray.nodes() if n.get("Alive")]
 
 
-def wait_for_nodes(count: int, timeout_s: float = 300.0, poll_s: float = 1.0) -> list[dict[str, Any]]:
-    """Block until at least ``count`` nodes are alive; raise TimeoutError naming how many joined."""
+def wait_for_nodes(count: int, timeout_s: float = 300.0, poll_s: float = 1.0,
+                   gpu_nodes: int = 0) -> list[dict[str, Any]]:
+    """Block until at least ``count`` nodes, of which ``gpu_nodes`` offer GPUs, are alive.
+
+    Raises TimeoutError naming how many joined, so a launcher fails with the reason in its log
+    instead of a training job that hangs waiting for resources that never come.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         nodes = alive_nodes()
-        if len(nodes) >= count:
+        with_gpus = [n for n in nodes if n.get("Resources", {}).get("GPU", 0) > 0]
+        if len(nodes) >= count and len(with_gpus) >= gpu_nodes:
             return nodes
         if time.monotonic() >= deadline:
             ips = ", ".join(sorted(n.get("NodeManagerAddress", "?") for n in nodes)) or "none"
-            raise TimeoutError(f"only {len(nodes)} of {count} Ray nodes joined within {timeout_s:.0f} s "
-                               f"(alive: {ips})")
+            raise TimeoutError(f"{len(nodes)} Ray node(s) ({len(with_gpus)} with GPUs) joined within "
+                               f"{timeout_s:.0f} s, waiting for {count} ({gpu_nodes} with GPUs); "
+                               f"alive: {ips}")
         time.sleep(poll_s)
 
 
@@ -206,16 +239,35 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
                                      description="Ray cluster helpers for the launch scripts")
     sub = parser.add_subparsers(dest="command", required=True)
     wait = sub.add_parser("wait-nodes", help="block until N Ray nodes are alive")
-    wait.add_argument("--nodes", type=int, required=True, help="number of nodes to wait for")
+    wait.add_argument("--nodes", type=int, default=1, help="number of nodes to wait for")
+    wait.add_argument("--gpu-nodes", type=int, default=0, help="of which this many must offer GPUs")
     wait.add_argument("--address", default=None, help=f"cluster address (default: ${RAY_ADDRESS_ENV})")
     wait.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
+    ip_cmd = sub.add_parser("node-ip", help="print this host's IPv4 address for `ray start --node-ip-address`")
+    ip_cmd.add_argument("--iface", default=None, help="take the address of this interface (e.g. ib0)")
     args = parser.parse_args(argv)
+    if args.command == "node-ip":
+        try:
+            print(host_ip(args.iface or None))
+        except ValueError as exc:
+            print(f"megacov: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     if resolve_address(args.address) is None:
         print(f"megacov: error: no cluster address: pass --address or set ${RAY_ADDRESS_ENV}", file=sys.stderr)
         return 2
-    connect_ray(args.address)
+    deadline = time.monotonic() + args.timeout
+    while True:  # the head may still be starting: keep trying to join until the deadline
+        try:
+            connect_ray(args.address)
+            break
+        except RuntimeError as exc:
+            if time.monotonic() >= deadline:
+                print(f"megacov: error: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(2.0)
     try:
-        nodes = wait_for_nodes(args.nodes, args.timeout)
+        nodes = wait_for_nodes(args.nodes, max(1.0, deadline - time.monotonic()), gpu_nodes=args.gpu_nodes)
     except TimeoutError as exc:
         print(f"megacov: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Turn this container into one Ray node. Used by docker/compose.yaml; works in any image that has
+# megacov installed.
+#
+#   ray-node.sh head                 GCS + dashboard; blocks
+#   ray-node.sh worker               joins $RAY_HEAD; blocks
+#   ray-node.sh driver CMD [ARG...]  joins $RAY_HEAD with no CPUs of its own, waits until
+#                                    $MEGACOV_WORKERS workers (+ head + itself) are up, runs CMD,
+#                                    leaves the cluster and exits with CMD's status
+#
+# Environment: RAY_HEAD (host:port of the head, for worker/driver), RAY_PORT (head's GCS port,
+# default 6379), RAY_NUM_CPUS (CPUs this node offers, default 1), RAY_START_ARGS (extra `ray start`
+# flags), MEGACOV_WORKERS (driver: worker count to wait for), MEGACOV_WAIT_S (default 300).
+set -euo pipefail
+
+role="${1:-}"
+if [[ $# -gt 0 ]]; then shift; fi
+port="${RAY_PORT:-6379}"
+cpus="${RAY_NUM_CPUS:-1}"
+extra=()
+if [[ -n "${RAY_START_ARGS:-}" ]]; then
+    read -r -a extra <<< "${RAY_START_ARGS}"
+fi
+
+case "${role}" in
+    head)
+        exec ray start --head --port="${port}" --num-cpus="${cpus}" --dashboard-host=0.0.0.0 \
+            --disable-usage-stats --block "${extra[@]}"
+        ;;
+    worker)
+        exec ray start --address="${RAY_HEAD:?set RAY_HEAD=host:port of the Ray head}" \
+            --num-cpus="${cpus}" --disable-usage-stats --block "${extra[@]}"
+        ;;
+    driver)
+        if [[ $# -eq 0 ]]; then
+            echo "ray-node.sh: driver needs a command to run" >&2
+            exit 2
+        fi
+        head="${RAY_HEAD:?set RAY_HEAD=host:port of the Ray head}"
+        ray start --address="${head}" --num-cpus=0 --disable-usage-stats "${extra[@]}"
+        # Leave the cluster however the command ends. Inside this container `ray stop` only sees
+        # this container's own Ray processes.
+        trap 'ray stop --grace-period 10 >/dev/null 2>&1 || true' EXIT
+        nodes=$(( ${MEGACOV_WORKERS:-0} + 2 ))
+        python -m megacov.workers.cluster wait-nodes --address "${head}" --nodes "${nodes}" \
+            --timeout "${MEGACOV_WAIT_S:-300}"
+        export RAY_ADDRESS="${head}"
+        status=0
+        "$@" || status=$?
+        exit "${status}"
+        ;;
+    *)
+        echo "usage: ray-node.sh head|worker|driver [command...]" >&2
+        exit 2
+        ;;
+esac
