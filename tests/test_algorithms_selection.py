@@ -129,3 +129,42 @@ def test_ppo_clipped_mask_hand_case():
     mask = torch.tensor([[True, True, True, True, False]])
     got = sel.ppo_clipped_mask(ratio.log(), old, adv, mask, 0.2, 0.28)
     assert got.tolist() == [[True, True, False, False, False]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), n_shards=st.integers(1, 5), B=st.integers(1, 10), T=st.integers(1, 9),
+       ratio=st.sampled_from([0.01, 0.1, 0.3, 1.0]))
+def test_sharded_choice_equals_whole_scope_choice(seed, n_shards, B, T, ratio):
+    """Any split of the scope over shards (ranks x micro-batches) chooses the same tokens, given the
+    scope statistics: local candidates, gathered, chosen once, mapped back."""
+    from megacov.algorithms import algorithm_hparams
+
+    g = torch.Generator().manual_seed(seed)
+    lp = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    old = lp + 0.3 * torch.randn(B, T, generator=g, dtype=torch.float64)
+    # few distinct advantages and rounded log-probs: covariance ties are common
+    adv = torch.randint(-2, 3, (B, 1), generator=g).to(torch.float64).expand(B, T).clone()
+    lp = (lp * 4).round() / 4
+    mask = torch.rand(B, T, generator=g) < 0.8
+    hp = algorithm_hparams(clip_cov_ratio=ratio, kl_cov_ratio=ratio, clip_cov_lb=-0.5, clip_cov_ub=3.0, seed=seed)
+    ids = torch.randperm(B * T * 3, generator=g)[: B * T].reshape(B, T)
+    stats = sel.scope_stats(lp, adv, mask)
+    whole_cc = sel.select_clip_cov(lp, old, adv, mask, ids, stats, hp=hp, step=seed)
+    whole_kl = sel.select_kl_cov(lp, adv, mask, ids, stats, kl_cov_ratio=ratio)
+    owner = torch.randint(0, n_shards, (B,), generator=g)
+    shards = [torch.nonzero(owner == s).flatten() for s in range(n_shards)]
+    cc = [sel.clip_cov_candidates(lp[r], old[r], adv[r], mask[r], ids[r], stats, hp=hp, step=seed) for r in shards]
+    kl = [sel.kl_cov_candidates(lp[r], adv[r], mask[r], ids[r], stats, kl_cov_ratio=ratio) for r in shards]
+    cc_ids, cc_keys = torch.cat([c[0] for c in cc]), torch.cat([c[1] for c in cc])
+    kl_ids, kl_vals = torch.cat([c[0] for c in kl]), torch.cat([c[1] for c in kl])
+    n = sel.clip_cov_count(stats.n_valid, ratio)
+    k = sel.kl_cov_count(stats.n_valid, ratio)
+    chosen_cc = cc_ids[sel.select_smallest(cc_keys, torch.ones_like(cc_ids, dtype=torch.bool), cc_ids, n)]
+    chosen_kl = kl_ids[sel.select_largest(kl_vals, torch.ones_like(kl_ids, dtype=torch.bool), kl_ids, k)]
+    got_cc = torch.zeros_like(mask)
+    got_kl = torch.zeros_like(mask)
+    for r in shards:
+        got_cc[r] = sel.mask_from_ids(ids[r], chosen_cc)
+        got_kl[r] = sel.mask_from_ids(ids[r], chosen_kl)
+    assert torch.equal(got_cc, whole_cc)
+    assert torch.equal(got_kl, whole_kl)

@@ -242,11 +242,9 @@ def clip_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     unclipped = -p.adv * p.ratio
     clipped = -p.adv * torch.clamp(p.ratio, 1.0 - hp.clip_ratio_low, 1.0 + hp.clip_ratio_high)
     if selected is None:
-        selected = sel.select_clip_cov(
-            log_prob, old_log_prob, advantages, p.m, p.global_ids, p.stats,
-            clip_ratio_low=hp.clip_ratio_low, clip_ratio_high=hp.clip_ratio_high,
-            clip_cov_ratio=hp.clip_cov_ratio, clip_cov_lb=hp.clip_cov_lb, clip_cov_ub=hp.clip_cov_ub,
-            seed=hp.seed, step=step, cov=p.cov, ppo_clipped=(clipped > unclipped).detach() & p.m)
+        selected = sel.select_clip_cov(log_prob, old_log_prob, advantages, p.m, p.global_ids, p.stats,
+                                       hp=hp, step=step, cov=p.cov,
+                                       ppo_clipped=(clipped > unclipped).detach() & p.m)
     chosen = selected.bool() & p.m
     ppo_mat = torch.maximum(unclipped, clipped)
     loss_mat = torch.where(chosen, torch.zeros((), dtype=ppo_mat.dtype, device=ppo_mat.device), ppo_mat)

@@ -10,8 +10,10 @@ unseeded ``torch.randperm`` (so no run can be reproduced). Here every decision i
   the scope over ranks and micro-batches chooses the same set once the candidates are combined.
 * KL-Cov keeps the ``k`` largest covariances, ties going to the smaller global id.
 
-Nothing here communicates: :mod:`megacov.parallel` reduces the statistics and combines the
-candidates across ranks, then calls these functions.
+Nothing here communicates: :mod:`megacov.parallel` reduces the statistics (:class:`ScopeStats`),
+gathers each shard's candidates (:func:`clip_cov_candidates`, :func:`kl_cov_candidates`, at most
+n per shard), chooses once on the union (:func:`select_smallest`, :func:`select_largest`) and maps
+the chosen ids back (:func:`mask_from_ids`); the result equals the single-process choice.
 
 The hash is splitmix64, evaluated in torch on four 16-bit limbs held in int64 tensors, so every
 intermediate stays below 2**40: the result never relies on signed overflow and is bit-identical on
@@ -20,7 +22,7 @@ CPU and GPU. Keys are the top 63 bits of the hash (non-negative int64).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 
@@ -252,37 +254,75 @@ def default_global_ids(mask: torch.Tensor) -> torch.Tensor:
     return torch.arange(mask.numel(), device=mask.device, dtype=torch.int64).reshape(mask.shape)
 
 
-def select_clip_cov(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, *,
-                    clip_ratio_low: float, clip_ratio_high: float, clip_cov_ratio: float,
-                    clip_cov_lb: float, clip_cov_ub: float, seed: int, step: int,
-                    cov: Optional[torch.Tensor] = None, ppo_clipped: Optional[torch.Tensor] = None
-                    ) -> torch.Tensor:
-    """Clip-Cov's chosen tokens when the tensors passed hold the whole scope.
-
-    ``cov`` / ``ppo_clipped`` may be passed when already computed (same values as recomputing).
-    """
+def _clip_cov_local(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, hp: Any, step: int,
+                    cov: Optional[torch.Tensor], ppo_clipped: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """Flat positions, global ids and keys of the <= n best eligible tokens of these tensors."""
     if cov is None:
         cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
     if ppo_clipped is None:
-        ppo_clipped = ppo_clipped_mask(log_prob, old_log_prob, advantages, mask, clip_ratio_low,
-                                       clip_ratio_high)
-    eligible = clip_cov_eligible(cov, ppo_clipped, mask, clip_cov_lb, clip_cov_ub)
+        ppo_clipped = ppo_clipped_mask(log_prob, old_log_prob, advantages, mask, hp.clip_ratio_low,
+                                       hp.clip_ratio_high)
+    eligible = clip_cov_eligible(cov, ppo_clipped, mask, hp.clip_cov_lb, hp.clip_cov_ub)
     # Hash only the (few) eligible tokens: same keys, a fraction of the work.
     where = eligible.reshape(-1).nonzero().squeeze(1)
     cand_ids = global_ids.reshape(-1)[where]
-    keys = token_keys(seed, step, cand_ids)
+    keys = token_keys(hp.seed, step, cand_ids)
     every = torch.ones_like(cand_ids, dtype=torch.bool)
-    chosen = select_smallest(keys, every, cand_ids, clip_cov_count(stats.n_valid, clip_cov_ratio))
-    out = torch.zeros(eligible.numel(), dtype=torch.bool, device=eligible.device)
-    out[where[chosen]] = True
-    return out.reshape(eligible.shape)
+    keep = select_smallest(keys, every, cand_ids, clip_cov_count(stats.n_valid, hp.clip_cov_ratio))
+    return where[keep], cand_ids[keep], keys[keep]
+
+
+def select_clip_cov(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, *, hp: Any, step: int,
+                    cov: Optional[torch.Tensor] = None, ppo_clipped: Optional[torch.Tensor] = None
+                    ) -> torch.Tensor:
+    """Clip-Cov's chosen tokens [B, T] when the tensors passed hold the whole scope.
+
+    ``hp`` is AlgorithmConfig-like (clip_ratio_low/high, clip_cov_ratio/lb/ub, seed). ``cov`` /
+    ``ppo_clipped`` may be passed when already computed (same values as recomputing).
+    """
+    pos, _, _ = _clip_cov_local(log_prob, old_log_prob, advantages, mask, global_ids, stats, hp, step,
+                                cov, ppo_clipped)
+    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
+    out[pos] = True
+    return out.reshape(mask.shape)
+
+
+def clip_cov_candidates(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                        mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, *, hp: Any,
+                        step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard's share of a distributed Clip-Cov choice: (global ids, keys), 1-D, at most n.
+
+    ``stats`` describe the whole scope. The scope's n smallest keys lie among each shard's n
+    smallest, so gathering these from every shard and calling :func:`select_smallest` on the
+    union (then :func:`mask_from_ids` per shard) chooses exactly what one process would.
+    """
+    _, ids, keys = _clip_cov_local(log_prob, old_log_prob, advantages, mask, global_ids, stats, hp, step,
+                                   None, None)
+    return ids, keys
 
 
 def select_kl_cov(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   global_ids: torch.Tensor, stats: ScopeStats, *, kl_cov_ratio: float,
                   cov: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """KL-Cov's chosen tokens when the tensors passed hold the whole scope."""
+    """KL-Cov's chosen tokens [B, T] when the tensors passed hold the whole scope."""
     if cov is None:
         cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
     return select_largest(cov, mask.bool(), global_ids, kl_cov_count(stats.n_valid, kl_cov_ratio))
+
+
+def kl_cov_candidates(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                      global_ids: torch.Tensor, stats: ScopeStats, *, kl_cov_ratio: float
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One shard's share of a distributed KL-Cov choice: (global ids, cov values), 1-D, at most k
+    (the shard's own top-k by (cov desc, id asc), which contains its part of the global top-k).
+    Gather from every shard, :func:`select_largest` on the union, :func:`mask_from_ids` per shard."""
+    cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
+    chosen = select_kl_cov(log_prob, advantages, mask, global_ids, stats, kl_cov_ratio=kl_cov_ratio, cov=cov)
+    return global_ids[chosen], cov[chosen]
+
+
+def mask_from_ids(global_ids: torch.Tensor, chosen_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask (shape of ``global_ids``) of the tokens whose id is in ``chosen_ids``."""
+    return torch.isin(global_ids, chosen_ids.to(global_ids.dtype))
