@@ -115,8 +115,8 @@ def test_rollout_n_one_warns_for_group_estimators():
 def test_public_entry_uses_schema_defaults():
     lp, old, adv, mask = _batch()
     for name in list_policy_losses():
-        a, ma = policy_loss(name, lp, old, adv, mask)
-        b, mb = get_policy_loss(name)(lp, old, adv, mask, norm=LossNormalizer.from_mask(mask), selected=None,
+        a, _ = policy_loss(name, lp, old, adv, mask)
+        b, _ = get_policy_loss(name)(lp, old, adv, mask, norm=LossNormalizer.from_mask(mask), selected=None,
                                       hp=AlgorithmConfig())
         assert torch.equal(a, b)
 
@@ -128,7 +128,7 @@ def test_no_hyperparameter_default_repeated_in_algorithms():
                if isinstance(getattr(defaults, f.name), float) and getattr(defaults, f.name) not in (0.0, 1.0)}
     assert "clip_cov_ratio" in numeric and "entropy_target" in numeric
     for path in ALGO_DIR.glob("*.py"):
-        code = re.sub(r'("""|\'\'\').*?\1', "", path.read_text(), flags=re.S)  # docstrings may cite papers
+        code = re.sub(r'("""|\'\'\').*?\1', "", path.read_text(), flags=re.DOTALL)  # docstrings may cite papers
         code = "\n".join(line.split("#")[0] for line in code.splitlines())
         literals = {float(x) for x in re.findall(r"(?<![\w.])\d+\.?\d*(?:e-?\d+)?(?![\w.])", code)}
         clash = {k: v for k, v in numeric.items() if v in literals}

@@ -11,7 +11,8 @@ instead of the raw reward, so a lone sample never pushes the policy with an unba
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 

@@ -13,8 +13,9 @@ collapse is answered in the same step it is seen.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -37,7 +38,7 @@ class EntropyController:
 
     name = "none"
 
-    def __init__(self, hp: Any, total_epochs: Optional[int] = None) -> None:
+    def __init__(self, hp: Any, total_epochs: int | None = None) -> None:
         self.hp = hp
 
     def step(self, *, entropy: float, step: int, epoch: int = 1) -> Controls:
@@ -59,7 +60,7 @@ class AdaptiveEntropyCoef(EntropyController):
 
     name = "adaptive"
 
-    def __init__(self, hp: Any, total_epochs: Optional[int] = None) -> None:
+    def __init__(self, hp: Any, total_epochs: int | None = None) -> None:
         super().__init__(hp)
         self.coef = _clip(float(hp.entropy_coef), hp.entropy_coef_min, hp.entropy_coef_max)
 
@@ -88,7 +89,7 @@ class PositiveAdvantageReweighting(EntropyController):
 
     name = "par"
 
-    def __init__(self, hp: Any, total_epochs: Optional[int] = None) -> None:
+    def __init__(self, hp: Any, total_epochs: int | None = None) -> None:
         super().__init__(hp)
         if hp.par_schedule == "epoch" and (total_epochs is None or total_epochs < 2):
             raise ValueError("algorithm.par_schedule=epoch needs trainer.total_epochs >= 2 "
@@ -147,7 +148,7 @@ def list_entropy_controllers() -> list[str]:
     return sorted(_CONTROLLERS)
 
 
-def build_entropy_controller(hp: Any, total_epochs: Optional[int] = None) -> EntropyController:
+def build_entropy_controller(hp: Any, total_epochs: int | None = None) -> EntropyController:
     """The controller named by ``hp.entropy_control`` (an AlgorithmConfig-like object)."""
     name = hp.entropy_control
     if name not in _CONTROLLERS:
@@ -155,7 +156,7 @@ def build_entropy_controller(hp: Any, total_epochs: Optional[int] = None) -> Ent
     return _CONTROLLERS[name](hp, total_epochs=total_epochs)
 
 
-def par_weights(advantages: torch.Tensor, mask: torch.Tensor, positive_weight: float) -> Optional[torch.Tensor]:
+def par_weights(advantages: torch.Tensor, mask: torch.Tensor, positive_weight: float) -> torch.Tensor | None:
     """Per-token loss weights [B, T]: lambda where A > 0, 1 elsewhere; None when lambda == 1."""
     if positive_weight == 1.0:
         return None

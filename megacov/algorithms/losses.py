@@ -18,8 +18,9 @@ Padding never influences anything: values under ``mask == 0`` are replaced befor
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -62,7 +63,7 @@ class LossNormalizer:
             raise ValueError(f"LossNormalizer needs num_tokens, num_seqs >= 0 and max_len >= 1, got {self}")
 
     @classmethod
-    def from_mask(cls, mask: torch.Tensor, max_len: Optional[int] = None) -> "LossNormalizer":
+    def from_mask(cls, mask: torch.Tensor, max_len: int | None = None) -> LossNormalizer:
         """The normaliser of a scope that is exactly ``mask`` ([B, T]); sequences without any valid
         token are not counted; ``max_len`` defaults to T."""
         m = mask.bool()
@@ -137,7 +138,7 @@ def cov_metrics(cov: torch.Tensor, m: torch.Tensor, norm: LossNormalizer) -> dic
     vals = torch.sort(flat_c[flat_m]).values if bool(flat_m.any()) else cov[m].sort().values
     k = vals.numel()
     for name, q in COV_QUANTILES.items():
-        out[f"cov_{name}"] = vals[min(k - 1, int(round(q * (k - 1))))]
+        out[f"cov_{name}"] = vals[min(k - 1, round(q * (k - 1)))]
     return out
 
 
@@ -145,8 +146,8 @@ class _Prepared:
     """Shared preamble of the losses: masked log-ratio, ratio, masked advantages, statistics."""
 
     def __init__(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                 response_mask: torch.Tensor, global_ids: Optional[torch.Tensor],
-                 stats: Optional[sel.ScopeStats]) -> None:
+                 response_mask: torch.Tensor, global_ids: torch.Tensor | None,
+                 stats: sel.ScopeStats | None) -> None:
         if not (log_prob.shape == old_log_prob.shape == advantages.shape == response_mask.shape):
             raise ValueError(
                 "log_prob, old_log_prob, advantages and response_mask must share one [B, T] shape, got "
@@ -165,7 +166,7 @@ class _Prepared:
 
 
 def _finish(loss_mat: torch.Tensor, p: _Prepared, norm: LossNormalizer, hp: Any,
-            weights: Optional[torch.Tensor], entropy: Optional[torch.Tensor],
+            weights: torch.Tensor | None, entropy: torch.Tensor | None,
             metrics: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
     if weights is not None:
         loss_mat = loss_mat * torch.where(p.m, weights.to(loss_mat.dtype), 1)
@@ -203,9 +204,9 @@ def list_policy_losses() -> list[str]:
 
 @register_policy_loss("ppo")
 def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-             response_mask: torch.Tensor, *, norm: LossNormalizer, selected: Optional[torch.Tensor],
-             hp: Any, entropy: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-             global_ids: Optional[torch.Tensor] = None, stats: Optional[sel.ScopeStats] = None,
+             response_mask: torch.Tensor, *, norm: LossNormalizer, selected: torch.Tensor | None,
+             hp: Any, entropy: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+             global_ids: torch.Tensor | None = None, stats: sel.ScopeStats | None = None,
              step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
     """PPO-clip with clip-higher (eps_low, eps_high) and optional dual clip c for A < 0.
 
@@ -228,9 +229,9 @@ def ppo_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: tor
 
 @register_policy_loss("clip_cov")
 def clip_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                  response_mask: torch.Tensor, *, norm: LossNormalizer, selected: Optional[torch.Tensor],
-                  hp: Any, entropy: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-                  global_ids: Optional[torch.Tensor] = None, stats: Optional[sel.ScopeStats] = None,
+                  response_mask: torch.Tensor, *, norm: LossNormalizer, selected: torch.Tensor | None,
+                  hp: Any, entropy: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                  global_ids: torch.Tensor | None = None, stats: sel.ScopeStats | None = None,
                   step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
     """Clip-Cov (Cui et al. 2025): PPO-clip, but a few high-covariance tokens lose their gradient.
 
@@ -261,9 +262,9 @@ def clip_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
 
 @register_policy_loss("kl_cov")
 def kl_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                response_mask: torch.Tensor, *, norm: LossNormalizer, selected: Optional[torch.Tensor],
-                hp: Any, entropy: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-                global_ids: Optional[torch.Tensor] = None, stats: Optional[sel.ScopeStats] = None,
+                response_mask: torch.Tensor, *, norm: LossNormalizer, selected: torch.Tensor | None,
+                hp: Any, entropy: torch.Tensor | None = None, weights: torch.Tensor | None = None,
+                global_ids: torch.Tensor | None = None, stats: sel.ScopeStats | None = None,
                 step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
     """KL-Cov (Cui et al. 2025): plain policy gradient -A r (no clipping) plus beta |logp - old_logp|
     on the top-k covariance tokens (``selected``, or chosen here from the whole scope).

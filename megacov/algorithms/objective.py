@@ -5,7 +5,7 @@ same normaliser and aggregation mode, so the total still sums exactly over micro
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -17,9 +17,9 @@ from megacov.algorithms.selection import ScopeStats
 
 def actor_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                response_mask: torch.Tensor, *, hp: Any, norm: LossNormalizer,
-               selected: Optional[torch.Tensor] = None, controls: Optional[Controls] = None,
-               entropy: Optional[torch.Tensor] = None, ref_log_prob: Optional[torch.Tensor] = None,
-               global_ids: Optional[torch.Tensor] = None, stats: Optional[ScopeStats] = None,
+               selected: torch.Tensor | None = None, controls: Controls | None = None,
+               entropy: torch.Tensor | None = None, ref_log_prob: torch.Tensor | None = None,
+               global_ids: torch.Tensor | None = None, stats: ScopeStats | None = None,
                step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
     """Total loss of ``hp.policy_loss`` plus the enabled terms; all tensors [B, T].
 

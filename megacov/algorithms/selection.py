@@ -22,11 +22,11 @@ CPU and GPU. Keys are the top 63 bits of the hash (non-negative int64).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
-Scalar = Union[float, torch.Tensor]
+Scalar = float | torch.Tensor
 
 _MASK64 = (1 << 64) - 1
 _MASK16 = 0xFFFF
@@ -256,7 +256,7 @@ def default_global_ids(mask: torch.Tensor) -> torch.Tensor:
 
 def _clip_cov_local(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, hp: Any, step: int,
-                    cov: Optional[torch.Tensor], ppo_clipped: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+                    cov: torch.Tensor | None, ppo_clipped: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
     """Flat positions, global ids and keys of the <= n best eligible tokens of these tensors."""
     if cov is None:
         cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
@@ -275,7 +275,7 @@ def _clip_cov_local(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantag
 
 def select_clip_cov(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, *, hp: Any, step: int,
-                    cov: Optional[torch.Tensor] = None, ppo_clipped: Optional[torch.Tensor] = None
+                    cov: torch.Tensor | None = None, ppo_clipped: torch.Tensor | None = None
                     ) -> torch.Tensor:
     """Clip-Cov's chosen tokens [B, T] when the tensors passed hold the whole scope.
 
@@ -305,7 +305,7 @@ def clip_cov_candidates(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
 
 def select_kl_cov(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   global_ids: torch.Tensor, stats: ScopeStats, *, kl_cov_ratio: float,
-                  cov: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  cov: torch.Tensor | None = None) -> torch.Tensor:
     """KL-Cov's chosen tokens [B, T] when the tensors passed hold the whole scope."""
     if cov is None:
         cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
