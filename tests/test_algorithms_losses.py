@@ -311,6 +311,11 @@ def test_float32_inputs_and_bad_shapes():
     lp, old, adv, mask = (t.float() if t.is_floating_point() else t for t in _batch(1))
     loss, m = policy_loss("kl_cov", lp, old, adv, mask)
     assert loss.dtype == torch.float32 and m["cov_mean"].dtype == torch.float32
+    x = lp.to(torch.bfloat16).requires_grad_()  # bf16 actor log-probs: math in fp32, grad in bf16
+    loss16, m16 = policy_loss("clip_cov", x, old, adv, mask, clip_cov_ratio=0.2, clip_cov_lb=0.0)
+    loss16.backward()
+    assert loss16.dtype == torch.float32 and x.grad.dtype == torch.bfloat16
+    assert bool(torch.isfinite(x.grad.float()).all()) and int(m16["selected_count"]) >= 1
     with pytest.raises(ValueError, match="one \\[B, T\\] shape"):
         policy_loss("ppo", lp, old[:, :-1], adv, mask)
     with pytest.raises(KeyError, match="registered: clip_cov, kl_cov, ppo"):
