@@ -85,6 +85,11 @@ class RolloutConfig:
     ``disaggregated`` (engines on their own devices)."""
     sync_bucket_mb: int = 512
     """Size of the buckets in which weights are pushed to the engines after each update."""
+    sync_transport: str = "auto"
+    """How buckets reach the engines: ``auto`` (Ray object store on CPU, CUDA IPC when colocated on
+    GPU, NCCL broadcast when disaggregated on GPU), ``object_store``, ``cuda_ipc`` or ``nccl``."""
+    cpus_per_engine: int = 1
+    """CPUs reserved by each engine worker (one per engine TP rank); on CPU also its torch threads."""
     enforce_eager: bool = True
     """Disable CUDA graphs / torch.compile in vLLM (faster start, needed on CPU)."""
     mismatch_sample: int = 8
