@@ -46,9 +46,10 @@ def build_gpt_model(
     rotary_base: float = 10000.0,
     rope_scaling: bool = False,
     rope_scaling_factor: float = 8.0,
+    seq_len_interpolation_factor: Optional[float] = None,
 ) -> torch.nn.Module:
-    """This rank's chunk of a GPTModel. ``vocab_size`` is the *unpadded* HF vocabulary; megatron pads
-    it to a multiple of TP internally when ``config`` asks for it (we pad explicitly in the mapping)."""
+    """This rank's chunk of a GPTModel. ``vocab_size`` is the size of the embedding/output table,
+    i.e. the *padded* vocabulary (GPTModel does not pad; :mod:`megacov.models.arch` does)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     spec = spec if spec is not None else layer_spec(config.normalization, bool(getattr(config, "qk_layernorm", False)))
@@ -64,6 +65,7 @@ def build_gpt_model(
         rotary_base=int(rotary_base) if float(rotary_base).is_integer() else rotary_base,
         rope_scaling=rope_scaling,
         rope_scaling_factor=rope_scaling_factor,
+        seq_len_interpolation_factor=seq_len_interpolation_factor,
         pg_collection=layout.pg_collection,
     )
     return model.to(layout.device)

@@ -1,0 +1,201 @@
+"""Reading and writing HF checkpoint directories without holding a model in memory.
+
+:class:`SafetensorsReader` resolves a tensor name to its shard through ``model.safetensors.index.json``
+(or the single ``model.safetensors``) and hands out *lazy* slices: indexing one reads only the
+requested rows/columns from the memory-mapped file, which is how a TP rank loads just its shard.
+:class:`ShardWriter` writes safetensors shards as tensors stream in, so export memory is bounded by
+one shard. :func:`atomic_dir` makes every output appear complete or not at all.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator, Optional
+
+import torch
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tokenizer and generation files copied verbatim between HF and megacov directories.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+              "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+              "chat_template.json", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """Bad input: missing directory/file/tensor, or a file that is not what it claims to be."""
+
+
+def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"missing file {path}")
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    if not os.path.isdir(hf_dir):
+        raise CheckpointError(f"no such directory: {hf_dir}")
+    return read_json(os.path.join(hf_dir, "config.json"))
+
+
+class LazyTensor:
+    """A tensor in a safetensors file that is read only when (and as far as) it is indexed."""
+
+    def __init__(self, handle: Any, name: str) -> None:
+        self._slice = handle.get_slice(name)
+        self.name = name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self._slice.get_shape())
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return self._slice[index]
+
+
+class SafetensorsReader:
+    """Name -> :class:`LazyTensor` over the shards of one HF directory. Files open on first use."""
+
+    def __init__(self, hf_dir: str) -> None:
+        self.dir = hf_dir
+        index_path = os.path.join(hf_dir, INDEX_FILE)
+        if os.path.isfile(index_path):
+            weight_map = read_json(index_path).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{index_path}: no 'weight_map'")
+            self.weight_map: dict[str, str] = weight_map
+        elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
+            from safetensors import safe_open
+
+            with safe_open(os.path.join(hf_dir, SINGLE_FILE), framework="pt") as fh:
+                self.weight_map = {k: SINGLE_FILE for k in fh.keys()}
+        else:
+            raise CheckpointError(f"{hf_dir}: no {INDEX_FILE} or {SINGLE_FILE} (only safetensors checkpoints "
+                                  f"are supported)")
+        missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(os.path.join(hf_dir, f))})
+        if missing:
+            raise CheckpointError(f"{hf_dir}: shard files listed in the index are missing: {', '.join(missing)}")
+        self._handles: dict[str, Any] = {}
+
+    def _handle(self, filename: str) -> Any:
+        if filename not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[filename] = safe_open(os.path.join(self.dir, filename), framework="pt")
+        return self._handles[filename]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.weight_map
+
+    def __getitem__(self, name: str) -> LazyTensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.dir}: tensor '{name}' not found in the checkpoint")
+        return LazyTensor(self._handle(self.weight_map[name]), name)
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def total_bytes(self) -> int:
+        return sum(os.path.getsize(os.path.join(self.dir, f)) for f in set(self.weight_map.values()))
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class ShardWriter:
+    """Write HF tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``.
+
+    Shards are written as soon as they fill up, then renamed once the total count is known; the
+    index maps every tensor to its final file.
+    """
+
+    def __init__(self, out_dir: str, max_shard_bytes: int) -> None:
+        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if any(name in s for s in self._shards) or name in self._pending:
+            raise ValueError(f"tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
+            self._flush()
+        # Own the bytes: the caller's tensor may be a view into a bigger buffer that it will free.
+        self._pending[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._pending:
+            return
+        save_file(self._pending, os.path.join(self.out_dir, f"part-{len(self._shards)}.safetensors"),
+                  metadata={"format": "pt"})
+        self._shards.append(list(self._pending))
+        self._pending, self._pending_bytes = {}, 0
+
+    def finish(self) -> dict[str, str]:
+        """Write the last shard and the index; returns the weight map."""
+        self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for i, names in enumerate(self._shards):
+            final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.out_dir, f"part-{i}.safetensors"), os.path.join(self.out_dir, final))
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            with open(os.path.join(self.out_dir, INDEX_FILE), "w") as fh:
+                json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, fh, indent=2)
+        return weight_map
+
+
+def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
+    """Copy tokenizer/generation files that exist in ``src_dir``; returns the names copied."""
+    copied = []
+    for name in SIDE_FILES:
+        path = os.path.join(src_dir, name)
+        if os.path.isfile(path):
+            shutil.copy2(path, os.path.join(dst_dir, name))
+            copied.append(name)
+    return copied
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary sibling of ``out_dir``; on success it is renamed to ``out_dir``.
+
+    On failure the temporary directory is removed, so a crash never leaves a directory under the
+    requested name. An existing non-empty ``out_dir`` is an error unless ``overwrite``.
+    """
+    out_dir = os.path.abspath(out_dir.rstrip("/"))
+    if os.path.exists(out_dir) and not (os.path.isdir(out_dir) and not os.listdir(out_dir)) and not overwrite:
+        raise CheckpointError(f"output {out_dir} already exists (choose another path or pass --overwrite)")
+    parent = os.path.dirname(out_dir)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"parent directory of the output does not exist: {parent}")
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old: Optional[str] = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
+        os.replace(out_dir, os.path.join(old, "x"))
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,191 @@
+"""Build this rank's megatron-core model chunk from an HF directory or a megacov mcore checkpoint.
+
+:func:`build_model` is what the actor, the reference policy, ``megacov verify`` and the converter
+use. From an HF directory, every rank reads only the tensors of its pipeline stage, and of those
+only the rows/columns of its TP shard (lazy safetensors slices), so loading a 32B model at TP=8 does
+not make eight processes read 32B parameters each. From a megacov mcore checkpoint
+(``megacov convert hf-to-mcore``) megatron's ``dist_checkpointing`` reshards to the layout asked for.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megacov.models import mapping
+from megacov.models.arch import Arch, arch_from_hf, check_layout, gpt_model_kwargs, megatron_config, torch_dtype
+from megacov.models.family import families
+from megacov.models.hf_io import CheckpointError, SafetensorsReader, read_hf_config, read_json
+
+MCORE_META_FILE = "megacov.json"
+MCORE_FORMAT = "megacov-mcore"
+_LOCAL_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+@dataclass
+class ModelInfo:
+    """What callers need to know about a built chunk besides the module itself (picklable)."""
+
+    family: str
+    arch: Arch
+    hf_config: dict = field(repr=False)
+    source: str
+    """``hf`` or ``mcore``: what :func:`build_model` loaded from."""
+    path: str
+    dtype: str
+    tp: int
+    pp: int
+    pp_rank: int
+    layer_offset: int
+    """Global index of this stage's first decoder layer."""
+    num_local_layers: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.arch.vocab_size
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.arch.padded_vocab_size
+
+    @property
+    def layer_rules(self) -> tuple[mapping.Rule, ...]:
+        return families()[self.family].layer_rules
+
+    @property
+    def dims(self) -> mapping.Dims:
+        return self.arch.dims
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model directory: HF or megacov mcore, with its normalised architecture."""
+
+    kind: str
+    path: str
+    hf_config: dict
+    arch: Arch
+    meta: Optional[dict] = None
+
+
+def is_mcore_checkpoint(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MCORE_META_FILE))
+
+
+def read_mcore_meta(path: str) -> dict:
+    meta = read_json(os.path.join(path, MCORE_META_FILE))
+    if meta.get("format") != MCORE_FORMAT or "hf_config" not in meta:
+        raise CheckpointError(f"{path}/{MCORE_META_FILE} is not a megacov mcore checkpoint description")
+    return meta
+
+
+def resolve_source(path: str, *, tp: int = 1, vocab_divisible_by: Optional[int] = None) -> Source:
+    """Read the config of an HF directory or megacov mcore checkpoint (no weights are read)."""
+    if vocab_divisible_by is None:
+        from megacov.config.schema import ModelConfig
+
+        vocab_divisible_by = ModelConfig.vocab_divisible_by
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no such directory: {path}")
+    if is_mcore_checkpoint(path):
+        meta = read_mcore_meta(path)
+        arch = arch_from_hf(meta["hf_config"], vocab_divisible_by=vocab_divisible_by,
+                            padded_vocab_size=int(meta["padded_vocab_size"]))
+        return Source("mcore", path, meta["hf_config"], arch, meta)
+    hf_config = read_hf_config(path)
+    return Source("hf", path, hf_config, arch_from_hf(hf_config, vocab_divisible_by=vocab_divisible_by, tp=tp))
+
+
+def unwrap(model: Any) -> torch.nn.Module:
+    """The bare GPTModel under DDP / Float16Module wrappers (or a one-element chunk list)."""
+    if isinstance(model, (list, tuple)):
+        if len(model) != 1:
+            raise ValueError("virtual pipeline stages (several model chunks per rank) are not supported")
+        model = model[0]
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+def layer_offset(model: torch.nn.Module) -> int:
+    """Global index of the first decoder layer this chunk holds (megatron numbers layers from 1)."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None)
+    if layers is None or len(layers) == 0:
+        return 0
+    return int(layers[0].layer_number) - 1
+
+
+def global_name(local_name: str, offset: int) -> str:
+    """``decoder.layers.<local>.x`` -> ``decoder.layers.<local + offset>.x``; other names unchanged."""
+    return _LOCAL_LAYER_RE.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name, count=1)
+
+
+def build_model(path: str, layout: Any, *, load_weights: bool = True, dtype: Any = "auto",
+                vocab_divisible_by: Optional[int] = None, use_te: Optional[bool] = None, progress: bool = False,
+                **config_overrides: Any) -> tuple[torch.nn.Module, ModelInfo]:
+    """This rank's chunk of the model in ``path`` (HF directory or megacov mcore checkpoint).
+
+    ``layout`` is a :class:`megacov.parallel.layout.ParallelLayout`. ``dtype``: ``auto`` (bf16 on
+    GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16`` or a torch dtype. ``config_overrides`` go to the
+    megatron ``TransformerConfig``. Returns ``(model_chunk, info)``.
+    """
+    from megacov.models import core
+
+    src = resolve_source(path, tp=layout.tp, vocab_divisible_by=vocab_divisible_by)
+    arch = src.arch
+    check_layout(arch, layout.tp, layout.pp)
+    dt = torch_dtype(dtype)
+    cfg = megatron_config(arch, tp=layout.tp, pp=layout.pp, dtype=dt, perform_initialization=not load_weights,
+                          **config_overrides)
+    spec = core.layer_spec(cfg.normalization, arch.qk_norm, use_te)
+    model = core.build_gpt_model(cfg, layout, spec=spec, **gpt_model_kwargs(arch))
+    info = ModelInfo(family=arch.family, arch=arch, hf_config=src.hf_config, source=src.kind, path=path,
+                     dtype=str(dt).replace("torch.", ""), tp=layout.tp, pp=layout.pp, pp_rank=layout.pp_rank,
+                     layer_offset=layer_offset(model), num_local_layers=len(model.decoder.layers))
+    if load_weights:
+        if src.kind == "hf":
+            load_hf_weights(model, layout, info, progress=progress)
+        else:
+            load_mcore_checkpoint(model, path)
+    return model, info
+
+
+def load_hf_weights(model: Any, layout: Any, info: ModelInfo, *, progress: bool = False) -> int:
+    """Copy this rank's shards from the HF safetensors of ``info.path`` into ``model``; returns the
+    number of bytes copied. Reads nothing outside this rank's stage and TP shard."""
+    bare = unwrap(model)
+    reader = SafetensorsReader(info.path)
+    params = list(bare.named_parameters())
+    copied = 0
+    iterator: Sequence = params
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(params, desc=f"loading stage {layout.pp_rank} tp {layout.tp_rank}", unit="tensor",
+                        file=sys.stderr, disable=layout.tp_rank != 0)
+    with torch.no_grad():
+        for name, param in iterator:
+            gname = global_name(name, info.layer_offset)
+            shard = mapping.hf_to_mcore_shard(gname, reader, info.layer_rules, info.dims, layout.tp_rank, layout.tp)
+            if tuple(shard.shape) != tuple(param.shape):
+                raise CheckpointError(f"{info.path}: {gname} built from HF has shape {tuple(shard.shape)}, the "
+                                      f"model expects {tuple(param.shape)} (config.json does not match the weights)")
+            param.copy_(shard)
+            copied += shard.numel() * shard.element_size()
+    reader.close()
+    return copied
+
+
+def load_mcore_checkpoint(model: Any, ckpt_dir: str) -> None:
+    """Load a dist_checkpointing checkpoint into ``model`` at whatever layout it was built with."""
+    from megatron.core import dist_checkpointing
+
+    bare = unwrap(model)
+    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        raise CheckpointError(f"{ckpt_dir}: not a megatron dist_checkpointing checkpoint (no metadata.json)")
+    state = dist_checkpointing.load(bare.sharded_state_dict(), ckpt_dir)
+    bare.load_state_dict(state, strict=True)

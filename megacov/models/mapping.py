@@ -1,0 +1,289 @@
+"""HF <-> megatron-core weight mapping as pure functions over ``(name, tensor)``.
+
+One table of :class:`Rule` objects per family (``megacov/models/<family>/weights.py``) says which HF
+tensors make up each megatron parameter and how the parameter is split across tensor-parallel ranks.
+Everything else here is generic and follows from the rule's ``kind``:
+
+``replicated``  norms and row-parallel biases: identical on every TP rank.
+``row``         row-parallel weights (``linear_proj``, ``linear_fc2``): split along the input dim 1.
+``qkv``         the fused attention input projection: megatron stores, per query group, the group's
+                query heads followed by its key head and its value head. TP splits whole groups, so a
+                rank's shard is itself a fused tensor over its groups.
+``fc1``         the fused gated MLP input ``cat[gate, up]``; each TP rank holds ``cat[gate_r, up_r]``.
+``vocab``       embedding / output layer: rows padded with zeros up to the padded vocabulary, then
+                split along dim 0.
+
+The loading direction (:func:`hf_to_mcore_shard`) only ever *slices* its HF inputs before doing
+arithmetic on them, so the inputs can be lazy safetensors slices and a rank reads nothing but its
+own shard from disk. The exporting direction works on full (TP-gathered) tensors
+(:func:`merge_tp_shards` then :func:`mcore_to_hf`). Names on the megatron side are those of the
+local spec or of the TransformerEngine spec (layer norms fused into the following linear layer);
+both map to the same HF names.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Protocol, Sequence
+
+import torch
+
+KINDS = ("replicated", "row", "qkv", "fc1", "vocab")
+
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+HF_LAYER_PREFIX = "model.layers.{i}."
+
+
+class MappingError(KeyError):
+    """A megatron or HF name that the family's table does not know."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one megatron parameter relates to HF tensors.
+
+    ``mcore`` is the local-spec name (relative to ``decoder.layers.{i}.`` for layer rules),
+    ``te`` the TransformerEngine-spec alias when it differs, ``hf`` the HF names (relative to
+    ``model.layers.{i}.`` for layer rules) in fusion order.
+    """
+
+    mcore: str
+    hf: tuple[str, ...]
+    kind: str
+    te: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown rule kind {self.kind!r} (one of {KINDS})")
+        expected = {"qkv": 3, "fc1": 2}.get(self.kind, 1)
+        if len(self.hf) != expected:
+            raise ValueError(f"rule {self.mcore}: kind {self.kind} needs {expected} HF tensors")
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the mapping needs (a subset of :class:`megacov.models.arch.Arch`)."""
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    padded_vocab_size: int
+    tie_word_embeddings: bool
+
+
+class SliceableTensor(Protocol):
+    """A torch tensor or a lazy safetensors slice: has ``shape`` and supports basic slicing."""
+
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    def __getitem__(self, index: Any) -> torch.Tensor: ...
+
+
+# Rules shared by every family; the per-family tables add theirs to BASE_LAYER_RULES.
+BASE_LAYER_RULES: tuple[Rule, ...] = (
+    Rule("input_layernorm.weight", ("input_layernorm.weight",), "replicated",
+         te="self_attention.linear_qkv.layer_norm_weight"),
+    Rule("self_attention.linear_qkv.weight",
+         ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"), "qkv"),
+    Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "row"),
+    Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated",
+         te="mlp.linear_fc1.layer_norm_weight"),
+    Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
+    Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "row"),
+)
+QKV_BIAS_RULES: tuple[Rule, ...] = (
+    Rule("self_attention.linear_qkv.bias",
+         ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"), "qkv"),
+)
+QK_NORM_RULES: tuple[Rule, ...] = (
+    Rule("self_attention.q_layernorm.weight", ("self_attn.q_norm.weight",), "replicated"),
+    Rule("self_attention.k_layernorm.weight", ("self_attn.k_norm.weight",), "replicated"),
+)
+GLOBAL_RULES: tuple[Rule, ...] = (
+    Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+    Rule("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"),
+    Rule("output_layer.weight", ("lm_head.weight",), "vocab"),
+)
+TIED_OUTPUT_RULE = Rule("output_layer.weight", ("model.embed_tokens.weight",), "vocab")
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A rule bound to one global name: the HF names are absolute (layer index filled in)."""
+
+    rule: Rule
+    hf: tuple[str, ...]
+    layer: Optional[int]
+
+
+def resolve(name: str, layer_rules: Sequence[Rule], dims: Dims) -> Resolved:
+    """Find the rule for a *global* megatron name (``decoder.layers.<global index>.…``)."""
+    m = _LAYER_RE.match(name)
+    if m:
+        layer, suffix = int(m.group(1)), m.group(2)
+        for rule in layer_rules:
+            if suffix in (rule.mcore, rule.te):
+                prefix = HF_LAYER_PREFIX.format(i=layer)
+                return Resolved(rule, tuple(prefix + h for h in rule.hf), layer)
+        known = ", ".join(r.mcore for r in layer_rules)
+        raise MappingError(f"no mapping for megatron parameter '{name}' (layer parameters known: {known})")
+    if name == "output_layer.weight" and dims.tie_word_embeddings:
+        return Resolved(TIED_OUTPUT_RULE, TIED_OUTPUT_RULE.hf, None)
+    for rule in GLOBAL_RULES:
+        if name == rule.mcore:
+            return Resolved(rule, rule.hf, None)
+    raise MappingError(f"no mapping for megatron parameter '{name}'")
+
+
+def mcore_names(num_layers: int, layer_rules: Sequence[Rule], dims: Dims) -> list[str]:
+    """Every global megatron name of a model, in export order (embedding, layers, norm, head)."""
+    names = ["embedding.word_embeddings.weight"]
+    for i in range(num_layers):
+        names += [f"decoder.layers.{i}.{r.mcore}" for r in layer_rules]
+    names.append("decoder.final_layernorm.weight")
+    if not dims.tie_word_embeddings:
+        names.append("output_layer.weight")
+    return names
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading: HF tensors -> this TP rank's shard of a megatron parameter.
+# ------------------------------------------------------------------------------------------------
+
+
+def _chunk(size: int, tp_rank: int, tp: int, what: str) -> tuple[int, int]:
+    if size % tp:
+        raise ValueError(f"{what} of size {size} is not divisible by tensor-parallel size {tp}")
+    step = size // tp
+    return tp_rank * step, (tp_rank + 1) * step
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: Dims) -> torch.Tensor:
+    """Interleave full (or group-aligned partial) q, k, v into megatron's per-group layout."""
+    hd = dims.head_dim
+    groups = k.shape[0] // hd
+    per_group = dims.num_heads // dims.num_kv_heads
+    rest = tuple(q.shape[1:])
+    parts = [q.reshape(groups, per_group * hd, *rest), k.reshape(groups, hd, *rest), v.reshape(groups, hd, *rest)]
+    return torch.cat(parts, dim=1).reshape(groups * (per_group + 2) * hd, *rest)
+
+
+def split_qkv(fused: torch.Tensor, dims: Dims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`fuse_qkv` for a full (all groups) or per-rank (whole groups) tensor."""
+    hd = dims.head_dim
+    per_group = dims.num_heads // dims.num_kv_heads
+    rest = tuple(fused.shape[1:])
+    groups = fused.shape[0] // ((per_group + 2) * hd)
+    grouped = fused.reshape(groups, (per_group + 2) * hd, *rest)
+    q, k, v = torch.split(grouped, [per_group * hd, hd, hd], dim=1)
+    return (q.reshape(groups * per_group * hd, *rest), k.reshape(groups * hd, *rest),
+            v.reshape(groups * hd, *rest))
+
+
+def hf_to_mcore_shard(name: str, hf: Mapping[str, SliceableTensor], layer_rules: Sequence[Rule], dims: Dims,
+                      tp_rank: int = 0, tp: int = 1) -> torch.Tensor:
+    """This TP rank's shard of megatron parameter ``name`` built from the HF tensors in ``hf``.
+
+    ``hf`` maps absolute HF names to tensors or lazy slices; only the rows/columns of this rank are
+    read from it. Returns a new tensor in the HF tensor's dtype.
+    """
+    res = resolve(name, layer_rules, dims)
+    src = [hf[h] for h in res.hf]
+    kind = res.rule.kind
+    if kind == "replicated":
+        return src[0][:].clone()
+    if kind == "row":
+        lo, hi = _chunk(src[0].shape[1], tp_rank, tp, f"{name} input dim")
+        return src[0][:, lo:hi].contiguous()
+    if kind == "qkv":
+        q, k, v = src
+        groups = k.shape[0] // dims.head_dim
+        g0, g1 = _chunk(groups, tp_rank, tp, f"{name}: number of key/value heads")
+        qrows = (dims.num_heads // dims.num_kv_heads) * dims.head_dim
+        return fuse_qkv(q[g0 * qrows:g1 * qrows], k[g0 * dims.head_dim:g1 * dims.head_dim],
+                        v[g0 * dims.head_dim:g1 * dims.head_dim], dims)
+    if kind == "fc1":
+        gate, up = src
+        lo, hi = _chunk(gate.shape[0], tp_rank, tp, f"{name} ffn size")
+        return torch.cat([gate[lo:hi], up[lo:hi]], dim=0)
+    # vocab: zero rows beyond the real vocabulary, then this rank's block of the padded rows.
+    lo, hi = _chunk(dims.padded_vocab_size, tp_rank, tp, f"{name} padded vocabulary")
+    real = src[0]
+    if real.shape[0] != dims.vocab_size:
+        raise ValueError(f"{res.hf[0]} has {real.shape[0]} rows, config says vocab_size={dims.vocab_size}")
+    top = min(hi, dims.vocab_size)
+    rows = real[lo:top] if top > lo else real[0:0]
+    if top - lo == hi - lo:
+        return rows.contiguous()
+    pad = torch.zeros((hi - lo - rows.shape[0], *rows.shape[1:]), dtype=rows.dtype)
+    return torch.cat([rows, pad], dim=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Exporting: TP shards -> full megatron tensor -> HF tensors.
+# ------------------------------------------------------------------------------------------------
+
+
+def merge_tp_shards(kind: str, shards: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The full (TP=1) megatron tensor from the shards of every TP rank, in rank order."""
+    if kind == "replicated" or len(shards) == 1:
+        return shards[0]
+    if kind == "row":
+        return torch.cat(list(shards), dim=1)
+    if kind in ("qkv", "vocab"):
+        return torch.cat(list(shards), dim=0)
+    if kind == "fc1":
+        halves = [torch.chunk(s, 2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    raise ValueError(f"unknown rule kind {kind!r}")
+
+
+def split_tp(kind: str, full: torch.Tensor, tp_rank: int, tp: int, dims: Dims) -> torch.Tensor:
+    """This rank's shard of a full megatron tensor (the inverse of :func:`merge_tp_shards`)."""
+    if kind == "replicated" or tp == 1:
+        return full
+    if kind == "row":
+        lo, hi = _chunk(full.shape[1], tp_rank, tp, "row-parallel input dim")
+        return full[:, lo:hi]
+    if kind == "fc1":
+        gate, up = torch.chunk(full, 2, dim=0)
+        lo, hi = _chunk(gate.shape[0], tp_rank, tp, "ffn size")
+        return torch.cat([gate[lo:hi], up[lo:hi]], dim=0)
+    if kind == "qkv":
+        per_group_rows = (dims.num_heads // dims.num_kv_heads + 2) * dims.head_dim
+        g0, g1 = _chunk(full.shape[0] // per_group_rows, tp_rank, tp, "number of key/value heads")
+        return full[g0 * per_group_rows:g1 * per_group_rows]
+    lo, hi = _chunk(full.shape[0], tp_rank, tp, "padded vocabulary")
+    return full[lo:hi]
+
+
+def mcore_to_hf(name: str, full: torch.Tensor, layer_rules: Sequence[Rule], dims: Dims
+                ) -> list[tuple[str, torch.Tensor]]:
+    """HF ``(name, tensor)`` pairs from one full (TP-gathered) megatron tensor with a global name.
+
+    Fused tensors come back as their parts in HF order (q, k, v / gate, up); vocab padding is
+    dropped. The tensors may be views of ``full``.
+    """
+    res = resolve(name, layer_rules, dims)
+    kind = res.rule.kind
+    if kind == "qkv":
+        return list(zip(res.hf, split_qkv(full, dims)))
+    if kind == "fc1":
+        return list(zip(res.hf, torch.chunk(full, 2, dim=0)))
+    if kind == "vocab":
+        if full.shape[0] != dims.padded_vocab_size:
+            raise ValueError(f"{name} has {full.shape[0]} rows, expected the padded vocabulary "
+                             f"{dims.padded_vocab_size}")
+        return [(res.hf[0], full[:dims.vocab_size])]
+    return [(res.hf[0], full)]
+
+
+def hf_to_mcore_full(name: str, hf: Mapping[str, SliceableTensor], layer_rules: Sequence[Rule], dims: Dims
+                     ) -> torch.Tensor:
+    """The full (TP=1) megatron tensor: :func:`hf_to_mcore_shard` at ``tp=1``."""
+    return hf_to_mcore_shard(name, hf, layer_rules, dims, 0, 1)
