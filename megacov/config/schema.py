@@ -262,7 +262,10 @@ class TrainerConfig:
     mode: str = "rl"
     """``rl`` or ``sft`` (supervised warm-start on the data's answers)."""
     sft_steps: int = 0
-    """Supervised warm-start steps before RL (cached in the run folder)."""
+    """Supervised warm-start steps before RL (``mode=rl``) or in total (``mode=sft``); the warm-start
+    is cached under ``<output_dir>/sft-cache/<hash of its settings>`` and reused by later runs."""
+    sft_lr: Optional[float] = None
+    """Learning rate of the warm-start; ``None`` uses optim.lr."""
     ray_address: Optional[str] = None
     """Ray cluster to join (``auto`` or host:port); ``None`` uses RAY_ADDRESS or starts a local one."""
     cpus_per_worker: int = 1
