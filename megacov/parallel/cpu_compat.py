@@ -5,6 +5,8 @@ stand-in, this layer bends exactly those places while it is active, and only whe
 
 1. **Device redirection.** A ``TorchFunctionMode`` rewrites ``device="cuda"`` / integer device
    arguments of tensor factories and ``.to()`` calls to ``cpu``, and makes ``Tensor.cuda()`` a no-op.
+   ``Tensor.type()`` (no arguments) answers with the CUDA type name, because megatron's optimizers
+   dispatch on strings such as ``'torch.cuda.FloatTensor'``.
    This covers megatron's ``torch.empty(..., device=torch.cuda.current_device())`` idiom (RoPE,
    buffers, pipeline send/recv tensors) without touching its source.
 2. **torch.cuda stubs.** ``current_device`` (returns 0, which the mode maps to CPU),
@@ -49,6 +51,11 @@ class _CpuDeviceMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            # megatron's optimizers dispatch on type strings ('torch.cuda.FloatTensor'); CPU tensors
+            # answer with the CUDA name of their dtype so that dispatch takes the same branch.
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = _CPU
         if func in (torch.Tensor.to,) and args:

@@ -1,0 +1,109 @@
+"""Megatron DDP, optimizer and LR schedule for the actor, built from megacov's config.
+
+The actor trains with megatron-core's own machinery: ``DistributedDataParallel`` (contiguous grad
+buffers, gradient all-reduce / reduce-scatter over DP), ``get_megatron_optimizer`` (the distributed
+optimizer when DP > 1 and enabled; fused Adam from TransformerEngine/apex when present, torch AdamW
+otherwise) and ``OptimizerParamScheduler``. Nothing here reads global state: the layout supplies the
+process groups.
+
+Gradient scaling convention: megatron DDP *averages* gradients over DP ranks
+(``average_in_collective``-free path: it divides by the DP size before the all-reduce). Losses handed
+to the schedule must therefore be "this rank's share of the global loss, times dp", which the actor
+step in :mod:`megacov.parallel.actor` accounts for via :func:`dp_loss_scale`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from megacov.config.schema import OptimConfig, ParallelConfig
+from megacov.parallel.layout import ParallelLayout
+
+
+@dataclass
+class ActorOptim:
+    """The wrapped model chunks, their optimizer and LR schedule (what a checkpoint must save)."""
+
+    model: list[Any]
+    optimizer: Any
+    scheduler: Any
+
+    def zero_grad(self) -> None:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> tuple[bool, Optional[float]]:
+        """Apply the accumulated gradients. Returns (applied, grad_norm); a non-finite gradient norm
+        skips the update (megatron reports it as not successful) and leaves the weights unchanged."""
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads(self.model, pg_collection=self._pgs())
+        applied, grad_norm, _ = self.optimizer.step()
+        if applied:
+            self.scheduler.step(increment=1)
+        return bool(applied), (None if grad_norm is None else float(grad_norm))
+
+    def _pgs(self) -> Any:
+        return getattr(self.model[0], "_megacov_pg_collection", None)
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+
+def dp_loss_scale(layout: ParallelLayout) -> float:
+    """Factor that turns a rank's share of the global loss into what megatron DDP expects (it averages
+    gradients over DP, we want their sum)."""
+    return float(layout.dp)
+
+
+def wrap_ddp(model_chunks: list[torch.nn.Module], layout: ParallelLayout, pcfg: ParallelConfig) -> list[Any]:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    use_dist_opt = pcfg.use_distributed_optimizer and layout.dp > 1
+    ddp_cfg = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_dist_opt,
+        check_for_nan_in_grad=False, bucket_size=None,
+    )
+    wrapped = []
+    for i, chunk in enumerate(model_chunks):
+        ddp = DistributedDataParallel(config=chunk.config, ddp_config=ddp_cfg, module=chunk,
+                                      disable_bucketing=i > 0, pg_collection=layout.pg_collection)
+        ddp._megacov_pg_collection = layout.pg_collection
+        wrapped.append(ddp)
+    return wrapped
+
+
+def build_actor_optim(
+    model_chunks: list[torch.nn.Module],
+    layout: ParallelLayout,
+    ocfg: OptimConfig,
+    pcfg: ParallelConfig,
+    *,
+    total_steps: int,
+    bf16: bool = False,
+) -> ActorOptim:
+    """Wrap ``model_chunks`` in megatron DDP and build optimizer + scheduler for ``total_steps``."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    model = wrap_ddp(model_chunks, layout, pcfg)
+    opt_cfg = OptimizerConfig(
+        optimizer="adam", lr=ocfg.lr, min_lr=ocfg.min_lr, weight_decay=ocfg.weight_decay,
+        adam_beta1=ocfg.adam_beta1, adam_beta2=ocfg.adam_beta2, adam_eps=ocfg.adam_eps,
+        clip_grad=ocfg.clip_grad, bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=pcfg.use_distributed_optimizer and layout.dp > 1,
+    )
+    optimizer = get_megatron_optimizer(opt_cfg, model, use_gloo_process_groups=False,
+                                       pg_collection=layout.pg_collection)
+    decay_steps = max(1, total_steps)
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if ocfg.lr_warmup_steps else ocfg.lr, max_lr=ocfg.lr, min_lr=ocfg.min_lr,
+        lr_warmup_steps=ocfg.lr_warmup_steps, lr_decay_steps=decay_steps,
+        lr_decay_style=ocfg.lr_decay_style, start_wd=ocfg.weight_decay, end_wd=ocfg.weight_decay,
+        wd_incr_steps=decay_steps, wd_incr_style="constant",
+    )
+    return ActorOptim(model=model, optimizer=optimizer, scheduler=scheduler)
