@@ -125,3 +125,69 @@ def write_task_data(out_dir: str, n_train: int = 512, n_eval: int = 64, seed: in
             for row in part:
                 fh.write(json.dumps(row) + "\n")
     return paths
+
+
+# --------------------------------------------------------------------------------------------
+# The embedded example (examples/tiny): generated on first use.
+# --------------------------------------------------------------------------------------------
+
+#: Model and task sizes of examples/tiny (the demo and the end-to-end tests use these).
+EXAMPLE_MODEL = dict(num_layers=4, hidden_size=64, num_heads=2, num_kv_heads=2, intermediate_size=128)
+EXAMPLE_DATA = dict(n_train=1024, n_eval=64, n_sft=1024)
+
+
+def build_example(model_dir: str, data_dir: str, seed: int = 0) -> dict:
+    """Write the tiny model and the train / eval / warm-start data of examples/tiny (idempotent).
+
+    The warm-start problems are disjoint from the RL training and eval problems, so RL is measured on
+    prompts the warm-start never saw.
+    """
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        build_model(model_dir, seed=seed, **EXAMPLE_MODEL)
+    names = ("train", "eval", "sft")
+    paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in names}
+    if not all(os.path.isfile(p) for p in paths.values()):
+        rng = random.Random(seed)
+        seen: set = set()
+        rows = []
+        total = EXAMPLE_DATA["n_train"] + EXAMPLE_DATA["n_eval"] + EXAMPLE_DATA["n_sft"]
+        while len(rows) < total:
+            row = make_problem(rng)
+            if row["prompt"] not in seen:
+                seen.add(row["prompt"])
+                rows.append(row)
+        os.makedirs(data_dir, exist_ok=True)
+        bounds = {"train": (0, EXAMPLE_DATA["n_train"]),
+                  "eval": (EXAMPLE_DATA["n_train"], EXAMPLE_DATA["n_train"] + EXAMPLE_DATA["n_eval"]),
+                  "sft": (EXAMPLE_DATA["n_train"] + EXAMPLE_DATA["n_eval"], total)}
+        for name, (lo, hi) in bounds.items():
+            tmp = paths[name] + ".tmp"
+            with open(tmp, "w") as fh:
+                for row in rows[lo:hi]:
+                    fh.write(json.dumps(row) + "\n")
+            os.replace(tmp, paths[name])
+    return {"model": model_dir, **paths}
+
+
+def _in_example(path: str) -> Optional[str]:
+    """The examples/tiny folder ``path`` points into, if any."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    for i in range(len(parts) - 1, 0, -1):
+        if parts[i] == "tiny" and parts[i - 1] == "examples":
+            return os.sep.join(parts[: i + 1]) or os.sep
+    return None
+
+
+def prepare_example(cfg) -> bool:
+    """Generate examples/tiny's model and data when the config points at them and they are missing.
+
+    Returns True when something was generated. Paths outside examples/tiny are never touched, so a
+    typo in a real model path still fails with its own clear error.
+    """
+    paths = [cfg.model.path, *cfg.data.train_files, *cfg.data.eval_files, *cfg.data.sft_files]
+    missing = [p for p in paths if not os.path.exists(p) and _in_example(p)]
+    if not missing:
+        return False
+    root = _in_example(missing[0])
+    build_example(os.path.join(root, "model"), os.path.join(root, "data"))
+    return True

@@ -19,6 +19,9 @@ def run(args: argparse.Namespace) -> int:
     from megacov.config.validate import validate
 
     cfg = load_config(args.config, args.overrides)
+    from megacov.tiny import prepare_example
+
+    prepare_example(cfg)  # the embedded example's model and data are generated on first use
     plan = validate(cfg)
     if args.dry_run:
         print(plan.table())

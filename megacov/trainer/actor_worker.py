@@ -1,0 +1,210 @@
+"""The per-rank training worker: one instance per Megatron rank, hosted by a Ray ``WorkerGroup``.
+
+It owns this rank's :class:`~megacov.parallel.layout.ParallelLayout`, the actor's model chunk wrapped
+in megatron DDP with its optimizer and LR schedule, and the reference policy (same layout,
+forward-only). The driver calls its methods on every rank at once (``group.execute``); each method is
+collective over the job's process groups.
+
+Batches arrive whole (one Ray object read by every rank) and each rank takes its own DP share. Old
+log-probs are computed on exactly the micro-batches the first training epoch will see (same
+mini-batch split, same DP shard, same micro-batch size), so on-policy the recomputed log-probs are
+bit-identical to the old ones and the first ``ppo_kl`` is exactly 0.
+
+Updates are skipped -- weights, optimizer moments and LR schedule untouched -- when the loss or any
+gradient is not finite (megatron's fp32 optimizer would otherwise apply NaN), and the skip is reported.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from megacov.parallel.batch import ActorBatch
+from megacov.trainer import sft  # noqa: F401  (registers the warm-start loss in this process)
+
+
+def _dtype_name(cfg: Any) -> str:
+    return cfg.model.dtype
+
+
+def _resolve(batch: Any) -> ActorBatch:
+    """Batches are sent as one Ray object that every rank reads (the worker group passes arguments
+    nested, so Ray does not resolve the reference for us)."""
+    import ray
+
+    return ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch
+
+
+class ActorWorker:
+    """One Megatron rank of the actor (and of the reference policy)."""
+
+    def __init__(self, cfg: Any, model_path: str, *, total_updates: int, with_reference: bool,
+                 reference_path: Optional[str] = None, mcore_checkpoint: Optional[str] = None) -> None:
+        """``reference_path`` None: the reference is the initial actor (``model_path`` and, when given,
+        ``mcore_checkpoint``)."""
+        from megacov.models import build_model
+        from megacov.models.arch import torch_dtype
+        from megacov.parallel.layout import ParallelLayout
+        from megacov.parallel.optim import build_actor_optim
+
+        self.cfg = cfg
+        p = cfg.parallel
+        self.layout = ParallelLayout.initialize(p.tp, p.pp, backend=p.backend, seed=cfg.trainer.seed)
+        overrides: dict[str, Any] = {}
+        if cfg.model.gradient_checkpointing:
+            overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        if p.sequence_parallel and p.tp > 1 and torch.cuda.is_available():
+            overrides["sequence_parallel"] = True
+        dtype = _dtype_name(cfg)
+        model, self.info = build_model(model_path, self.layout, dtype=dtype,
+                                       vocab_divisible_by=cfg.model.vocab_divisible_by, **overrides)
+        if mcore_checkpoint:
+            from megacov.models import load_mcore_checkpoint
+
+            load_mcore_checkpoint(model, mcore_checkpoint)
+        bf16 = torch_dtype(dtype) == torch.bfloat16
+        self.optim = build_actor_optim([model], self.layout, cfg.optim, p, total_steps=total_updates, bf16=bf16)
+        self.ref = None
+        if with_reference:
+            self.ref, _ = build_model(reference_path or model_path, self.layout, dtype=dtype,
+                                      vocab_divisible_by=cfg.model.vocab_divisible_by)
+            if mcore_checkpoint and reference_path is None:
+                from megacov.models import load_mcore_checkpoint
+
+                load_mcore_checkpoint(self.ref, mcore_checkpoint)
+            self.ref.eval()
+            for param in self.ref.parameters():
+                param.requires_grad_(False)
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    @property
+    def model(self) -> list[Any]:
+        return self.optim.model
+
+    def describe(self) -> str:
+        return self.layout.describe()
+
+    def _kernel_args(self) -> dict[str, Any]:
+        return dict(temperature=self.cfg.rollout.temperature, chunk_size=self.cfg.parallel.logprob_chunk_size,
+                    real_vocab_size=self.info.vocab_size)
+
+    def _returns(self) -> bool:
+        """One rank per DP replica answers for its shard (the others computed the same)."""
+        return self.layout.tp_rank == 0 and self.layout.pp_rank == 0
+
+    def _my_parts(self, batch: ActorBatch, mini_batch_seqs: int) -> list[ActorBatch]:
+        """This rank's DP share of every mini-batch, in order."""
+        return [batch.rows(s, s + mini_batch_seqs).shard(self.layout.dp_rank, self.layout.dp)
+                for s in range(0, batch.batch_size, mini_batch_seqs)]
+
+    # -- forward-only passes -------------------------------------------------------------------------
+
+    def log_probs(self, batch: ActorBatch, mini_batch_seqs: int, which: str = "actor"
+                  ) -> Optional[list[tuple[torch.Tensor, Optional[torch.Tensor]]]]:
+        """Log-probs (and entropies, actor only) of this rank's share of every mini-batch."""
+        from megacov.parallel.actor import compute_log_probs
+
+        if which == "ref" and self.ref is None:
+            raise RuntimeError("no reference model was built on this worker")
+        chunks = self.model if which == "actor" else [self.ref]
+        batch = _resolve(batch)
+        out = []
+        for part in self._my_parts(batch, mini_batch_seqs):
+            part = part.to(self.layout.device)
+            lp, ent = compute_log_probs(chunks, self.layout, part, with_entropy=which == "actor",
+                                        micro_batch_size=self.cfg.parallel.micro_batch_size, **self._kernel_args())
+            out.append((lp.cpu(), None if ent is None else ent.cpu()))
+        return out if self._returns() else None
+
+    # -- training ------------------------------------------------------------------------------------
+
+    def _grads_finite(self) -> bool:
+        """Every gradient on every rank finite (one all-reduce over the whole job)."""
+        bad = torch.zeros(1, device=self.layout.device)
+        for chunk in self.model:
+            for param in chunk.parameters():
+                grad = getattr(param, "main_grad", None)
+                grad = param.grad if grad is None else grad
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    bad.fill_(1.0)
+                    break
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bool(bad.item() == 0)
+
+    def update(self, batch: ActorBatch, mini_batch_seqs: int, *, step: int, controls: Any = None,
+               algo_cfg: Any = None, epochs: Optional[int] = None) -> list[dict[str, Any]]:
+        """All optimiser steps of one RL step: ``epochs`` passes over the mini-batches of ``batch``.
+
+        Returns one metrics dict per optimiser step (identical on every rank).
+        """
+        from megacov.parallel.actor import train_step
+
+        hp = algo_cfg if algo_cfg is not None else self.cfg.algorithm
+        batch = _resolve(batch)
+        results = []
+        for chunk in self.model:
+            chunk.train()
+        for _ in range(epochs or self.cfg.algorithm.ppo_epochs):
+            for part in self._my_parts(batch, mini_batch_seqs):
+                metrics = train_step(self.model, self.layout, part.to(self.layout.device), algo_cfg=hp, step=step,
+                                     micro_batch_size=self.cfg.parallel.micro_batch_size,
+                                     zero_grad_fn=self.optim.zero_grad, controls=controls,
+                                     max_len=self.cfg.rollout.max_response_len, **self._kernel_args())
+                finite_loss = all(torch.isfinite(torch.tensor(float(v))) for k, v in metrics.items()
+                                  if isinstance(v, (int, float)) and ("loss" in k or k == "entropy"))
+                if finite_loss and self._grads_finite():
+                    applied, grad_norm = self.optim.step()
+                else:
+                    self.optim.zero_grad()
+                    applied, grad_norm = False, None
+                metrics.update(applied=float(applied), grad_norm=float("nan") if grad_norm is None else grad_norm,
+                               lr=self.optim.lr)
+                results.append(metrics)
+        return results
+
+    # -- weights out -----------------------------------------------------------------------------------
+
+    def push_weights(self, plan: Any) -> dict[str, Any]:
+        """Stream the actor's weights into the rollout engines (see :mod:`megacov.rollout.sync`)."""
+        from megacov.models import iter_hf_weights
+        from megacov.rollout.sync import push_weights
+
+        return push_weights(iter_hf_weights(self.model[0], self.layout, self.info), plan, dp_rank=self.layout.dp_rank)
+
+    def export_hf_shard(self, out_dir: str) -> Optional[dict[str, str]]:
+        """Write this stage's HF tensors to ``model-<stage>-of-<pp>.safetensors`` (TP rank 0 of DP
+        replica 0 writes; every TP rank takes part in the gathers). Returns ``{tensor: file}``."""
+        from safetensors.torch import save_file
+
+        from megacov.models import iter_hf_weights
+
+        tensors = {n: t.detach().to("cpu").contiguous().clone()
+                   for n, t in iter_hf_weights(self.model[0], self.layout, self.info)}
+        if self.layout.dp_rank != 0 or not tensors:
+            return None
+        name = f"model-{self.layout.pp_rank + 1:05d}-of-{self.layout.pp:05d}.safetensors"
+        save_file(tensors, os.path.join(out_dir, name), metadata={"format": "pt"})
+        return {t: name for t in tensors}
+
+    def state_fingerprint(self) -> float:
+        """Sum of every parameter of this rank in float64 (tests compare weights across runs)."""
+        return float(sum(p.detach().double().sum() for c in self.model for p in c.parameters()))
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+
+    def save_checkpoint(self, ckpt_dir: str, with_optimizer: bool) -> None:
+        from megacov.trainer.actor_ckpt import save_actor
+
+        save_actor(self, ckpt_dir, with_optimizer)
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        from megacov.trainer.actor_ckpt import load_actor
+
+        load_actor(self, ckpt_dir)
+
+    def close(self) -> None:
+        self.layout.destroy()

@@ -1,0 +1,112 @@
+"""The RL loop, written to read like the algorithm.
+
+Per step: sample prompts -> n rollouts each (vLLM) -> rewards -> old log-probs (actor) and reference
+log-probs (reference policy, same Megatron layout, forward-only) -> advantages -> optional DAPO
+dynamic sampling / overlong filtering -> mini-batch updates with ``algorithm.policy_loss`` (ppo,
+clip_cov or kl_cov; the Clip-Cov / KL-Cov tokens are chosen over the whole mini-batch, exactly) ->
+weight sync into the engines -> periodic eval and checkpoint.
+
+Everything that is not the algorithm -- starting Ray, worker groups and engines, resuming, sinks --
+is in :mod:`megacov.trainer.run`; the per-step numbers are in :mod:`megacov.trainer.step_metrics`.
+
+Metric names (what ``megacov analyze`` reads): step, actor/entropy, reward/{mean,std,acc},
+val/acc, val/<dataset>/{avg,pass}@<k>, cov/{mean,std,max,selected_mean,num_selected},
+response/{len_mean,len_max,clip_frac}, actor/{pg_loss,clipfrac,ppo_kl,kl_ref,grad_norm,lr},
+rollout/logprob_diff_{mean,max}, time/{rollout,reward,logprob,update,sync,other,step},
+perf/tokens_per_s.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from megacov.algorithms import compute_advantages, kl_reward_penalty
+from megacov.rollout.mismatch import logprob_mismatch, mismatch_sample
+from megacov.trainer import step_metrics as sm
+from megacov.trainer.batching import build_actor_batch, group_ids_for, masked_mean, response_positions
+from megacov.trainer.rollout import Timer, collect
+
+log = logging.getLogger(__name__)
+
+
+def rl_step(ctx: Any, step: int) -> dict[str, float]:
+    """One RL step; returns its metrics (the weights in the engines are already the new policy)."""
+    cfg, algo = ctx.cfg, ctx.cfg.algorithm
+    timer = Timer()
+
+    # 1. experience: n samples per prompt, scored (dynamic sampling refills uninformative groups)
+    ro = collect(ctx.engines, ctx.loader, ctx.rewards, cfg, step, timer)
+    truncated = ro.flat("truncated")
+    train_rows = [not t for t in truncated] if cfg.data.overlong_filter else None
+    batch, rollout_lp = build_actor_batch(ro.prompt_ids, ro.flat("response_ids"), pad_id=ctx.pad_id,
+                                          train_rows=train_rows, rollout_logprobs=ro.flat("logprobs"))
+    mask = batch.mask
+
+    # 2. log-probs of the behaviour policy (with token entropies) and of the reference policy
+    with timer("logprob"):
+        old_lp, entropy = ctx.log_probs(batch, "actor")
+        ref_lp = ctx.log_probs(batch, "ref")[0] if ctx.has_reference else None
+
+    # 3. advantages from the outcome rewards (optionally KL-penalised), one group per prompt
+    rewards = torch.as_tensor(ro.array("scores"), dtype=torch.float64)
+    extra: dict[str, float] = {}
+    if algo.use_kl_in_reward and algo.kl_coef > 0 and ref_lp is not None:
+        rewards, kl_m = kl_reward_penalty(rewards, old_lp, ref_lp, mask, coef=algo.kl_coef,
+                                          estimator=algo.kl_estimator)
+        extra.update({f"actor/{k}": float(v) for k, v in kl_m.items()})
+    groups = torch.as_tensor(group_ids_for(len(ro.groups), ro.n))
+    batch.advantages = compute_advantages(algo.advantage, rewards, groups, mask, algo)
+    batch.old_log_prob = old_lp
+    batch.ref_log_prob = ref_lp if (algo.kl_coef > 0 and not algo.use_kl_in_reward) else None
+
+    # 4. entropy control sees the entropy of the batch it is about to train on
+    mean_entropy = masked_mean(entropy, mask)
+    controls = ctx.controller.step(entropy=mean_entropy, step=step, epoch=ctx.loader.epoch + 1)
+
+    # 5. mini-batch updates (exact global Clip-Cov / KL-Cov selection inside), then weight sync
+    with timer("update"):
+        outs = ctx.update(batch, step, controls)
+    with timer("sync"):
+        ctx.sync()
+
+    # 6. the numbers of this step
+    positions = response_positions(ro.prompt_ids, ro.flat("response_ids"), batch.seq_len)
+    metrics = {"actor/entropy": mean_entropy, **sm.rollout_metrics(ro, cfg.rollout.max_response_len),
+               **sm.update_metrics(outs), **extra, **ro_mismatch(ctx, old_lp, rollout_lp, positions, step),
+               "cov/selected_mean": sm.selected_cov_mean(outs, old_lp, batch.advantages, mask, ctx.mini_batch_seqs),
+               "actor/entropy_coef": controls.entropy_coef, "actor/positive_weight": controls.positive_weight}
+    if ref_lp is not None:
+        metrics["actor/kl_ref"] = sm.kl_to_ref(old_lp, ref_lp, mask, algo.kl_estimator)
+    ctx.after_update(step, metrics, timer)
+    tokens = int((batch.input_ids != ctx.pad_id).sum()) if ctx.pad_id is not None else batch.input_ids.numel()
+    metrics.update(sm.timing_metrics(timer.seconds, timer.total(), tokens, int(positions.sum())))
+    return metrics
+
+
+def ro_mismatch(ctx: Any, old_lp: torch.Tensor, rollout_lp: torch.Tensor, positions: torch.Tensor,
+                step: int) -> dict[str, float]:
+    """Train / rollout log-prob gap on ``rollout.mismatch_sample`` sequences of the step."""
+    idx = mismatch_sample(old_lp.shape[0], ctx.cfg.rollout.mismatch_sample, step, ctx.cfg.rollout.seed)
+    if not idx:
+        return {}
+    m = logprob_mismatch(old_lp[idx], rollout_lp[idx], positions[idx])
+    return {"rollout/logprob_diff_mean": m["mismatch/abs_mean"], "rollout/logprob_diff_max": m["mismatch/abs_max"],
+            "rollout/k3": m["mismatch/k3"]}
+
+
+def rl_loop(ctx: Any) -> int:
+    """Steps ``start_step + 1 .. trainer.total_steps`` (or until ``trainer.total_epochs``)."""
+    cfg = ctx.cfg
+    if ctx.start_step == 0 and cfg.trainer.eval_every > 0 and ctx.eval_sets:
+        ctx.log(0, ctx.evaluate())
+    step = ctx.start_step
+    for step in range(ctx.start_step + 1, cfg.trainer.total_steps + 1):
+        if cfg.trainer.total_epochs is not None and ctx.loader.epoch >= cfg.trainer.total_epochs:
+            log.info("reached trainer.total_epochs=%d at step %d", cfg.trainer.total_epochs, step - 1)
+            step -= 1
+            break
+        metrics = rl_step(ctx, step)
+        ctx.log(step, metrics)
+    return step
