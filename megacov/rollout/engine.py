@@ -267,9 +267,12 @@ class RolloutEngines:
         env = spec.actor_env()
         if self.shared_placement is not None:
             placement, first = self.shared_placement, self.bundle_offset + index * spec.tp
-        else:
-            gpus = 1.0 if spec.use_gpu else 0.0
-            placement = Placement(spec.tp, BundleSpec(spec.cpus_per_worker, gpus), name=f"megacov-engine-{index}")
+        elif spec.use_gpu:
+            placement = Placement(spec.tp, BundleSpec(spec.cpus_per_worker, 1.0), name=f"megacov-engine-{index}")
+            self._placements.append(placement)
+            first = 0
+        else:  # CPU: the engine's TP workers are processes of the actor itself, so one bundle holds them
+            placement = Placement(1, BundleSpec(spec.cpus_per_worker * spec.tp), name=f"megacov-engine-{index}")
             self._placements.append(placement)
             first = 0
         if not spec.use_gpu:

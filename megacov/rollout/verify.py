@@ -72,7 +72,7 @@ class SyncCheckWorker:
         for i, seq in enumerate(sequences):
             tokens[i, :len(seq)] = torch.tensor(list(seq), dtype=torch.long)
         logits = forward_logits(self.model, self.layout, self.info, tokens)
-        if logits is None:
+        if logits is None or self.layout.dp_rank != 0:
             return None
         logp = torch.log_softmax(logits.double() / temperature, dim=-1)
         picked = logp[:, :-1].gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
