@@ -1,0 +1,326 @@
+"""The actor's passes through megatron-core's pipeline schedule: log-probs and one update.
+
+:func:`compute_log_probs` is a forward-only pass over micro-batches (old / reference / pre-pass
+log-probs); :func:`train_step` runs forward and backward of one optimiser mini-batch and leaves the
+gradients in the model (the caller steps the optimizer).
+
+How the gradients come out equal to the single-device gradient of the mini-batch loss:
+
+* The loss of each micro-batch is its *share* of the global loss: the normaliser
+  (:class:`~megacov.algorithms.losses.LossNormalizer`) counts the whole mini-batch over all DP
+  ranks, so the shares of all micro-batches on all ranks add up to the mini-batch loss.
+* megatron's schedule divides a ``(loss, metrics)`` loss by the number of micro-batches, so the
+  loss function hands it ``share * num_microbatches``.
+* Over DP, megatron's ``DistributedDataParallel`` *averages* gradients; the share is then also
+  multiplied by the DP size. Raw (unwrapped) modules get their gradients *summed* over DP here.
+
+The Clip-Cov / KL-Cov choice is made before the training pass, from the whole mini-batch (see
+:mod:`megacov.parallel.selection` and ``algorithm.cov_scope``), and every micro-batch's loss uses
+its slice of that choice.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megacov.algorithms.losses import METRIC_REDUCTIONS, LossNormalizer
+from megacov.algorithms.objective import actor_loss
+from megacov.parallel.batch import ActorBatch
+from megacov.parallel.layout import ParallelLayout
+from megacov.parallel.selection import (
+    SELECTION_LOSSES,
+    GlobalSelection,
+    global_normalizer,
+    select_global,
+)
+from megacov.parallel.vocab_parallel import compute_dtype, group_size_rank, token_logprob_entropy
+
+COV_SCOPES = ("global", "global_old", "micro_batch")
+
+
+def _chunks(model_chunks: Any) -> list[torch.nn.Module]:
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    if len(chunks) != 1:
+        raise NotImplementedError("virtual pipeline stages (several model chunks per rank) are not "
+                                  "supported; pass the single model chunk of this rank")
+    return chunks
+
+
+def _model_config(chunk: torch.nn.Module) -> Any:
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(chunk)
+
+
+def _schedule(layout: ParallelLayout) -> Callable[..., Any]:
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    return get_forward_backward_func(pp_size=layout.pp, vp_size=None)
+
+
+@contextlib.contextmanager
+def _eval_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    modes = [c.training for c in chunks]
+    for c in chunks:
+        c.eval()
+    try:
+        yield
+    finally:
+        for c, mode in zip(chunks, modes):
+            c.train(mode)
+
+
+def _last_stage_src(layout: ParallelLayout) -> int:
+    return dist.get_global_rank(layout.pp_group, layout.pp - 1) if layout.pp > 1 else layout.rank
+
+
+def _broadcast_from_last_stage(t: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    if layout.pp > 1:
+        dist.broadcast(t, src=_last_stage_src(layout), group=layout.pp_group)
+    return t
+
+
+def _run_schedule(chunks: list[torch.nn.Module], layout: ParallelLayout, micro: list[ActorBatch],
+                  forward_step: Callable[..., Any], forward_only: bool) -> list:
+    kwargs: dict[str, Any] = {"pg_collection": layout.pg_collection}
+    if layout.pp > 1:  # the pipelined schedules take the groups only together with a communicator
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        kwargs["p2p_communicator"] = P2PCommunicator(pp_group=layout.pp_group,
+                                                     config=_model_config(chunks[0]))
+    return _schedule(layout)(
+        forward_step_func=forward_step, data_iterator=iter(micro), model=chunks,
+        num_microbatches=len(micro), seq_length=micro[0].seq_len,
+        micro_batch_size=micro[0].batch_size, forward_only=forward_only,
+        collect_non_loss_data=forward_only, **kwargs)
+
+
+def compute_log_probs(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *,
+                      temperature: float, chunk_size: int, real_vocab_size: int,
+                      with_entropy: bool = True, micro_batch_size: int | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Forward-only log-probs (and entropies) of this DP rank's ``batch``: two [B, L] tensors.
+
+    Runs in eval mode without autograd, ``micro_batch_size`` sequences at a time (default: the
+    whole batch at once). The results are computed on the last pipeline stage and broadcast, so
+    every rank of the model-parallel group returns the same tensors; column 0 is 0. ``entropy``
+    is None when ``with_entropy`` is False (that pass is then skipped).
+    """
+    chunks = _chunks(model_chunks)
+    mbs = micro_batch_size or batch.batch_size
+    micro = batch.micro_batches(mbs, pad_last=layout.pp > 1)
+
+    def forward_step(data: Iterator[ActorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+        mb = next(data)
+        output = model(mb.input_ids, mb.position_ids, attention_mask=None)
+
+        def collect(logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
+            lp, ent = token_logprob_entropy(logits, mb.input_ids, tp_group=layout.tp_group,
+                                            real_vocab_size=real_vocab_size, temperature=temperature,
+                                            chunk_size=chunk_size, with_entropy=with_entropy)
+            return torch.stack([lp, ent])
+
+        return output, collect
+
+    with torch.no_grad(), _eval_mode(chunks):
+        store = _run_schedule(chunks, layout, micro, forward_step, forward_only=True)
+    dtype = compute_dtype(_model_config(chunks[0]).params_dtype)
+    out = torch.empty(2, batch.batch_size, batch.seq_len, dtype=dtype, device=layout.device)
+    if layout.is_last_stage:
+        out.copy_(torch.cat(list(store), dim=1)[:, :batch.batch_size])
+    out = _broadcast_from_last_stage(out, layout)
+    return out[0], (out[1] if with_entropy else None)
+
+
+def _grad_averaged_over_dp(chunks: Sequence[torch.nn.Module]) -> bool:
+    """True for megatron DDP modules (they average gradients over DP), False for raw modules."""
+    from megatron.core.distributed import DistributedDataParallel
+
+    wrapped = [isinstance(c, DistributedDataParallel) for c in chunks]
+    if any(wrapped) and _model_config(chunks[0]).calculate_per_token_loss:
+        raise ValueError("train_step normalises the loss itself; set calculate_per_token_loss=False "
+                         "in the model config")
+    return all(wrapped)
+
+
+def _sum_grads_over_dp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout) -> None:
+    if group_size_rank(layout.dp_group)[0] == 1:
+        return
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=layout.dp_group)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any,
+                      step: int, temperature: float, chunk_size: int, real_vocab_size: int,
+                      micro_batch_size: int) -> GlobalSelection | None:
+    """The global token choice of ``algo_cfg.cov_scope`` (None for ``micro_batch``).
+
+    ``global`` runs the forward-only pre-pass with the current weights (only for the losses that
+    select tokens); ``global_old`` and the other losses use ``old_log_prob``.
+    """
+    scope = algo_cfg.cov_scope
+    if scope not in COV_SCOPES:
+        raise ValueError(f"unknown algorithm.cov_scope '{scope}'; expected one of {', '.join(COV_SCOPES)}")
+    if scope == "micro_batch":
+        return None
+    log_prob = batch.old_log_prob
+    if scope == "global" and algo_cfg.policy_loss in SELECTION_LOSSES:
+        log_prob, _ = compute_log_probs(model_chunks, layout, batch, temperature=temperature,
+                                        chunk_size=chunk_size, real_vocab_size=real_vocab_size,
+                                        with_entropy=False, micro_batch_size=micro_batch_size)
+    return select_global(log_prob, batch.old_log_prob, batch.advantages, batch.mask,
+                         batch.global_token_ids, hp=algo_cfg, step=step, dp_group=layout.dp_group)
+
+
+def _loss_metrics(metrics: dict[str, Any], mb: ActorBatch) -> dict[str, Any]:
+    """Detached scalars of one micro-batch plus the global ids it selected."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if key == "selected":
+            out["selected_ids"] = mb.global_token_ids[value.bool()].detach()
+        elif METRIC_REDUCTIONS.get(key) != "local" and torch.is_tensor(value) and value.dim() == 0:
+            out[key] = value.detach().to(torch.float64)
+    return out
+
+
+def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any, step: int,
+               temperature: float, chunk_size: int, real_vocab_size: int, micro_batch_size: int,
+               zero_grad_fn: Callable[[], None] | None = None, controls: Any = None,
+               max_len: int | None = None) -> dict[str, Any]:
+    """Forward and backward of one mini-batch (``batch`` = this DP rank's share of it).
+
+    Gradients equal those of the single-device mini-batch loss (summed over DP for raw modules,
+    pre-scaled for megatron DDP's averaging, which happens when the caller finalises the gradients);
+    the optimizer is not stepped. ``zero_grad_fn`` clears gradients first (default: DDP grad buffers
+    zeroed and ``p.grad = None`` on every parameter). ``controls`` are the entropy
+    controller's output (None: ``algo_cfg.entropy_coef``); ``max_len`` is the constant of
+    ``seq-mean-token-sum-norm`` (default L). Returns metrics reduced over DP, identical on every rank.
+    """
+    chunks = _chunks(model_chunks)
+    t0 = time.perf_counter()
+    norm = global_normalizer(batch.mask, layout.dp_group, max_len or batch.seq_len)
+    selection = prepare_selection(chunks, layout, batch, algo_cfg=algo_cfg, step=step,
+                                  temperature=temperature, chunk_size=chunk_size,
+                                  real_vocab_size=real_vocab_size, micro_batch_size=micro_batch_size)
+    t1 = time.perf_counter()
+    averaged = _grad_averaged_over_dp(chunks)
+    if zero_grad_fn is not None:
+        zero_grad_fn()
+    else:
+        for c in chunks:
+            if averaged:
+                c.zero_grad_buffer()
+            for p in c.parameters():
+                p.grad = None
+    micro = batch.micro_batches(micro_batch_size, pad_last=layout.pp > 1)
+    scale = float(len(micro) * (layout.dp if averaged else 1))
+    uses_selection = selection is not None and algo_cfg.policy_loss in SELECTION_LOSSES
+
+    def forward_step(data: Iterator[ActorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
+        mb = next(data)
+        output = model(mb.input_ids, mb.position_ids, attention_mask=None)
+
+        def loss_fn(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+            lp, ent = token_logprob_entropy(logits, mb.input_ids, tp_group=layout.tp_group,
+                                            real_vocab_size=real_vocab_size, temperature=temperature,
+                                            chunk_size=chunk_size, inplace_backward=True)
+            loss, metrics = actor_loss(
+                lp, mb.old_log_prob, mb.advantages, mb.mask, hp=algo_cfg, norm=norm,
+                selected=selection.mask_for(mb.global_token_ids) if uses_selection else None,
+                controls=controls, entropy=ent, ref_log_prob=mb.ref_log_prob,
+                global_ids=mb.global_token_ids, stats=selection.stats if selection else None, step=step)
+            return loss * scale, _loss_metrics(metrics, mb)
+
+        return output, loss_fn
+
+    store = _run_schedule(chunks, layout, micro, forward_step, forward_only=False)
+    if not averaged:
+        _sum_grads_over_dp(chunks, layout)
+    t2 = time.perf_counter()
+    metrics = _reduce_metrics(store, layout, selection, norm) if layout.is_last_stage else None
+    if layout.pp > 1:
+        box = [metrics]
+        dist.broadcast_object_list(box, src=_last_stage_src(layout), group=layout.pp_group,
+                                   device=layout.device if layout.device.type == "cuda" else None)
+        metrics = box[0]
+    assert metrics is not None
+    metrics["timing/prepass_s"] = t1 - t0
+    metrics["timing/update_s"] = t2 - t1
+    return metrics
+
+
+def _reduce_metrics(store: list[dict[str, Any]], layout: ParallelLayout,
+                    selection: GlobalSelection | None, norm: LossNormalizer) -> dict[str, Any]:
+    """Combine the micro-batch metrics of this rank, then over DP (sum / max / min by key)."""
+    device = layout.device
+    reductions: dict[str, str] = {}
+    values: dict[str, torch.Tensor] = {}
+    local_ids = []
+    for entry in store:
+        for key, v in entry.items():
+            if key == "selected_ids":
+                local_ids.append(v)
+                continue
+            how = METRIC_REDUCTIONS.get(key, "sum")
+            reductions[key] = how
+            if key not in values:
+                values[key] = v.clone()
+            elif how == "max":
+                values[key] = torch.maximum(values[key], v)
+            elif how == "min":
+                values[key] = torch.minimum(values[key], v)
+            else:
+                values[key] = values[key] + v
+    out: dict[str, Any] = {}
+    for how, op in (("sum", dist.ReduceOp.SUM), ("max", dist.ReduceOp.MAX), ("min", dist.ReduceOp.MIN)):
+        keys = sorted(k for k, h in reductions.items() if h == how)
+        if keys:
+            packed = torch.stack([values[k] for k in keys]).to(device)
+            if group_size_rank(layout.dp_group)[0] > 1:
+                dist.all_reduce(packed, op=op, group=layout.dp_group)
+            out.update({k: float(v) for k, v in zip(keys, packed.tolist())})
+    return _name_metrics(out, _selected_ids(local_ids, layout, selection), selection, norm)
+
+
+def _selected_ids(local_ids: list[torch.Tensor], layout: ParallelLayout,
+                  selection: GlobalSelection | None) -> list[int]:
+    if selection is not None:
+        return [int(i) for i in selection.selected_ids.tolist()]
+    mine = sorted(int(i) for t in local_ids for i in t.tolist())
+    if group_size_rank(layout.dp_group)[0] == 1:
+        return mine
+    parts: list[Any] = [None] * group_size_rank(layout.dp_group)[0]
+    dist.all_gather_object(parts, mine, group=layout.dp_group)
+    return sorted(i for p in parts for i in p)
+
+
+def _name_metrics(raw: dict[str, float], ids: list[int], selection: GlobalSelection | None,
+                  norm: LossNormalizer) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    renamed = {"cov_mean": "cov/mean", "cov_max": "cov/max", "cov_min": "cov/min",
+               "selected_count": "num_selected"}
+    for key, v in raw.items():
+        if key != "cov_sq_mean":
+            out[renamed.get(key, key)] = v
+    if "cov_mean" in raw and "cov_sq_mean" in raw:
+        out["cov/std"] = max(raw["cov_sq_mean"] - raw["cov_mean"] ** 2, 0.0) ** 0.5
+    out["num_selected"] = len(ids)
+    out["selected_ids"] = ids
+    out["num_tokens"] = norm.num_tokens
+    out["num_seqs"] = norm.num_seqs
+    if selection is not None:
+        out["cov/n_target"] = selection.n_target
+        out["cov/n_candidates"] = selection.n_candidates
+    return out
