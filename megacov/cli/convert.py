@@ -1,15 +1,57 @@
-"""``megacov convert``."""
+"""``megacov convert hf-to-mcore | mcore-to-hf``: checkpoints between Hugging Face and megatron.
+
+The work is in :mod:`megacov.models.checkpoint`; this module parses arguments, turns bad input into
+one line and exit code 2, and prints what was written.
+"""
 from __future__ import annotations
 
 import argparse
 
-from megacov.cli._common import not_available
+from megacov.cli._common import fail
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs="*")
+    sub = parser.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    h2m = sub.add_parser("hf-to-mcore", help="HF safetensors -> megatron dist checkpoint (loads at any TP x PP)")
+    h2m.add_argument("--hf", required=True, metavar="DIR", help="HF model directory")
+    h2m.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
+    h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel processes used to convert")
+    h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel processes used to convert")
+    h2m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="stored dtype (default: the HF config's)")
+    m2h = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors + config + tokenizer")
+    m2h.add_argument("--mcore", required=True, metavar="DIR", help="checkpoint from hf-to-mcore (or training)")
+    m2h.add_argument("--out", required=True, metavar="DIR", help="output HF directory")
+    m2h.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: as stored)")
+    m2h.add_argument("--max-shard-size-mb", type=int, default=None, help="safetensors shard size (default 2048)")
+    for p in (h2m, m2h):
+        p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+        p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def run(args: argparse.Namespace) -> int:
-    del args
-    return not_available("megacov convert")
+    from megacov.models import checkpoint
+    from megacov.models.family import UnsupportedModelError
+    from megacov.models.hf_io import CheckpointError
+    from megacov.models.mapping import MappingError
+
+    try:
+        if args.direction == "hf-to-mcore":
+            if args.tp < 1 or args.pp < 1:
+                return fail("--tp and --pp must be >= 1")
+            stats = checkpoint.hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
+                                           overwrite=args.overwrite, progress=not args.quiet)
+            rss = max(r["peak_rss_mb"] for r in stats["ranks"])
+            extra = f"{args.tp * args.pp} processes, peak RSS per process {rss:.0f} MB"
+        else:
+            shard_mb = args.max_shard_size_mb or checkpoint.DEFAULT_MAX_SHARD_MB
+            if shard_mb < 1:
+                return fail("--max-shard-size-mb must be >= 1")
+            stats = checkpoint.mcore_to_hf(args.mcore, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                           max_shard_mb=shard_mb, progress=not args.quiet)
+            extra = f"peak RSS {stats['peak_rss_mb']:.0f} MB"
+    except (CheckpointError, UnsupportedModelError, MappingError) as exc:
+        return fail(str(exc), 2)
+    mb = stats["hf_bytes"] / 2**20
+    print(f"wrote {args.out}: {mb:.1f} MB of weights in {stats['seconds']:.1f} s "
+          f"({mb / max(stats['seconds'], 1e-9):.1f} MB/s), {extra}")
+    return 0

@@ -174,3 +174,25 @@ def gpt_model_kwargs(arch: Arch) -> dict[str, Any]:
     elif arch.rope_type == "linear":
         kw.update(seq_len_interpolation_factor=arch.rope_factor)
     return kw
+
+
+def hf_tensor_shapes(arch: Arch, layer_rules: Any) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the model has, with its shape, in export order (known before any weight is read)."""
+    h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    q, kv = arch.num_heads * hd, arch.num_kv_heads * hd
+    per_layer = {
+        "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
+        "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h), "self_attn.v_proj.weight": (kv, h),
+        "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
+        "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
+        "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+    }
+    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
+    for i in range(arch.num_layers):
+        for rule in layer_rules:
+            for name in rule.hf:
+                out[f"model.layers.{i}.{name}"] = per_layer[name]
+    out["model.norm.weight"] = (h,)
+    if not arch.tie_word_embeddings:
+        out["lm_head.weight"] = (arch.vocab_size, h)
+    return out

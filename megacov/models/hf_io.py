@@ -152,6 +152,7 @@ class ShardWriter:
         for i, names in enumerate(self._shards):
             final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             os.replace(os.path.join(self.out_dir, f"part-{i}.safetensors"), os.path.join(self.out_dir, final))
+            os.chmod(os.path.join(self.out_dir, final), 0o666 & ~_umask())
             weight_map.update({name: final for name in names})
         if n > 1:
             with open(os.path.join(self.out_dir, INDEX_FILE), "w") as fh:
@@ -170,6 +171,12 @@ def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:
     return copied
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary sibling of ``out_dir``; on success it is renamed to ``out_dir``.
@@ -184,9 +191,7 @@ def atomic_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     if not os.path.isdir(parent):
         raise CheckpointError(f"parent directory of the output does not exist: {parent}")
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
     except BaseException:

@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from megacov.models import mapping
-from megacov.models.arch import Arch, arch_from_hf, check_layout, gpt_model_kwargs, megatron_config, torch_dtype
+from megacov.models.arch import (Arch, arch_from_hf, check_layout, gpt_model_kwargs, hf_tensor_shapes, megatron_config,
+                                 torch_dtype)
 from megacov.models.family import families
 from megacov.models.hf_io import CheckpointError, SafetensorsReader, read_hf_config, read_json
 
@@ -77,6 +78,9 @@ def is_mcore_checkpoint(path: str) -> bool:
 
 
 def read_mcore_meta(path: str) -> dict:
+    if not is_mcore_checkpoint(path):
+        raise CheckpointError(f"{path} is not a megacov mcore checkpoint (no {MCORE_META_FILE}; "
+                              f"'megacov convert hf-to-mcore' writes one)")
     meta = read_json(os.path.join(path, MCORE_META_FILE))
     if meta.get("format") != MCORE_FORMAT or "hf_config" not in meta:
         raise CheckpointError(f"{path}/{MCORE_META_FILE} is not a megacov mcore checkpoint description")
@@ -98,6 +102,24 @@ def resolve_source(path: str, *, tp: int = 1, vocab_divisible_by: Optional[int] 
         return Source("mcore", path, meta["hf_config"], arch, meta)
     hf_config = read_hf_config(path)
     return Source("hf", path, hf_config, arch_from_hf(hf_config, vocab_divisible_by=vocab_divisible_by, tp=tp))
+
+
+def check_hf_weights(path: str, arch: Arch) -> SafetensorsReader:
+    """Fail early, with names, when the safetensors do not hold the tensors config.json describes.
+
+    Only the safetensors headers are read. Returns the open reader.
+    """
+    reader = SafetensorsReader(path)
+    expected = hf_tensor_shapes(arch, families()[arch.family].layer_rules)
+    missing = [n for n in expected if n not in reader]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckpointError(f"{path}: tensors missing from the safetensors: {', '.join(missing[:3])}{more}")
+    for name, shape in expected.items():
+        found = reader[name].shape
+        if tuple(found) != shape:
+            raise CheckpointError(f"{path}: tensor '{name}' has shape {tuple(found)}, config.json implies {shape}")
+    return reader
 
 
 def unwrap(model: Any) -> torch.nn.Module:

@@ -1,0 +1,187 @@
+"""``megacov convert``: HF safetensors <-> megatron ``dist_checkpointing`` (torch_dist) checkpoints.
+
+hf-to-mcore spawns TP x PP gloo processes; each builds its chunk from the HF files (reading only its
+own shard, :mod:`megacov.models.loader`) and megatron saves the chunks as one checkpoint whose
+tensors are stored in global (TP=1, all layers) coordinates. That is what makes the checkpoint load
+at any TP x PP: megatron reshards on load. Next to megatron's files the directory holds
+``megacov.json`` (family, padded vocabulary, a copy of the HF config) and the tokenizer files.
+
+mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, then loads one
+decoder layer at a time (a slice of megatron's stacked per-layer tensors), maps it to HF names and
+streams it into safetensors shards. Peak memory is one layer plus one output shard.
+
+Both directions write into ``<out>.tmp-*`` and rename at the end, so an interrupted conversion
+never leaves a directory that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from typing import Any, Iterator, Optional, Sequence
+
+import torch
+
+from megacov.models import mapping
+from megacov.models.arch import Arch, check_layout, torch_dtype
+from megacov.models.family import families
+from megacov.models.hf_io import CheckpointError, ShardWriter, atomic_dir, copy_side_files
+from megacov.models.loader import (MCORE_FORMAT, MCORE_META_FILE, build_model, check_hf_weights, read_mcore_meta,
+                                   resolve_source)
+
+DEFAULT_MAX_SHARD_MB = 2048
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------------------
+# HF -> mcore
+# ------------------------------------------------------------------------------------------------
+
+
+def _hf_to_mcore_rank(rank: int, world_size: int, hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str,
+                      progress: bool) -> dict:
+    from megatron.core import dist_checkpointing
+
+    from megacov.parallel.layout import ParallelLayout
+
+    layout = ParallelLayout.initialize(tp, pp)
+    try:
+        model, info = build_model(hf_dir, layout, dtype=dtype, progress=progress and rank == 0)
+        loaded_mb = peak_rss_mb()
+        dist_checkpointing.save(model.sharded_state_dict(), out_dir)
+        return {"rank": rank, "padded_vocab_size": info.padded_vocab_size, "peak_rss_mb_after_load": loaded_mb,
+                "peak_rss_mb": peak_rss_mb()}
+    finally:
+        layout.destroy()
+
+
+def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
+                overwrite: bool = False, progress: bool = True, timeout_s: float = 3600.0) -> dict:
+    """Convert an HF directory into a megacov mcore checkpoint (saved with ``tp`` x ``pp`` processes).
+
+    ``dtype`` defaults to the HF config's dtype. Returns statistics (seconds, bytes, peak RSS per rank).
+    """
+    from megacov.parallel.spawn import run_distributed
+
+    src = resolve_source(hf_dir, tp=tp)
+    if src.kind != "hf":
+        raise CheckpointError(f"{hf_dir} is already a megacov mcore checkpoint")
+    check_layout(src.arch, tp, pp)
+    hf_bytes = check_hf_weights(hf_dir, src.arch).total_bytes()
+    dt = torch_dtype(dtype or src.arch.hf_dtype)
+    start = time.perf_counter()
+    with atomic_dir(out_dir, overwrite) as tmp:
+        ranks = run_distributed(_hf_to_mcore_rank, tp * pp, os.path.abspath(hf_dir), tmp, tp, pp,
+                                _dtype_name(dt), progress, timeout_s=timeout_s)
+        meta = {
+            "format": MCORE_FORMAT, "version": 1, "family": src.arch.family, "dtype": _dtype_name(dt),
+            "vocab_size": src.arch.vocab_size, "padded_vocab_size": ranks[0]["padded_vocab_size"],
+            "saved_with": {"tp": tp, "pp": pp}, "megatron_core": _megatron_version(),
+            "hf_source": os.path.abspath(hf_dir), "hf_config": src.hf_config,
+        }
+        copy_side_files(hf_dir, tmp)
+        with open(os.path.join(tmp, MCORE_META_FILE), "w") as fh:
+            json.dump(meta, fh, indent=2)
+    return {"seconds": time.perf_counter() - start, "hf_bytes": hf_bytes, "ranks": ranks}
+
+
+def _megatron_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("megatron-core")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------
+# mcore -> HF
+# ------------------------------------------------------------------------------------------------
+
+
+def _rule_order(arch: Arch) -> dict[str, int]:
+    """Position of each layer-relative megatron name (local or TE alias) in the family's table."""
+    order = {}
+    for i, rule in enumerate(families()[arch.family].layer_rules):
+        order[rule.mcore] = i
+        if rule.te:
+            order[rule.te] = i
+    return order
+
+
+def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
+                            ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(global megatron name, full tensor)`` from a dist checkpoint, one layer in memory at a time."""
+    from megacov.models.dcp_slices import load_slices, tensor_metadata
+
+    meta = tensor_metadata(ckpt_dir)
+    rules, dims = families()[arch.family].layer_rules, arch.dims
+    order = _rule_order(arch)
+    prefix = "decoder.layers."
+    layer_keys = sorted((k for k in meta if k.startswith(prefix)), key=lambda k: order.get(k[len(prefix):], 1 << 30))
+    for key in layer_keys:
+        mapping.resolve(f"{prefix}0.{key[len(prefix):]}", rules, dims)  # unknown tensors fail before any work
+        if meta[key][0][0] != arch.num_layers:
+            raise CheckpointError(f"{ckpt_dir}: {key} stacks {meta[key][0][0]} layers, the config "
+                                  f"says {arch.num_layers}")
+    for key in (k for k in meta if not k.startswith(prefix)):
+        mapping.resolve(key, rules, dims)
+
+    def whole(keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        return load_slices(ckpt_dir, {k: ((0,) * len(meta[k][0]), meta[k][0], meta[k][1]) for k in keys if k in meta})
+
+    yield from whole(["embedding.word_embeddings.weight"]).items()
+    layers: Any = range(arch.num_layers)
+    if progress:
+        from tqdm import tqdm
+
+        layers = tqdm(layers, desc="exporting layers", unit="layer", file=sys.stderr)
+    for i in layers:
+        boxes = {k: ((i,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1]) for k in layer_keys}
+        tensors = load_slices(ckpt_dir, boxes)
+        for k in layer_keys:
+            yield f"{prefix}{i}.{k[len(prefix):]}", tensors[k][0]
+        del tensors
+    yield from whole(["decoder.final_layernorm.weight", "output_layer.weight"]).items()
+
+
+def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: Optional[str] = None, overwrite: bool = False,
+                max_shard_mb: int = DEFAULT_MAX_SHARD_MB, progress: bool = True) -> dict:
+    """Convert a megacov mcore checkpoint into an HF directory (safetensors, config, tokenizer)."""
+    if not os.path.isdir(mcore_dir):
+        raise CheckpointError(f"no such directory: {mcore_dir}")
+    meta = read_mcore_meta(mcore_dir)
+    if not os.path.isfile(os.path.join(mcore_dir, "metadata.json")):
+        raise CheckpointError(f"{mcore_dir}: megatron checkpoint files are missing (no metadata.json)")
+    arch = resolve_source(mcore_dir).arch
+    rules, dims = families()[arch.family].layer_rules, arch.dims
+    dt = torch_dtype(dtype) if dtype else None
+    start = time.perf_counter()
+    with atomic_dir(out_dir, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_mb * 1024 * 1024)
+        out_dtype = None
+        for gname, full in iter_checkpoint_tensors(mcore_dir, arch, progress):
+            for hf_name, tensor in mapping.mcore_to_hf(gname, full, rules, dims):
+                tensor = tensor.to(dt) if dt is not None else tensor
+                out_dtype = tensor.dtype
+                writer.add(hf_name, tensor)
+        writer.finish()
+        hf_config = dict(meta["hf_config"])
+        keys = [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["torch_dtype"]
+        for key in keys:
+            hf_config[key] = _dtype_name(out_dtype) if out_dtype is not None else hf_config.get(key)
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(hf_config, fh, indent=2)
+        copy_side_files(mcore_dir, tmp)
+        written = writer.total_bytes
+    return {"seconds": time.perf_counter() - start, "hf_bytes": written, "peak_rss_mb": peak_rss_mb()}

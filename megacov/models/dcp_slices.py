@@ -1,0 +1,76 @@
+"""Read arbitrary slices of a megatron torch_dist checkpoint with PyTorch DCP, in one process.
+
+megatron's ``torch_dist`` format is a PyTorch Distributed Checkpoint whose tensors are stored in
+global coordinates (decoder-layer tensors stacked along a leading layer axis). Megatron's own load
+path describes a request as a regular grid of shards over ranks, which cannot express "layer 7 only"
+in a single process. DCP's public planner interface can: a :class:`_SlicePlanner` asks for exactly
+the boxes wanted, DCP computes which stored chunks overlap them (its resharding helper) and copies
+only those. No process group is needed.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+
+def tensor_metadata(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """``key -> (global shape, dtype)`` of every tensor in the checkpoint (objects are skipped)."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = FileSystemReader(ckpt_dir).read_metadata()
+    return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
+            if isinstance(v, TensorStorageMetadata)}
+
+
+def _planner_class() -> type:
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+    from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+    from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+    class _SlicePlanner(LoadPlanner):
+        def __init__(self, requests: dict[str, tuple[Sequence[int], torch.Tensor]]) -> None:
+            self.requests = requests
+
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:  # noqa: ANN001
+            self.metadata = metadata
+
+        def create_local_plan(self) -> LoadPlan:
+            items = []
+            for key, (offsets, dest) in self.requests.items():
+                chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+                items += create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk])
+            return LoadPlan(items)
+
+        def create_global_plan(self, global_plan: list) -> list:
+            return global_plan
+
+        def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
+            return central_plan
+
+        def load_bytes(self, read_item, value) -> None:  # noqa: ANN001
+            raise RuntimeError(f"unexpected object {read_item.dest_index.fqn} in a tensor request")
+
+        def resolve_tensor(self, read_item) -> torch.Tensor:  # noqa: ANN001
+            dest = self.requests[read_item.dest_index.fqn][1]
+            for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+                dest = dest.narrow(dim, start, length)
+            return dest
+
+        def commit_tensor(self, read_item, tensor) -> None:  # noqa: ANN001
+            pass  # resolve_tensor handed out views of the destination: nothing to copy back
+
+    return _SlicePlanner
+
+
+def load_slices(ckpt_dir: str, requests: dict[str, tuple[Sequence[int], Sequence[int], torch.dtype]]
+                ) -> dict[str, torch.Tensor]:
+    """Load ``{key: (offsets, shape, dtype)}`` boxes; returns ``{key: tensor of that shape}``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+
+    dests = {k: (tuple(off), torch.empty(tuple(shape), dtype=dt)) for k, (off, shape, dt) in requests.items()}
+    planner = _planner_class()(dests)
+    dcp_load({}, storage_reader=FileSystemReader(ckpt_dir), planner=planner, no_dist=True)
+    return {k: t for k, (_, t) in dests.items()}
