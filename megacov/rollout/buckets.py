@@ -221,10 +221,11 @@ def from_wire(metas: Sequence[Any], buffers: Sequence[Any]) -> list[Named]:
     for meta, buf in zip(metas, buffers):
         meta = meta if isinstance(meta, TensorMeta) else TensorMeta(*meta)
         dtype = dtype_from_name(meta.dtype)
+        if meta.nbytes == 0:
+            out.append((meta.name, torch.empty(meta.shape, dtype=dtype)))
+            continue
         if isinstance(buf, torch.Tensor):
             raw = buf.reshape(-1).view(torch.uint8)
-        elif meta.nbytes == 0:
-            raw = torch.empty(0, dtype=torch.uint8)
         else:
             with warnings.catch_warnings():  # object-store buffers are read-only; we only read them
                 warnings.simplefilter("ignore", UserWarning)
