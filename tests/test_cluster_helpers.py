@@ -74,6 +74,16 @@ def test_wait_nodes_without_address_is_a_usage_error():
     assert out.returncode == 2 and "no cluster address" in out.stderr
 
 
+def test_wait_nodes_fails_fast_when_nothing_listens():
+    port = cluster.free_port("127.0.0.1")  # free, so nothing listens there
+    env = dict(_env(), RAY_ADDRESS=f"127.0.0.1:{port}")
+    out = subprocess.run([sys.executable, "-m", "megacov.workers.cluster", "wait-nodes", "--timeout", "3"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1
+    assert f"cannot join the Ray cluster at '127.0.0.1:{port}' (from $RAY_ADDRESS)" in out.stderr
+    assert "nothing accepts connections there" in out.stderr
+
+
 def test_network_stack_id_distinguishes_namespaces():
     here = cluster.network_stack_id()
     assert here == cluster.network_stack_id()

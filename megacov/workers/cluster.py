@@ -46,6 +46,43 @@ def resolve_address(config_address: Optional[str]) -> Optional[str]:
     return None
 
 
+def _match_cluster_auth_mode() -> None:
+    """Use Ray's token authentication when a token is available, as ``ray start`` does.
+
+    Since Ray 2.5x, ``ray start`` switches token authentication on by itself when it finds a token
+    (``~/.ray/auth_token``, ``$RAY_AUTH_TOKEN``), but a driver joining with ``ray.init(address=...)``
+    does not, and is then refused by the head ("Authentication token is missing"). On clusters with a
+    shared home directory every node and the driver see the same token, so doing what ``ray start``
+    does keeps them consistent. An explicit ``$RAY_AUTH_MODE`` is left alone.
+    """
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _probe_gcs(address: str, timeout_s: float = 5.0) -> Optional[str]:
+    """None if ``host:port`` accepts TCP connections, else the reason it does not.
+
+    ``ray.init`` keeps retrying an address nobody listens on for minutes before failing; a plain
+    connect answers in at most ``timeout_s``. Addresses that are not ``host:port`` (``auto``,
+    ``ray://...``) are left to Ray.
+    """
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address or not host:
+        return None
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return None
+    except OSError as exc:
+        return f"{type(exc).__name__}: {exc}"
+
+
 def connect_ray(address: Optional[str], num_cpus: Optional[int] = None,
                 namespace: str = "megacov") -> None:
     """Join an existing cluster when an address is known, else start a private local one.
@@ -64,13 +101,20 @@ def connect_ray(address: Optional[str], num_cpus: Optional[int] = None,
     target = resolve_address(address)
     if target is None:
         cpus = num_cpus if num_cpus is not None else _available_cpus()
-        ray.init(num_cpus=cpus, namespace=namespace, include_dashboard=False,
+        # address="local": without it, ray.init() joins any cluster `ray start` left on this machine.
+        ray.init(address="local", num_cpus=cpus, namespace=namespace, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
         log.info("started a local Ray cluster with %d CPU(s)", cpus)
         return
     if num_cpus is not None:
         log.warning("num_cpus=%s ignored: resources of an existing cluster are set by `ray start`", num_cpus)
     source = "trainer.ray_address" if address else f"${RAY_ADDRESS_ENV}"
+    unreachable = _probe_gcs(target)
+    if unreachable is not None:
+        raise RuntimeError(f"cannot join the Ray cluster at '{target}' (from {source}): nothing accepts "
+                           f"connections there ({unreachable}). Check that `ray start --head` runs there "
+                           f"and that this node can reach its GCS port.")
+    _match_cluster_auth_mode()
     try:
         ray.init(address=target, namespace=namespace, log_to_driver=True, configure_logging=False)
     except (ConnectionError, RuntimeError, ValueError) as exc:
