@@ -22,6 +22,13 @@ if [[ -n "${RAY_START_ARGS:-}" ]]; then
     read -r -a extra <<< "${RAY_START_ARGS}"
 fi
 
+# `ray start --head` turns token authentication on by itself when it finds a token, joining nodes
+# do not: make the choice explicit so that every container makes the same one.
+if [[ -z "${RAY_AUTH_MODE:-}" ]] && { [[ -n "${RAY_AUTH_TOKEN:-}" ]] \
+        || [[ -s "${RAY_AUTH_TOKEN_PATH:-${HOME}/.ray/auth_token}" ]]; }; then
+    export RAY_AUTH_MODE=token
+fi
+
 case "${role}" in
     head)
         exec ray start --head --port="${port}" --num-cpus="${cpus}" --dashboard-host=0.0.0.0 \

@@ -173,9 +173,12 @@ class TwoNodeCluster:
 
 
 def _node_env(cluster: TwoNodeCluster) -> dict[str, str]:
+    from megacov.workers.cluster import ray_auth_env
+
     env = dict(os.environ)
     env.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+    env.update(ray_auth_env())  # one authentication mode for head, worker and driver, as launchers do
     env.pop("RAY_ADDRESS", None)
     return env
 

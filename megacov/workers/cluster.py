@@ -46,15 +46,26 @@ def resolve_address(config_address: Optional[str]) -> Optional[str]:
     return None
 
 
-def _match_cluster_auth_mode() -> None:
-    """Use Ray's token authentication when a token is available, as ``ray start`` does.
+def ray_auth_env() -> dict[str, str]:
+    """``{"RAY_AUTH_MODE": "token"}`` when a Ray token is available and no mode was chosen, else {}.
 
-    Since Ray 2.5x, ``ray start`` switches token authentication on by itself when it finds a token
-    (``~/.ray/auth_token``, ``$RAY_AUTH_TOKEN``), but a driver joining with ``ray.init(address=...)``
-    does not, and is then refused by the head ("Authentication token is missing"). On clusters with a
-    shared home directory every node and the driver see the same token, so doing what ``ray start``
-    does keeps them consistent. An explicit ``$RAY_AUTH_MODE`` is left alone.
+    Ray 2.5x's ``ray start --head`` turns token authentication on by itself when it finds a token
+    (``$RAY_AUTH_TOKEN``, ``$RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``, e.g. left by an earlier
+    local ``ray.init()``), but ``ray start --address`` and drivers do not, and are then refused
+    ("Authentication token is missing"). Launchers therefore decide once and give every node the
+    same mode; with a shared home directory every node also sees the same token.
     """
+    if "RAY_AUTH_MODE" in os.environ:
+        return {}
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or (os.path.isfile(path) and os.path.getsize(path) > 0):
+        return {"RAY_AUTH_MODE": "token"}
+    return {}
+
+
+def _match_cluster_auth_mode() -> None:
+    """A joining driver uses token authentication when a token is available (see
+    :func:`ray_auth_env`), as the head did; an explicit ``$RAY_AUTH_MODE`` is left alone."""
     if "RAY_AUTH_MODE" in os.environ:
         return
     try:
