@@ -138,7 +138,7 @@ class WeightReceiver:
         from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
         from vllm.distributed.utils import StatelessProcessGroup
 
-        rank = rank_offset + int(self.parallel_config.rank)
+        rank = rank_offset + int(getattr(self, "rank", 0))  # this worker's rank inside its engine
         pg = StatelessProcessGroup.create(host=host, port=port, rank=rank, world_size=world_size)
         comms = getattr(self, "_megacov_nccl", {})
         comms[group] = PyNcclCommunicator(pg, device=self.device)

@@ -80,7 +80,8 @@ def push_weights(named: Iterable[Named], plan: SyncPlan, *, dp_rank: int = 0) ->
             sender: Any = _ObjectStoreSender(plan.engines)
             for bucket in pack_buckets(named, plan.bucket_bytes, fusion, stats):
                 sender.send(bucket)
-                del bucket
+                del bucket  # the object store holds the bytes now
+            sender.close()
         else:
             _push_staged(named, plan, fusion, stats)
     report = {k: v for k, v in asdict(stats).items() if k != "names"}
@@ -90,15 +91,34 @@ def push_weights(named: Iterable[Named], plan: SyncPlan, *, dp_rank: int = 0) ->
 
 
 class _ObjectStoreSender:
+    """Puts a bucket into the object store and lets the engines load it while the next one is built.
+
+    ``send`` first waits for the engines to finish the previous bucket and only then puts the new
+    one, so at most one bucket is in the object store and one is being assembled: the same memory
+    as strictly alternating, but the export (TP gathers, q/k/v splits) of bucket k+1 overlaps the
+    engines' loading of bucket k.
+    """
+
     def __init__(self, engines: list[Any]):
         self.engines = engines
+        self._inflight: list[Any] = []
+
+    def _wait(self) -> None:
+        import ray
+
+        refs, self._inflight = self._inflight, []
+        if refs:
+            ray.get(refs)
 
     def send(self, bucket: list[Named]) -> None:
         import ray
 
+        self._wait()
         ref = ray.put(to_wire(bucket))
-        ray.get([engine.load.remote(ref) for engine in self.engines])
-        del ref
+        self._inflight = [engine.load.remote(ref) for engine in self.engines]
+
+    def close(self) -> None:
+        self._wait()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -231,6 +251,8 @@ class SyncReport:
     exporter_peak_extra_bytes: Optional[int]
     """Largest rise of an exporting rank's resident memory during its push (VmHWM; incl. shared memory)."""
     engine_peak_extra_bytes: Optional[int]
+    engine_load_seconds: float
+    """Longest time one engine worker spent inside vLLM loading and re-packing (part of ``seconds``)."""
     version: int
     transport: str
     per_rank: list[dict[str, Any]] = field(repr=False, default_factory=list)
@@ -306,6 +328,7 @@ class WeightSync:
             exporter_held_peak_bytes=max((r["peak_held_bytes"] for r in exporters), default=0),
             exporter_peak_extra_bytes=_max_or_none(r.get("peak_extra_bytes") for r in exporters),
             engine_peak_extra_bytes=_max_or_none(engine_peaks),
+            engine_load_seconds=max((w["load_s"] for f in finished for w in f["workers"]), default=0.0),
             version=min(f["version"] for f in finished), transport=self.transport, per_rank=results,
         )
 
