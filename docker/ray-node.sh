@@ -44,10 +44,11 @@ case "${role}" in
             exit 2
         fi
         head="${RAY_HEAD:?set RAY_HEAD=host:port of the Ray head}"
-        ray start --address="${head}" --num-cpus=0 --disable-usage-stats "${extra[@]}"
-        # Leave the cluster however the command ends. Inside this container `ray stop` only sees
-        # this container's own Ray processes.
-        trap 'ray stop --grace-period 10 >/dev/null 2>&1 || true' EXIT
+        ray start --address="${head}" --num-cpus=0 --disable-usage-stats --block "${extra[@]}" &
+        node_pid=$!
+        # Leave the cluster however the command ends, by stopping exactly the node started here
+        # (never `ray stop`, which would stop every Ray process the host runs).
+        trap 'kill -TERM "${node_pid}" 2>/dev/null || true; wait "${node_pid}" 2>/dev/null || true' EXIT
         nodes=$(( ${MEGACOV_WORKERS:-0} + 2 ))
         python -m megacov.workers.cluster wait-nodes --address "${head}" --nodes "${nodes}" \
             --timeout "${MEGACOV_WAIT_S:-300}"

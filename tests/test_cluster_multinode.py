@@ -1,8 +1,8 @@
 """A real two-node Ray cluster on one machine, and a gloo all-reduce whose rendezvous crosses nodes.
 
-Each node is a ``ray start`` process in its own network namespace with its own address, joined by a
-veth pair, so the only way rank 1 reaches rank 0 is the way a second machine would: over rank 0's
-routable IP. Where network namespaces cannot be made (not root, no ``ip``), the two nodes share the
+Each node is a ``ray start`` process (started by ``docker/ray-node.sh``, as in the compose cluster)
+in its own network namespace with its own address, joined by a veth pair, so the only way rank 1
+reaches rank 0 is the way a second machine would: over rank 0's routable IP. Where network namespaces cannot be made (not root, no ``ip``), the two nodes share the
 loopback device with distinct addresses (127.0.0.2 and 127.0.0.3) and distinct node ids, and the
 output says so.
 
@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RAY_NODE_SCRIPT = os.path.join(REPO, "docker", "ray-node.sh")
 RESULT_PREFIX = "MEGACOV_PAYLOAD_RESULT "
 NODE_START_TIMEOUT_S = 120
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
@@ -177,7 +178,8 @@ def _node_env(cluster: TwoNodeCluster) -> dict[str, str]:
 
     env = dict(os.environ)
     env.update(RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""))
+               PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
     env.update(ray_auth_env())  # one authentication mode for head, worker and driver, as launchers do
     env.pop("RAY_ADDRESS", None)
     return env
@@ -225,26 +227,25 @@ def _free_loopback_port() -> int:
 
 
 def _start_node(cluster: TwoNodeCluster, node: Node, head: bool) -> None:
+    """Start a node through docker/ray-node.sh, the script the compose cluster's containers run."""
     temp_dir = os.path.join(cluster.workdir, node.name)
     node.log_path = os.path.join(cluster.workdir, f"{node.name}.log")
-    cmd = cluster.prefix(node) + [
-        os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block",
-        f"--node-ip-address={node.ip}", "--num-cpus=1", f"--object-store-memory={OBJECT_STORE_BYTES}",
-        f"--temp-dir={temp_dir}", "--disable-usage-stats",
-    ]
+    extra = [f"--node-ip-address={node.ip}", f"--object-store-memory={OBJECT_STORE_BYTES}",
+             f"--temp-dir={temp_dir}"]
     if head:
-        cmd += ["--head", f"--port={cluster.port}", "--include-dashboard=false"]
-        if cluster.mode == "loopback":  # the default ports would collide with other local clusters
-            cmd += [f"--ray-client-server-port={_free_loopback_port()}",
-                    f"--dashboard-agent-listen-port={_free_loopback_port()}"]
-    else:
-        cmd += [f"--address={cluster.address}"]
-        if cluster.mode == "loopback":
-            cmd += [f"--dashboard-agent-listen-port={_free_loopback_port()}"]
+        extra.append("--include-dashboard=false")
+    if cluster.mode == "loopback":  # the default ports would collide with other local clusters
+        extra.append(f"--dashboard-agent-listen-port={_free_loopback_port()}")
+        if head:
+            extra.append(f"--ray-client-server-port={_free_loopback_port()}")
+    env = _node_env(cluster)
+    env.update(RAY_PORT=str(cluster.port), RAY_HEAD=cluster.address, RAY_NUM_CPUS="1",
+               RAY_START_ARGS=" ".join(extra))
+    cmd = cluster.prefix(node) + ["bash", RAY_NODE_SCRIPT, "head" if head else "worker"]
     with open(node.log_path, "w") as log:
         # A session of its own: teardown signals exactly this process group, never `ray stop`
         # (which would kill every Ray process on the machine, other users' included).
-        node.proc = subprocess.Popen(cmd, env=_node_env(cluster), stdout=log, stderr=subprocess.STDOUT,
+        node.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
 
 
