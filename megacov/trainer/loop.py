@@ -80,8 +80,9 @@ def rl_step(ctx: Any, step: int) -> dict[str, float]:
     if ref_lp is not None:
         metrics["actor/kl_ref"] = sm.kl_to_ref(old_lp, ref_lp, mask, algo.kl_estimator)
     ctx.after_update(step, metrics, timer)
-    tokens = int((batch.input_ids != ctx.pad_id).sum()) if ctx.pad_id is not None else batch.input_ids.numel()
-    metrics.update(sm.timing_metrics(timer.seconds, timer.total(), tokens, int(positions.sum())))
+    generated = int(positions.sum())
+    tokens = sum(len(p) for p in ro.prompt_ids) + generated
+    metrics.update(sm.timing_metrics(timer.seconds, timer.total(), tokens, generated))
     return metrics
 
 

@@ -59,6 +59,9 @@ def update_metrics(outs: Sequence[dict[str, Any]]) -> dict[str, float]:
         else:
             value = float(np.mean(vals))
         out[_RENAME.get(key, key if "/" in key else f"actor/{key}")] = value
+    if outs and "ppo_kl" in outs[0]:
+        # On-policy the first update recomputes exactly the old log-probs: this must read 0.0.
+        out["actor/ppo_kl_first_update"] = float(outs[0]["ppo_kl"])
     out["actor/skipped_updates"] = float(sum(1 for o in outs if not o.get("applied", 1.0)))
     out["actor/updates"] = float(len(outs))
     out.pop("actor/applied", None)
