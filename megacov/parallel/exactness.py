@@ -237,7 +237,9 @@ def reference_step(w: dict[str, torch.Tensor], spec: TinySpec, batch: ActorBatch
                                global_ids=ids, stats=stats, step=step)
         chosen = met.get("selected", torch.zeros_like(m))
     loss.backward()
-    return {"loss": float(loss.detach()), "grads": {k: p.grad.detach() for k, p in params.items()},
+    # The policy loss is -mean(A * ratio): when the advantages nearly cancel, mean |A| is its scale.
+    scale = float(adv.abs()[m.bool()].mean()) if bool(m.any()) else 1.0
+    return {"loss": float(loss.detach()), "loss_scale": scale, "grads": {k: p.grad.detach() for k, p in params.items()},
             "selected_ids": sorted(int(i) for i in ids[chosen.bool()].tolist()),
             "log_prob": lp.detach(), "entropy": ent.detach()}
 
@@ -275,38 +277,68 @@ def case_hparams(case: Case, step_seed: int = 0) -> Any:
     return algorithm_hparams(policy_loss=case.loss, cov_scope=case.scope, seed=step_seed, **TEST_HPARAMS)
 
 
-def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinySpec], cases: Sequence[Case],
-                  seed: int, dtype_name: str, batches: Sequence[ActorBatch], weights: Sequence[dict],
-                  temperature: float, step: int) -> list[dict[str, Any]]:
-    """Runs in each spawned process: every (spec, case) on this layout; returns per-case results."""
+@dataclass(frozen=True)
+class RunOptions:
+    seed: int = 0
+    dtype_name: str = "float32"
+    temperature: float = 0.9
+    step: int = 3
+    ddp: bool = False
+    """Wrap the model in megatron's DistributedDataParallel (as training does) and compare the
+    finalised ``main_grad`` instead of the raw ``.grad`` summed over DP by ``train_step``."""
+
+
+def _build(spec: TinySpec, layout: Any, opts: RunOptions, seq_len: int, w: dict) -> tuple[Any, Any]:
+    """(module holding the parameters, what train_step gets) for this rank."""
     from megacov.models.core import build_gpt_model
+
+    dtype = getattr(torch, opts.dtype_name)
+    model = build_gpt_model(transformer_config(spec, layout.tp, layout.pp, dtype), layout,
+                            vocab_size=spec.padded_vocab, max_sequence_length=seq_len).to(dtype)
+    load_full_weights(model, w, layout.tp_rank, layout.tp)
+    if not opts.ddp:
+        return model, model
+    from megacov.config.schema import ParallelConfig
+    from megacov.parallel.optim import wrap_ddp
+
+    return model, wrap_ddp([model], layout, ParallelConfig(use_distributed_optimizer=False))[0]
+
+
+def _grads(model: torch.nn.Module, chunk: Any, layout: Any, opts: RunOptions) -> dict[str, torch.Tensor]:
+    if opts.ddp:
+        from megatron.core.distributed import finalize_model_grads
+
+        finalize_model_grads([chunk], pg_collection=layout.pg_collection)
+        return {global_param_name(model, n): p.main_grad.detach().double().clone()
+                for n, p in model.named_parameters()}
+    return {global_param_name(model, n): p.grad.detach().double().clone()
+            for n, p in model.named_parameters() if p.grad is not None}
+
+
+def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinySpec], cases: Sequence[Case],
+                  batches: Sequence[ActorBatch], weights: Sequence[dict], opts: RunOptions) -> list[dict[str, Any]]:
+    """Runs in each spawned process: every (spec, case) on this layout; returns per-case results."""
     from megacov.parallel.actor import compute_log_probs, train_step
     from megacov.parallel.layout import ParallelLayout
 
-    dtype = getattr(torch, dtype_name)
-    layout = ParallelLayout.initialize(tp, pp, seed=seed)
+    layout = ParallelLayout.initialize(tp, pp, seed=opts.seed)
     results = []
     try:
         for spec, batch, w in zip(specs, batches, weights):
-            model = build_gpt_model(transformer_config(spec, tp, pp, dtype), layout, vocab_size=spec.padded_vocab,
-                                    max_sequence_length=batch.seq_len).to(dtype)
-            load_full_weights(model, w, layout.tp_rank, tp)
+            model, chunk = _build(spec, layout, opts, batch.seq_len, w)
             shard = batch.shard(layout.dp_rank, layout.dp)
-            lp, ent = compute_log_probs([model], layout, shard, temperature=temperature, chunk_size=7,
+            lp, ent = compute_log_probs([chunk], layout, shard, temperature=opts.temperature, chunk_size=7,
                                         real_vocab_size=spec.vocab, micro_batch_size=2)
+            partition = {global_param_name(model, n): (p.partition_dim if getattr(p, "tensor_model_parallel", False)
+                                                       else None) for n, p in model.named_parameters()}
             for case in cases:
-                mbs = micro_batch_size(shard.batch_size, case.micro_batches)
-                metrics = train_step([model], layout, shard, algo_cfg=case_hparams(case), step=step,
-                                     temperature=temperature, chunk_size=5, real_vocab_size=spec.vocab,
-                                     micro_batch_size=mbs)
-                grads = {global_param_name(model, n): p.grad.detach().double().clone()
-                         for n, p in model.named_parameters() if p.grad is not None}
-                results.append({"spec": spec, "case": case, "metrics": metrics, "grads": grads,
-                                "tp_rank": layout.tp_rank, "dp_rank": layout.dp_rank,
-                                "log_prob": lp.double(), "entropy": ent.double(),
-                                "params": {global_param_name(model, n): (p.partition_dim if getattr(
-                                    p, "tensor_model_parallel", False) else None)
-                                    for n, p in model.named_parameters()}})
+                metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), step=opts.step,
+                                     temperature=opts.temperature, chunk_size=5, real_vocab_size=spec.vocab,
+                                     micro_batch_size=micro_batch_size(shard.batch_size, case.micro_batches))
+                results.append({"spec": spec, "case": case, "metrics": metrics,
+                                "grads": _grads(model, chunk, layout, opts), "tp_rank": layout.tp_rank,
+                                "dp_rank": layout.dp_rank, "log_prob": lp.double(), "entropy": ent.double(),
+                                "params": partition})
     finally:
         layout.destroy()
     return results
@@ -314,6 +346,9 @@ def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinyS
 
 @dataclass
 class Row:
+    """One compared case. ``loss_rel`` is |dloss| / max(|loss|, mean |A|) (the loss of zero-mean
+    advantages can nearly cancel); ``grad_rel`` is max |dg| / max |g_ref| over every parameter."""
+
     layout: str
     vocab: int
     case: str
@@ -368,7 +403,7 @@ def compare(results: list[list[dict[str, Any]]], refs: dict[tuple, dict[str, Any
         loss = first["metrics"]["pg_loss" if "total_loss" not in first["metrics"] else "total_loss"]
         rows.append(Row(layout=label, vocab=spec.vocab, case=case.label(), selected_equal=same,
                         n_selected=len(ref["selected_ids"]),
-                        loss_rel=abs(loss - ref["loss"]) / max(abs(ref["loss"]), 1e-30),
+                        loss_rel=abs(loss - ref["loss"]) / max(abs(ref["loss"]), ref["loss_scale"], 1e-30),
                         grad_rel=grad_rel, logp_abs=logp_abs, entropy_abs=ent_abs))
     return rows
 
@@ -402,41 +437,35 @@ def _grad_error(res: dict[str, Any], ref_grads: dict[str, torch.Tensor], tp: int
 
 
 def run_exactness(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[str],
-                  vocab_sizes: Sequence[int], *, seed: int = 0, dtype_name: str = "float32",
-                  scopes: Sequence[str] = ("global",), batch_size: int = 8, seq_len: int = 24,
-                  temperature: float = 0.9, step: int = 3, timeout_s: float = 600.0,
-                  extra_cases: Sequence[Case] = ()) -> list[Row]:
+                  vocab_sizes: Sequence[int], *, opts: RunOptions = RunOptions(),
+                  scopes: Sequence[str] = ("global",), extra_cases: Sequence[Case] = (),
+                  batch_size: int = 8, seq_len: int = 32, timeout_s: float = 600.0) -> list[Row]:
     """Every layout x vocab size x (loss x micro-batch count x scope, plus ``extra_cases``); one
     spawned world per layout runs all of them."""
     from megacov.parallel.spawn import run_distributed
 
     specs = [TinySpec(vocab=v) for v in vocab_sizes]
-    cases = [Case(loss=l, micro_batches=m, scope=s) for l in losses for m in micro_batches for s in scopes]
+    cases = [Case(loss=lo, micro_batches=m, scope=s) for lo in losses for m in micro_batches for s in scopes]
     cases += [c for c in extra_cases if c not in cases]
-    dtype = getattr(torch, dtype_name)
-    weights = [full_weights(spec, seed, dtype) for spec in specs]
-    batches = [make_batch(spec, w, batch_size=batch_size, seq_len=seq_len, seed=seed, temperature=temperature)
-               for spec, w in zip(specs, weights)]
+    dtype = getattr(torch, opts.dtype_name)
+    weights = [full_weights(spec, opts.seed, dtype) for spec in specs]
+    batches = [make_batch(spec, w, batch_size=batch_size, seq_len=seq_len, seed=opts.seed,
+                          temperature=opts.temperature) for spec, w in zip(specs, weights)]
     batches = [dataclasses.replace(b, old_log_prob=b.old_log_prob.to(dtype), advantages=b.advantages.to(dtype))
                for b in batches]
-    parsed = [(text, parse_layout(text)) for text in layouts]
-    refs: dict[tuple, dict[str, Any]] = {}
-    for spec, w, batch in zip(specs, weights, batches):
-        for case in cases:
-            for _, (_, _, dp) in parsed:
-                key = (spec, case) if case.scope != "micro_batch" else (spec, case, dp)
-                if key not in refs:
-                    ref = reference_step(w, spec, batch, case_hparams(case), step=step, temperature=temperature,
-                                         dp=dp, micro_batches=case.micro_batches)
-                    ref["mask"] = batch.mask
-                    refs[key] = ref
     rows: list[Row] = []
-    for text, (tp, pp, dp) in parsed:
-        results = run_distributed(layout_worker, tp * pp * dp, tp, pp, specs, cases, seed, dtype_name,
-                                  batches, weights, temperature, step, timeout_s=timeout_s)
-        layout_refs = {(s, c): refs[(s, c) if c.scope != "micro_batch" else (s, c, dp)]
-                       for s in specs for c in cases}
-        rows.extend(compare(results, layout_refs, text, tp, dp))
+    for text in layouts:
+        tp, pp, dp = parse_layout(text)
+        refs = {}
+        for spec, w, batch in zip(specs, weights, batches):
+            for case in cases:
+                ref = reference_step(w, spec, batch, case_hparams(case), step=opts.step,
+                                     temperature=opts.temperature, dp=dp, micro_batches=case.micro_batches)
+                ref["mask"] = batch.mask
+                refs[(spec, case)] = ref
+        results = run_distributed(layout_worker, tp * pp * dp, tp, pp, specs, cases, batches, weights, opts,
+                                  timeout_s=timeout_s)
+        rows.extend(compare(results, refs, text, tp, dp))
     return rows
 
 
@@ -456,14 +485,15 @@ def parse_list(text: str, kind: type = str) -> list[Any]:
 
 
 def main(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[str], vocab_sizes: Sequence[int],
-         *, seed: int, dtype_name: str, scopes: Sequence[str], out: Any | None = None) -> int:
+         *, seed: int, dtype_name: str, scopes: Sequence[str], ddp: bool = False,
+         out: Any | None = None) -> int:
     """Run, print the table, return 0 when every row matches (1 otherwise)."""
     import sys
 
     stream = out or sys.stdout
     tol = Tolerances.for_dtype(dtype_name)
-    rows = run_exactness(layouts, micro_batches, losses, vocab_sizes, seed=seed, dtype_name=dtype_name,
-                         scopes=scopes)
+    rows = run_exactness(layouts, micro_batches, losses, vocab_sizes, scopes=scopes,
+                         opts=RunOptions(seed=seed, dtype_name=dtype_name, ddp=ddp))
     print(format_table(rows, tol), file=stream)
     bad = [r for r in rows if not r.ok(tol)]
     print(f"{len(rows) - len(bad)}/{len(rows)} cases match the float64 reference "
@@ -488,6 +518,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"),
                         help="parameter dtype of the megatron model (float64: agreement to ~1e-14)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ddp", action="store_true",
+                        help="wrap the model in megatron DistributedDataParallel, as training does")
 
 
 def run(args: Any) -> int:
@@ -513,4 +545,6 @@ def run(args: Any) -> int:
     if not layouts or not micro or not vocab or min(micro) < 1 or min(vocab) < 2:
         return fail("--layouts, --micro-batches and --vocab-size need at least one value; micro-batches "
                     ">= 1 and vocab sizes >= 2", 2)
-    return main(layouts, micro, losses, vocab, seed=args.seed, dtype_name=args.dtype, scopes=scopes)
+    if args.ddp and args.dtype != "float32":
+        return fail("--ddp reduces gradients in float32; use it with --dtype float32", 2)
+    return main(layouts, micro, losses, vocab, seed=args.seed, dtype_name=args.dtype, scopes=scopes, ddp=args.ddp)
