@@ -9,9 +9,17 @@ only those. No process group is needed.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
+
+
+def _error(ckpt_dir: str, what: str, exc: BaseException) -> Exception:
+    from megacov.models.hf_io import CheckpointError
+
+    detail = str(exc).strip().splitlines()
+    return CheckpointError(f"{ckpt_dir}: {what} ({type(exc).__name__}: {detail[-1] if detail else ''})")
 
 
 def tensor_metadata(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
@@ -19,7 +27,10 @@ def tensor_metadata(ckpt_dir: str) -> dict[str, tuple[tuple[int, ...], torch.dty
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    md = FileSystemReader(ckpt_dir).read_metadata()
+    try:
+        md = FileSystemReader(ckpt_dir).read_metadata()
+    except Exception as exc:  # noqa: BLE001 - DCP raises plain OSError/pickle errors
+        raise _error(ckpt_dir, "cannot read the checkpoint metadata", exc) from None
     return {k: (tuple(v.size), v.properties.dtype) for k, v in md.state_dict_metadata.items()
             if isinstance(v, TensorStorageMetadata)}
 
@@ -69,8 +80,16 @@ def load_slices(ckpt_dir: str, requests: dict[str, tuple[Sequence[int], Sequence
     """Load ``{key: (offsets, shape, dtype)}`` boxes; returns ``{key: tensor of that shape}``."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
+    from torch.distributed.checkpoint.api import CheckpointException
 
     dests = {k: (tuple(off), torch.empty(tuple(shape), dtype=dt)) for k, (off, shape, dt) in requests.items()}
     planner = _planner_class()(dests)
-    dcp_load({}, storage_reader=FileSystemReader(ckpt_dir), planner=planner, no_dist=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*")
+            dcp_load({}, storage_reader=FileSystemReader(ckpt_dir), planner=planner, no_dist=True)
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error derives from BaseException
+        keys = sorted(requests)
+        what = keys[0] + (f" and {len(keys) - 1} more tensors" if len(keys) > 1 else "")
+        raise _error(ckpt_dir, f"cannot read {what}", exc) from None
     return {k: t for k, (_, t) in dests.items()}

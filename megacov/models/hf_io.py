@@ -45,6 +45,15 @@ def read_hf_config(hf_dir: str) -> dict:
     return read_json(os.path.join(hf_dir, "config.json"))
 
 
+def _open_safetensors(path: str) -> Any:
+    from safetensors import safe_open
+
+    try:
+        return safe_open(path, framework="pt")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 class LazyTensor:
     """A tensor in a safetensors file that is read only when (and as far as) it is indexed."""
 
@@ -72,10 +81,7 @@ class SafetensorsReader:
                 raise CheckpointError(f"{index_path}: no 'weight_map'")
             self.weight_map: dict[str, str] = weight_map
         elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-            from safetensors import safe_open
-
-            with safe_open(os.path.join(hf_dir, SINGLE_FILE), framework="pt") as fh:
-                self.weight_map = {k: SINGLE_FILE for k in fh.keys()}
+            self.weight_map = {k: SINGLE_FILE for k in _open_safetensors(os.path.join(hf_dir, SINGLE_FILE)).keys()}
         else:
             raise CheckpointError(f"{hf_dir}: no {INDEX_FILE} or {SINGLE_FILE} (only safetensors checkpoints "
                                   f"are supported)")
@@ -86,9 +92,7 @@ class SafetensorsReader:
 
     def _handle(self, filename: str) -> Any:
         if filename not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[filename] = safe_open(os.path.join(self.dir, filename), framework="pt")
+            self._handles[filename] = _open_safetensors(os.path.join(self.dir, filename))
         return self._handles[filename]
 
     def __contains__(self, name: object) -> bool:

@@ -165,6 +165,7 @@ def build_model(path: str, layout: Any, *, load_weights: bool = True, dtype: Any
                           **config_overrides)
     spec = core.layer_spec(cfg.normalization, arch.qk_norm, use_te)
     model = core.build_gpt_model(cfg, layout, spec=spec, **gpt_model_kwargs(arch))
+    _cast_params(model, dt)
     info = ModelInfo(family=arch.family, arch=arch, hf_config=src.hf_config, source=src.kind, path=path,
                      dtype=str(dt).replace("torch.", ""), tp=layout.tp, pp=layout.pp, pp_rank=layout.pp_rank,
                      layer_offset=layer_offset(model), num_local_layers=len(model.decoder.layers))
@@ -174,6 +175,14 @@ def build_model(path: str, layout: Any, *, load_weights: bool = True, dtype: Any
         else:
             load_mcore_checkpoint(model, path)
     return model, info
+
+
+def _cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """megatron's local-spec norms ignore ``params_dtype`` and stay fp32; make every parameter ``dtype``
+    (what megatron's Float16Module does for training), so checkpoints and exports have one dtype."""
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def load_hf_weights(model: Any, layout: Any, info: ModelInfo, *, progress: bool = False) -> int:

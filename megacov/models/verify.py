@@ -16,7 +16,7 @@ import torch
 from megacov.models.arch import check_layout, torch_dtype
 from megacov.models.family import UnsupportedModelError
 from megacov.models.hf_io import CheckpointError
-from megacov.models.loader import check_hf_weights, resolve_source
+from megacov.models.loader import check_hf_weights, read_mcore_meta, resolve_source
 from megacov.models.mapping import MappingError
 
 
@@ -52,6 +52,7 @@ def verify_conversion(hf_dir: str, *, mcore_dir: Optional[str] = None, tp: int =
     check_hf_weights(hf_dir, hf_src.arch)
     path = hf_dir
     if mcore_dir is not None:
+        read_mcore_meta(mcore_dir)  # an HF directory here would silently compare HF with itself
         mc = resolve_source(mcore_dir, tp=tp)
         if (mc.arch.family, mc.arch.vocab_size, mc.arch.num_layers) != (
                 hf_src.arch.family, hf_src.arch.vocab_size, hf_src.arch.num_layers):
