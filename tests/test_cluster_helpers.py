@@ -25,8 +25,9 @@ def _env() -> dict[str, str]:
 
 
 def test_import_is_cheap():
-    out = subprocess.run([sys.executable, "-c", "import sys, megacov.workers.cluster; "
-                          "print(sorted(m for m in ('ray', 'torch', 'vllm', 'megatron') if m in sys.modules))"],
+    code = ("import sys, megacov.workers.cluster; "
+            "print(sorted(m for m in ('ray', 'torch', 'vllm', 'megatron') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code],
                          capture_output=True, text=True, env=_env(), timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
@@ -64,7 +65,8 @@ def test_node_ip_subcommand():
     default = subprocess.run(run, capture_output=True, text=True, env=_env(), timeout=60)
     assert default.returncode == 0
     socket.inet_aton(default.stdout.strip())  # a dotted IPv4 address
-    missing = subprocess.run(run + ["--iface", "nosuchif0"], capture_output=True, text=True, env=_env(), timeout=60)
+    missing = subprocess.run(run + ["--iface", "nosuchif0"], capture_output=True, text=True, env=_env(),
+                             timeout=60)
     assert missing.returncode == 2 and "no network interface 'nosuchif0'" in missing.stderr
 
 
@@ -94,7 +96,8 @@ def test_network_stack_id_distinguishes_namespaces():
         pytest.skip("`ip netns add` is not permitted here")
     try:
         out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c",
-                              "from megacov.workers.cluster import network_stack_id; print(network_stack_id())"],
+                              "from megacov.workers.cluster import network_stack_id; "
+                              "print(network_stack_id())"],
                              capture_output=True, text=True, env=_env(), timeout=60)
         assert out.returncode == 0, out.stderr
         other = out.stdout.strip()
@@ -143,4 +146,5 @@ def test_local_ray_connect_wait_and_rendezvous():
     assert res["nodes"] == 1
     assert len({i["node_id"] for i in res["infos"]}) == 1
     assert res["ip"] == res["infos"][0]["ip"] and 1024 <= res["port"] < 65536
-    assert res["timeout_msg"] and "1 Ray node(s)" in res["timeout_msg"] and "waiting for 2" in res["timeout_msg"]
+    msg = res["timeout_msg"]
+    assert msg and "1 Ray node(s)" in msg and "waiting for 2" in msg

@@ -2,9 +2,9 @@
 
 Each node is a ``ray start`` process (started by ``docker/ray-node.sh``, as in the compose cluster)
 in its own network namespace with its own address, joined by a veth pair, so the only way rank 1
-reaches rank 0 is the way a second machine would: over rank 0's routable IP. Where network namespaces cannot be made (not root, no ``ip``), the two nodes share the
-loopback device with distinct addresses (127.0.0.2 and 127.0.0.3) and distinct node ids, and the
-output says so.
+reaches rank 0 is the way a second machine would: over rank 0's routable IP. Where network
+namespaces cannot be made (not root, no ``ip``), the two nodes share the loopback device with
+distinct addresses (127.0.0.2 and 127.0.0.3) and distinct node ids, and the output says so.
 
 The work done on the cluster is a *payload*: a function ``payload(nodes) -> dict`` that the driver
 runs after joining. :func:`allreduce_payload` is the one tested here; a payload that runs a few
@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -144,7 +144,7 @@ class TwoNodeCluster:
     worker: Node
     port: int
     workdir: str
-    links: list[str] = field(default_factory=list)
+    cpus_per_node: int = 1
 
     @property
     def address(self) -> str:
@@ -239,7 +239,7 @@ def _start_node(cluster: TwoNodeCluster, node: Node, head: bool) -> None:
         if head:
             extra.append(f"--ray-client-server-port={_free_loopback_port()}")
     env = _node_env(cluster)
-    env.update(RAY_PORT=str(cluster.port), RAY_HEAD=cluster.address, RAY_NUM_CPUS="1",
+    env.update(RAY_PORT=str(cluster.port), RAY_HEAD=cluster.address, RAY_NUM_CPUS=str(cluster.cpus_per_node),
                RAY_START_ARGS=" ".join(extra))
     cmd = cluster.prefix(node) + ["bash", RAY_NODE_SCRIPT, "head" if head else "worker"]
     with open(node.log_path, "w") as log:
@@ -293,8 +293,11 @@ def _leftover_pids(marker: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def two_node_cluster(prefer_netns: bool = True) -> Iterator[TwoNodeCluster]:
-    """Start a head and a worker Ray node; always tear both (and any namespaces) down."""
+def two_node_cluster(prefer_netns: bool = True, cpus_per_node: int = 1) -> Iterator[TwoNodeCluster]:
+    """Start a head and a worker Ray node; always tear both (and any namespaces) down.
+
+    ``cpus_per_node`` is the logical CPU count each node offers Ray (a training payload that places
+    ranks and rollout engines on both nodes needs more than the all-reduce's one)."""
     tag = uuid.uuid4().hex[:6]
     workdir = tempfile.mkdtemp(prefix=f"mc_ray_{tag}_")
     ok, why = _netns_usable() if prefer_netns else (False, "not requested")
@@ -305,11 +308,11 @@ def two_node_cluster(prefer_netns: bool = True) -> Iterator[TwoNodeCluster]:
             subnet = f"10.213.{int(tag[:2], 16)}"
             ns_a, ns_b, namespaces = _make_netns_pair(tag, subnet)
             head, worker = Node("head", f"{subnet}.1", ns_a), Node("worker", f"{subnet}.2", ns_b)
-            cluster = TwoNodeCluster("netns", head, worker, 6379, workdir)
+            cluster = TwoNodeCluster("netns", head, worker, 6379, workdir, cpus_per_node)
         else:
             print(f"network namespaces unavailable ({why}): two Ray nodes on loopback instead")
             head, worker = Node("head", "127.0.0.2", None), Node("worker", "127.0.0.3", None)
-            cluster = TwoNodeCluster("loopback", head, worker, _free_loopback_port(), workdir)
+            cluster = TwoNodeCluster("loopback", head, worker, _free_loopback_port(), workdir, cpus_per_node)
         print(f"two-node Ray cluster, mode={cluster.mode}: head {head.ip}, worker {worker.ip}")
         for node, is_head in ((head, True), (worker, False)):
             started.append(node)
@@ -328,9 +331,10 @@ def two_node_cluster(prefer_netns: bool = True) -> Iterator[TwoNodeCluster]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_payload_on_two_nodes(payload: str, prefer_netns: bool = True) -> tuple[str, dict[str, Any]]:
+def run_payload_on_two_nodes(payload: str, prefer_netns: bool = True,
+                             cpus_per_node: int = 1) -> tuple[str, dict[str, Any]]:
     """Start the cluster, run ``payload`` (``module:function`` / ``file.py:function``), tear down."""
-    with two_node_cluster(prefer_netns) as cluster:
+    with two_node_cluster(prefer_netns, cpus_per_node) as cluster:
         return cluster.mode, cluster.run_driver(payload)
 
 

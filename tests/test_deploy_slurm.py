@@ -108,7 +108,8 @@ def private_slurm() -> Iterator[dict[str, str]]:
     m = os.path.join(root, "munge")
     try:
         subprocess.run([_which("munged"), f"--key-file={m}/key", f"--socket={m}/sock", f"--pid-file={m}/pid",
-                        f"--log-file={m}/log", f"--seed-file={m}/seed", "--force"], check=True, env=env, timeout=30)
+                        f"--log-file={m}/log", f"--seed-file={m}/seed", "--force"],
+                       check=True, env=env, timeout=30)
         subprocess.run([_which("slurmctld"), "-f", conf, "-i"], check=True, env=env, timeout=30)
         subprocess.run([_which("slurmd"), "-f", conf], check=True, env=env, timeout=30)
         deadline = time.monotonic() + 60
@@ -116,7 +117,8 @@ def private_slurm() -> Iterator[dict[str, str]]:
             out = subprocess.run(["sinfo", "-h", "-o", "%t"], capture_output=True, text=True, env=env)
             if out.stdout.strip() == "idle":
                 break
-            subprocess.run(["scontrol", "update", f"nodename={host}", "state=resume"], capture_output=True, env=env)
+            subprocess.run(["scontrol", "update", f"nodename={host}", "state=resume"],
+                           capture_output=True, env=env)
             time.sleep(1)
         else:
             with open(os.path.join(root, "slurmctld.log")) as fh:
@@ -170,7 +172,8 @@ def _our_processes(marker: str) -> list[str]:
 def test_sbatch_launcher_runs_head_driver_and_cleans_up(tmp_path):
     missing = [d for d in DAEMONS if _which(d) is None]
     if missing:
-        pytest.skip(f"SLURM not installed ({', '.join(missing)}): apt-get install slurmctld slurmd slurm-client munge")
+        pytest.skip(f"SLURM not installed ({', '.join(missing)}): "
+                    f"apt-get install slurmctld slurmd slurm-client munge")
     if os.geteuid() != 0:
         pytest.skip("a private slurmd must run as root")
     pytest.importorskip("ray")
@@ -188,14 +191,15 @@ def test_sbatch_launcher_runs_head_driver_and_cleans_up(tmp_path):
                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
         env.pop("RAY_ADDRESS", None)
         out_file = tmp_path / "job.out"
-        sub = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=8", f"--output={out_file}",
-                              SBATCH, EXAMPLE, f"model.path={model}", "--dry-run"],
+        sub = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=8",
+                              f"--output={out_file}", SBATCH, EXAMPLE, f"model.path={model}", "--dry-run"],
                              capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
         assert sub.returncode == 0, sub.stderr
         job = sub.stdout.strip().split(";")[0]
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
-            q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True, env=env)
+            q = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
+                               env=env)
             if not q.stdout.strip():
                 break
             time.sleep(2)

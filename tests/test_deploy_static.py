@@ -31,7 +31,8 @@ RAYJOB_VALUES = {
     "MEGACOV_JOB_NAME": "qwen32b-klcov", "MEGACOV_IMAGE": "registry.example.com/megacov:gpu",
     "MEGACOV_NODES": "4", "MEGACOV_GPUS_PER_NODE": "8", "MEGACOV_CPUS_PER_NODE": "96",
     "MEGACOV_MEMORY_PER_NODE": "1000Gi", "MEGACOV_PVC": "megacov-data",
-    "MEGACOV_CONFIG": "/data/configs/qwen2.5-32b-klcov.yaml", "MEGACOV_OVERRIDES": "trainer.output_dir=/data/runs",
+    "MEGACOV_CONFIG": "/data/configs/qwen2.5-32b-klcov.yaml",
+    "MEGACOV_OVERRIDES": "trainer.output_dir=/data/runs",
 }
 
 
@@ -303,7 +304,7 @@ def test_check_stack_pip_conflicts_touching_the_stack_are_fatal():
         import check_stack
     finally:
         sys.path.pop(0)
-    assert check_stack._conflict_names("vllm 0.32.0 has requirement torch==2.13.0, but you have torch 2.12.0.") \
-        & check_stack.GUARDED == {"vllm", "torch"}
+    line = "vllm 0.32.0 has requirement torch==2.13.0, but you have torch 2.12.0."
+    assert check_stack._conflict_names(line) & check_stack.GUARDED == {"vllm", "torch"}
     assert not check_stack._conflict_names("nvidia-modelopt 0.1 requires rich, which is not installed.") \
         & check_stack.GUARDED

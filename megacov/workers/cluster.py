@@ -57,7 +57,8 @@ def ray_auth_env() -> dict[str, str]:
     """
     if "RAY_AUTH_MODE" in os.environ:
         return {}
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    default = os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or default
     if os.environ.get("RAY_AUTH_TOKEN") or (os.path.isfile(path) and os.path.getsize(path) > 0):
         return {"RAY_AUTH_MODE": "token"}
     return {}
@@ -298,7 +299,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     wait.add_argument("--gpu-nodes", type=int, default=0, help="of which this many must offer GPUs")
     wait.add_argument("--address", default=None, help=f"cluster address (default: ${RAY_ADDRESS_ENV})")
     wait.add_argument("--timeout", type=float, default=300.0, help="seconds before giving up")
-    ip_cmd = sub.add_parser("node-ip", help="print this host's IPv4 address for `ray start --node-ip-address`")
+    ip_cmd = sub.add_parser("node-ip",
+                            help="print this host's IPv4 address for `ray start --node-ip-address`")
     ip_cmd.add_argument("--iface", default=None, help="take the address of this interface (e.g. ib0)")
     args = parser.parse_args(argv)
     if args.command == "node-ip":
@@ -309,7 +311,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             return 2
         return 0
     if resolve_address(args.address) is None:
-        print(f"megacov: error: no cluster address: pass --address or set ${RAY_ADDRESS_ENV}", file=sys.stderr)
+        print(f"megacov: error: no cluster address: pass --address or set ${RAY_ADDRESS_ENV}",
+              file=sys.stderr)
         return 2
     deadline = time.monotonic() + args.timeout
     while True:  # the head may still be starting: keep trying to join until the deadline
