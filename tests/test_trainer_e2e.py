@@ -8,9 +8,9 @@ covariance statistics and the Clip-Cov / KL-Cov choices are exercised without a 
   small, tokens selected, eval / checkpoint / export / plot written.
 * The same run killed with SIGKILL mid-step and resumed with trainer.resume=auto: its metrics and
   final weights equal the uninterrupted run's bit for bit.
-* PP=2 KL-Cov run (two mini-batches per step), then a NaN injected into the loss: the update is
-  skipped and reported, the weights are unchanged.
-* PPO with the model-based judge reward (the tiny model as judge: plumbing).
+* PP=2 run whose steps use ppo, clip_cov and kl_cov in turn (two mini-batches per step), then a NaN
+  injected into the loss: the update is skipped and reported, the weights are unchanged.
+* The model-based judge reward scored by a vLLM engine (the tiny model as judge: plumbing).
 """
 from __future__ import annotations
 
@@ -188,30 +188,35 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, tiny):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_pp2_kl_cov_run_and_nan_loss_is_skipped(ray_cluster, tiny):
+def test_pp2_ppo_clip_cov_kl_cov_steps_and_nan_loss_is_skipped(ray_cluster, tiny):
+    """One PP=2 run whose three steps use ppo, clip_cov and kl_cov in turn (the driver's algorithm
+    section travels with every update), two mini-batches per step; then a NaN loss."""
     from megacov.trainer.batching import build_actor_batch
-    from megacov.trainer.loop import rl_loop
+    from megacov.trainer.loop import rl_step
     from megacov.trainer.rollout import Timer, collect
     from megacov.trainer.run import RunContext
+    from megacov.trainer.step_metrics import update_metrics
 
-    cfg, plan = _config(tiny, "pp2", "parallel.tp=1", "parallel.pp=2", "algorithm.policy_loss=kl_cov",
-                        "data.mini_batch_size=2", "parallel.micro_batch_size=2", "trainer.total_steps=2",
-                        "trainer.eval_every=0", "checkpoint.save_every=0", "checkpoint.export_hf=false")
+    cfg, plan = _config(tiny, "pp2", "parallel.tp=1", "parallel.pp=2", "data.mini_batch_size=2",
+                        "parallel.micro_batch_size=2", "trainer.total_steps=3", "trainer.eval_every=0",
+                        "checkpoint.save_every=0", "checkpoint.export_hf=false")
     run_dir = os.path.join(tiny["root"], "runs", "pp2")
     os.makedirs(run_dir, exist_ok=True)
     ctx = RunContext(cfg, plan, run_dir)
     try:
         ctx.start()
-        assert rl_loop(ctx) == 2
-        ctx.metrics.close()
-        rows = _rows(run_dir)
-        for step in (1, 2):
-            r = rows[step]
+        rows = {}
+        for step, loss in enumerate(("ppo", "clip_cov", "kl_cov"), start=1):
+            cfg.algorithm.policy_loss = loss
+            rows[step] = rl_step(ctx, step)
+        for step, r in rows.items():
             assert r["actor/updates"] == 2 and r["actor/skipped_updates"] == 0
-            assert r["cov/num_selected"] >= 2  # k >= 1 per mini-batch
-            assert all(_finite(r, k) for k in ("actor/entropy", "cov/mean", "cov/max", "cov/selected_mean"))
-        assert rows[1]["actor/ppo_kl_first_update"] == 0.0
-        assert rows[1]["rollout/logprob_diff_mean"] < 1e-4
+            assert r["actor/ppo_kl_first_update"] == 0.0
+            assert r["rollout/logprob_diff_mean"] < 1e-4
+            assert all(_finite(r, k) for k in ("actor/entropy", "cov/mean", "cov/std", "cov/max", "actor/pg_loss"))
+        assert rows[1]["cov/num_selected"] == 0 and rows[1]["actor/clipfrac"] >= 0
+        assert rows[2]["cov/num_selected"] >= 1 or rows[2]["cov/n_candidates"] == 0
+        assert rows[3]["cov/num_selected"] >= 2 and _finite(rows[3], "cov/selected_mean")  # k >= 1 per mini-batch
 
         ro = collect(ctx.engines, ctx.loader, ctx.rewards, cfg, 99, Timer())
         batch, _ = build_actor_batch(ro.prompt_ids, ro.flat("response_ids"), pad_id=ctx.pad_id)
@@ -220,27 +225,41 @@ def test_pp2_kl_cov_run_and_nan_loss_is_skipped(ray_cluster, tiny):
         row, col = torch.nonzero(batch.response_mask)[0].tolist()
         batch.advantages[row, col] = float("nan")
         before = ctx.group.execute("state_fingerprint")
-        outs = ctx.update(batch, 3, None)
+        outs = ctx.update(batch, 4, None)
         assert [o["applied"] for o in outs] == [0.0, 1.0]  # only the poisoned mini-batch is skipped
-        from megacov.trainer.step_metrics import update_metrics
-
         assert update_metrics(outs)["actor/skipped_updates"] == 1
         batch.advantages[:] = float("nan")
         after_good = ctx.group.execute("state_fingerprint")
-        outs = ctx.update(batch, 4, None)
+        outs = ctx.update(batch, 5, None)
         assert [o["applied"] for o in outs] == [0.0, 0.0]
         assert ctx.group.execute("state_fingerprint") == after_good != before
     finally:
         ctx.close()
 
 
-def test_ppo_with_judge_reward(ray_cluster, tiny):
-    from megacov.trainer import train
+def test_judge_reward_scores_with_a_vllm_engine(ray_cluster, tiny):
+    """Plumbing of the model-based reward, with the tiny model as judge."""
+    from megacov.rewards import RewardManager
+    from megacov.rewards.judge import JudgeReward
+    from megacov.trainer import session
+    from megacov.trainer.run import _context_len, _tokenizer
 
-    cfg, plan = _config(tiny, "judge", "parallel.tp=1", "algorithm.policy_loss=ppo", "trainer.total_steps=1",
-                        "trainer.eval_every=0", "checkpoint.export_hf=false", "reward.name=judge",
-                        f"reward.judge_model={tiny['model']}", "reward.judge_verdicts=[y,n]")
-    assert train(cfg, plan) == 0
-    r = _rows(os.path.join(tiny["root"], "runs", "judge"))[1]
-    assert 0.0 < r["reward/raw_mean"] < 1.0 and r["reward/errors"] == 0  # soft probabilities, not 0/1
-    assert r["actor/ppo_kl_first_update"] == 0.0 and _finite(r, "actor/entropy")
+    cfg, _ = _config(tiny, "judge", "parallel.tp=1", "reward.name=judge", f"reward.judge_model={tiny['model']}")
+    engines = session.start_engines(cfg, tiny["model"], max_model_len=_context_len(tiny["model"]))
+    try:
+        tok = _tokenizer(tiny["model"])
+        soft = JudgeReward(engines, tok, mode="soft", verdicts=["y", "n"])
+        binary = JudgeReward(engines, tok, mode="binary", verdicts=["y", "n"])
+        args = (["12", "7", "99"], ["12", "12", "12"], ["5+7=", "5+7=", "5+7="])
+        s = RewardManager(cfg.reward, judge=soft).score(*args)
+        b = RewardManager(cfg.reward, judge=binary).score(*args)
+        assert s.errors == b.errors == 0
+        assert all(0.0 < v < 1.0 for v in s.raw)  # probabilities, not verdicts
+        assert b.raw.tolist() == [1.0 if v > 0.5 else 0.0 for v in s.raw]
+        direct = engines.score([soft.prompt_ids(args[0][0], "12", "5+7=") + [soft.yes_id],
+                                soft.prompt_ids(args[0][0], "12", "5+7=") + [soft.no_id]])
+        assert s.raw[0] == pytest.approx(soft.reward(direct[0][-1], direct[1][-1]))
+        with pytest.raises(Exception, match="different tokens"):
+            JudgeReward(engines, tok, mode="soft", verdicts=["yes", "yay"])
+    finally:
+        engines.shutdown()

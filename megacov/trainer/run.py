@@ -105,7 +105,7 @@ class RunContext:
 
             raise ConfigError("reward.name=judge needs reward.judge_model (an HF directory)")
         judge_cfg = dataclasses.replace(self.cfg, rollout=dataclasses.replace(self.cfg.rollout, engines=1, tp=1))
-        self.judge_engines = session.start_engines(judge_cfg, r.judge_model)
+        self.judge_engines = session.start_engines(judge_cfg, r.judge_model, max_model_len=_context_len(r.judge_model))
         judge = JudgeReward(self.judge_engines, _tokenizer(r.judge_model), mode=r.judge_mode,
                             verdicts=r.judge_verdicts)
         return RewardManager(r, judge=judge)
@@ -150,7 +150,9 @@ class RunContext:
     def update(self, batch: Any, step: int, controls: Any) -> list[dict[str, Any]]:
         import ray
 
-        return self.group.execute("update", ray.put(batch), self.mini_batch_seqs, step=step, controls=controls)[0]
+        # The driver's algorithm section travels with every update, so the driver alone decides the loss.
+        return self.group.execute("update", ray.put(batch), self.mini_batch_seqs, step=step, controls=controls,
+                                  algo_cfg=self.cfg.algorithm)[0]
 
     def sync(self) -> None:
         from megacov.trainer.session import sync_weights
@@ -202,6 +204,14 @@ class RunContext:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics.log(step, metrics)
         self.metrics.progress(step, metrics)
+
+
+def _context_len(hf_dir: str, cap: int = 32768) -> int:
+    """The judge reads long prompts (question + reference + response tail): its whole context."""
+    import json
+
+    with open(os.path.join(hf_dir, "config.json")) as fh:
+        return min(int(json.load(fh).get("max_position_embeddings", cap)), cap)
 
 
 def _tokenizer(path: str) -> Any:

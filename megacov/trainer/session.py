@@ -76,11 +76,13 @@ def start_actor_group(cfg: Any, plan: Any, model_path: str, *, total_updates: in
                        backend=cfg.parallel.backend, name="megacov-actor")
 
 
-def start_engines(cfg: Any, model_path: str, placement: Any = None) -> Any:
+def start_engines(cfg: Any, model_path: str, placement: Any = None, max_model_len: Optional[int] = None) -> Any:
     """The vLLM engines of ``rollout``, loaded from ``model_path`` (an HF directory)."""
     from megacov.rollout.engine import EngineSpec, RolloutEngines
 
     spec = EngineSpec.from_config(cfg, model_path=os.path.abspath(model_path))
+    if max_model_len is not None:
+        spec.max_model_len = max_model_len
     spec.env.update(worker_env())
     colocated = placement is not None and spec.use_gpu and spec.colocated
     return RolloutEngines(spec, cfg.rollout.engines, placement=placement if colocated else None)
