@@ -111,6 +111,8 @@ def _vocab(hf_dir: str) -> int:
 
 
 def test_sync_from_every_layout_then_generation_restart_and_mismatch(engines, hf_dir, tmp_path):
+    import ray
+
     from megacov.rollout.mismatch import logprob_mismatch, pad_logprobs
     from megacov.rollout.sync import WeightSync
     from megacov.rollout.verify import SyncCheckWorker, collect_logprobs, export_hf_dir, max_abs_delta
@@ -121,6 +123,11 @@ def test_sync_from_every_layout_then_generation_restart_and_mismatch(engines, hf
     for i, (tp, pp, dp, bucket_mb) in enumerate(LAYOUTS):
         group = WorkerGroup(SyncCheckWorker, tp * pp * dp, args=(hf_dir, tp, pp, 0), cpus_per_worker=0.5)
         try:
+            if tp == 2 and pp == 1:
+                # Buckets sent outside an update are refused; TP rank 0 then fails mid-export and must
+                # finish its part of the gathers, or TP rank 1 would hang and the calls below with it.
+                with pytest.raises(ray.exceptions.RayTaskError, match="outside megacov_begin_update"):
+                    group.execute("push_weights", WeightSync(engines, bucket_mb=bucket_mb).plan())
             group.execute("perturb", 0.05, 100 + i)
             actor = collect_logprobs(group, seqs)
             stale = max_abs_delta(engines.score(seqs), actor)

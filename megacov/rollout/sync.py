@@ -75,15 +75,23 @@ def push_weights(named: Iterable[Named], plan: SyncPlan, *, dp_rank: int = 0) ->
     fusion = FusionMap(plan.groups)
     stats = PackStats()
     start = time.perf_counter()
+    named = iter(named)
     with PeakRss() as peak:
-        if plan.transport == "object_store":
-            sender: Any = _ObjectStoreSender(plan.engines)
-            for bucket in pack_buckets(named, plan.bucket_bytes, fusion, stats):
-                sender.send(bucket)
-                del bucket  # the object store holds the bytes now
-            sender.close()
-        else:
-            _push_staged(named, plan, fusion, stats)
+        try:
+            if plan.transport == "object_store":
+                sender: Any = _ObjectStoreSender(plan.engines)
+                for bucket in pack_buckets(named, plan.bucket_bytes, fusion, stats):
+                    sender.send(bucket)
+                    del bucket  # the object store holds the bytes now
+                sender.close()
+            else:
+                _push_staged(named, plan, fusion, stats)
+        except BaseException:
+            # The other TP ranks are still iterating the same export (its gathers are collectives):
+            # finish it without sending so that they are not left waiting in a gather, then fail.
+            for _ in named:
+                pass
+            raise
     report = {k: v for k, v in asdict(stats).items() if k != "names"}
     report.update(seconds=time.perf_counter() - start, peak_extra_bytes=peak.extra_bytes, skipped=False,
                   first_names=stats.names[:2])
@@ -313,7 +321,10 @@ class WeightSync:
                 results = group.execute(method, self.plan())
             finished = self.engines.call("finish_update", None)
         except BaseException as exc:
-            self.engines.call("abort_update")
+            try:
+                self.engines.call("abort_update")
+            except Exception:  # noqa: BLE001 - a dead engine cannot be closed; report the first error
+                pass
             if isinstance(exc, SyncError):
                 raise
             raise SyncError(f"weight sync failed; the engines refuse to generate until a sync succeeds: {exc}") from exc
