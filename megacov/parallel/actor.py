@@ -80,9 +80,24 @@ def _last_stage_src(layout: ParallelLayout) -> int:
 
 
 def _broadcast_from_last_stage(t: torch.Tensor, layout: ParallelLayout) -> torch.Tensor:
+    """Last stage -> every stage, then TP rank 0 -> its TP group: identical on the whole
+    model-parallel group by construction, not by the bitwise determinism of the collectives."""
     if layout.pp > 1:
         dist.broadcast(t, src=_last_stage_src(layout), group=layout.pp_group)
+    if layout.tp > 1:
+        dist.broadcast(t, src=dist.get_global_rank(layout.tp_group, 0), group=layout.tp_group)
     return t
+
+
+def _broadcast_object_from_last_stage(obj: Any, layout: ParallelLayout) -> Any:
+    device = layout.device if layout.device.type == "cuda" else None
+    box = [obj]
+    if layout.pp > 1:
+        dist.broadcast_object_list(box, src=_last_stage_src(layout), group=layout.pp_group, device=device)
+    if layout.tp > 1:
+        dist.broadcast_object_list(box, src=dist.get_global_rank(layout.tp_group, 0), group=layout.tp_group,
+                                   device=device)
+    return box[0]
 
 
 def _run_schedule(chunks: list[torch.nn.Module], layout: ParallelLayout, micro: list[ActorBatch],
@@ -164,11 +179,13 @@ def _sum_grads_over_dp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout
 
 def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any,
                       step: int, temperature: float, chunk_size: int, real_vocab_size: int,
-                      micro_batch_size: int) -> GlobalSelection | None:
+                      micro_batch_size: int, current_log_prob: torch.Tensor | None = None
+                      ) -> GlobalSelection | None:
     """The global token choice of ``algo_cfg.cov_scope`` (None for ``micro_batch``).
 
     ``global`` runs the forward-only pre-pass with the current weights (only for the losses that
-    select tokens); ``global_old`` and the other losses use ``old_log_prob``.
+    select tokens) unless ``current_log_prob`` already holds them; ``global_old`` and the other
+    losses use ``old_log_prob``.
     """
     scope = algo_cfg.cov_scope
     if scope not in COV_SCOPES:
@@ -176,7 +193,9 @@ def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBat
     if scope == "micro_batch":
         return None
     log_prob = batch.old_log_prob
-    if scope == "global" and algo_cfg.policy_loss in SELECTION_LOSSES:
+    if scope == "global" and algo_cfg.policy_loss in SELECTION_LOSSES and current_log_prob is not None:
+        log_prob = current_log_prob
+    elif scope == "global" and algo_cfg.policy_loss in SELECTION_LOSSES:
         log_prob, _ = compute_log_probs(model_chunks, layout, batch, temperature=temperature,
                                         chunk_size=chunk_size, real_vocab_size=real_vocab_size,
                                         with_entropy=False, micro_batch_size=micro_batch_size)
@@ -198,7 +217,7 @@ def _loss_metrics(metrics: dict[str, Any], mb: ActorBatch) -> dict[str, Any]:
 def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any, step: int,
                temperature: float, chunk_size: int, real_vocab_size: int, micro_batch_size: int,
                zero_grad_fn: Callable[[], None] | None = None, controls: Any = None,
-               max_len: int | None = None) -> dict[str, Any]:
+               max_len: int | None = None, current_log_prob: torch.Tensor | None = None) -> dict[str, Any]:
     """Forward and backward of one mini-batch (``batch`` = this DP rank's share of it).
 
     Gradients equal those of the single-device mini-batch loss (summed over DP for raw modules,
@@ -206,14 +225,18 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     the optimizer is not stepped. ``zero_grad_fn`` clears gradients first (default: DDP grad buffers
     zeroed and ``p.grad = None`` on every parameter). ``controls`` are the entropy
     controller's output (None: ``algo_cfg.entropy_coef``); ``max_len`` is the constant of
-    ``seq-mean-token-sum-norm`` (default L). Returns metrics reduced over DP, identical on every rank.
+    ``seq-mean-token-sum-norm`` (default L). ``current_log_prob`` [B, L]: log-probs of ``batch``
+    under the current weights when the caller has them (the old log-probs, on the first mini-batch
+    of the first epoch), which saves the pre-pass of ``cov_scope=global``. Returns metrics reduced
+    over DP, identical on every rank.
     """
     chunks = _chunks(model_chunks)
     t0 = time.perf_counter()
     norm = global_normalizer(batch.mask, layout.dp_group, max_len or batch.seq_len)
     selection = prepare_selection(chunks, layout, batch, algo_cfg=algo_cfg, step=step,
                                   temperature=temperature, chunk_size=chunk_size,
-                                  real_vocab_size=real_vocab_size, micro_batch_size=micro_batch_size)
+                                  real_vocab_size=real_vocab_size, micro_batch_size=micro_batch_size,
+                                  current_log_prob=current_log_prob)
     t1 = time.perf_counter()
     averaged = _grad_averaged_over_dp(chunks)
     if zero_grad_fn is not None:
@@ -250,12 +273,7 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
         _sum_grads_over_dp(chunks, layout)
     t2 = time.perf_counter()
     metrics = _reduce_metrics(store, layout, selection, norm) if layout.is_last_stage else None
-    if layout.pp > 1:
-        box = [metrics]
-        dist.broadcast_object_list(box, src=_last_stage_src(layout), group=layout.pp_group,
-                                   device=layout.device if layout.device.type == "cuda" else None)
-        metrics = box[0]
-    assert metrics is not None
+    metrics = _broadcast_object_from_last_stage(metrics, layout)
     metrics["timing/prepass_s"] = t1 - t0
     metrics["timing/update_s"] = t2 - t1
     return metrics

@@ -318,7 +318,7 @@ def _grads(model: torch.nn.Module, chunk: Any, layout: Any, opts: RunOptions) ->
 def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinySpec], cases: Sequence[Case],
                   batches: Sequence[ActorBatch], weights: Sequence[dict], opts: RunOptions) -> list[dict[str, Any]]:
     """Runs in each spawned process: every (spec, case) on this layout; returns per-case results."""
-    from megacov.parallel.actor import compute_log_probs, train_step
+    from megacov.parallel.actor import compute_log_probs, prepare_selection, train_step
     from megacov.parallel.layout import ParallelLayout
 
     layout = ParallelLayout.initialize(tp, pp, seed=opts.seed)
@@ -332,9 +332,14 @@ def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinyS
             partition = {global_param_name(model, n): (p.partition_dim if getattr(p, "tensor_model_parallel", False)
                                                        else None) for n, p in model.named_parameters()}
             for case in cases:
-                metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), step=opts.step,
-                                     temperature=opts.temperature, chunk_size=5, real_vocab_size=spec.vocab,
-                                     micro_batch_size=micro_batch_size(shard.batch_size, case.micro_batches))
+                kw = {"step": opts.step, "temperature": opts.temperature, "real_vocab_size": spec.vocab,
+                      "micro_batch_size": micro_batch_size(shard.batch_size, case.micro_batches)}
+                metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5, **kw)
+                # the same choice when the caller supplies current log-probs instead of the pre-pass
+                reused = prepare_selection([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5,
+                                           current_log_prob=lp, **kw)
+                if reused is not None:
+                    metrics["reused_selected_ids"] = reused.selected_ids.tolist()
                 results.append({"spec": spec, "case": case, "metrics": metrics,
                                 "grads": _grads(model, chunk, layout, opts), "tp_rank": layout.tp_rank,
                                 "dp_rank": layout.dp_rank, "log_prob": lp.double(), "entropy": ent.double(),
@@ -399,6 +404,7 @@ def compare(results: list[list[dict[str, Any]]], refs: dict[tuple, dict[str, Any
             logp_abs = max(logp_abs, _masked_max(res["log_prob"] - ref["log_prob"][shard_rows], ref["mask"][shard_rows]))
             ent_abs = max(ent_abs, _masked_max(res["entropy"] - ref["entropy"][shard_rows], ref["mask"][shard_rows]))
         ids = [r[i]["metrics"]["selected_ids"] for r in results]
+        ids += [r[i]["metrics"]["reused_selected_ids"] for r in results if "reused_selected_ids" in r[i]["metrics"]]
         same = all(x == ref["selected_ids"] for x in ids)
         loss = first["metrics"]["pg_loss" if "total_loss" not in first["metrics"] else "total_loss"]
         rows.append(Row(layout=label, vocab=spec.vocab, case=case.label(), selected_equal=same,

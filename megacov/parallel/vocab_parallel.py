@@ -60,6 +60,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _workspace(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Two chunk-sized buffers reused by every chunk: fresh allocations of this size would be
+    page-faulted in (CPU) or churn the caching allocator (GPU) once per chunk."""
+    return (torch.empty(rows, cols, dtype=dtype, device=device),
+            torch.empty(rows, cols, dtype=dtype, device=device))
+
+
 def _local_stats(logits: torch.Tensor, local_target: torch.Tensor, n_valid: int, inv_t: float,
                  chunk: int, with_entropy: bool) -> torch.Tensor:
     """[N, 4] statistics (m, s, w, z_target) of this shard, computed chunk by chunk."""
@@ -71,19 +78,20 @@ def _local_stats(logits: torch.Tensor, local_target: torch.Tensor, n_valid: int,
         return stats
     here = (local_target >= 0) & (local_target < n_valid)
     safe_t = torch.where(here, local_target, torch.zeros_like(local_target))
+    z_buf, p_buf = _workspace(min(chunk, n), n_valid, cdt, logits.device)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        z = logits[s:e, :n_valid].to(cdt) * inv_t  # the only chunk-sized copies: z and exp(z)
-        m = z.amax(dim=-1)
-        z -= m.unsqueeze(-1)
+        x = logits[s:e, :n_valid]
+        z, p = z_buf[:e - s], p_buf[:e - s]
+        m = x.amax(dim=-1).to(cdt) * inv_t  # max commutes with the positive scale 1/T
+        torch.add(-m.unsqueeze(-1), x, alpha=inv_t, out=z)  # z - m in one pass
         zt = z.gather(1, safe_t[s:e].unsqueeze(1)).squeeze(1) + m
         stats[s:e, 0] = m
         stats[s:e, 3] = torch.where(here[s:e], zt, torch.zeros_like(zt))
-        p = torch.exp(z)
+        torch.exp(z, out=p)
         stats[s:e, 1] = p.sum(dim=-1)
         if with_entropy:
             stats[s:e, 2] = p.mul_(z).sum(dim=-1)
-        del z, p
     return stats
 
 
@@ -136,25 +144,29 @@ class _VocabParallelLogProbEntropy(torch.autograd.Function):
         here = (local_target >= 0) & (local_target < nv)
         safe_t = torch.where(here, local_target, torch.zeros_like(local_target))
         glp = g_lp.to(cdt) if g_lp is not None else torch.zeros_like(lse)
-        gh = g_h.to(cdt) if use_h else None
+        # grad_z = -p (a log p + b) + glp onehot, with a = gh, b = gh H + glp; the 1/T of the
+        # chain rule is folded into a and b (and into the one-hot term).
+        a = -g_h.to(cdt) * ctx.inv_t if use_h else None
+        b = -(g_h.to(cdt) * entropy + glp) * ctx.inv_t if use_h else -glp * ctx.inv_t
+        hit = torch.where(here, glp * ctx.inv_t, torch.zeros_like(glp))
+        z_buf, p_buf = _workspace(min(ctx.chunk, n), nv, cdt, logits.device)
+        direct = grad.dtype == cdt
         for s in range(0, n, ctx.chunk):
             e = min(n, s + ctx.chunk)
-            z = logits[s:e, :nv].to(cdt) * ctx.inv_t
-            z -= lse[s:e].unsqueeze(-1)  # log p
-            p = torch.exp(z)
-            if gh is not None:
-                z += entropy[s:e].unsqueeze(-1)
-                z *= gh[s:e].unsqueeze(-1)
-                z += glp[s:e].unsqueeze(-1)
-                p.mul_(z)
+            z, p = z_buf[:e - s], p_buf[:e - s]
+            torch.add(-lse[s:e].unsqueeze(-1), logits[s:e, :nv], alpha=ctx.inv_t, out=z)  # log p
+            torch.exp(z, out=p)
+            if a is not None:
+                factor = torch.addcmul(b[s:e].unsqueeze(-1), z, a[s:e].unsqueeze(-1), out=z)
             else:
-                p.mul_(glp[s:e].unsqueeze(-1))
-            p.neg_()
-            rows = torch.arange(e - s, device=p.device)
-            p[rows, safe_t[s:e]] += torch.where(here[s:e], glp[s:e], torch.zeros_like(glp[s:e]))
-            p *= ctx.inv_t
-            grad[s:e, :nv] = p  # reads of this chunk are finished: safe even when grad is logits
-            del z, p
+                factor = b[s:e].unsqueeze(-1)
+            # This chunk of the logits has been read: writing its gradient over it is safe.
+            out = grad[s:e, :nv]
+            if direct:
+                torch.mul(p, factor, out=out)
+            else:
+                out.copy_(p.mul_(factor))
+            out[torch.arange(e - s, device=out.device), safe_t[s:e]] += hit[s:e].to(out.dtype)
         return (grad,) + (None,) * 8
 
 
