@@ -122,15 +122,18 @@ class ActorWorker:
     # -- training ------------------------------------------------------------------------------------
 
     def _grads_finite(self) -> bool:
-        """Every gradient on every rank finite (one all-reduce over the whole job)."""
-        bad = torch.zeros(1, device=self.layout.device)
+        """Every gradient on every rank finite: one device-side reduction per grad buffer, one host
+        sync and one all-reduce over the whole job."""
+        flags = []
         for chunk in self.model:
-            for param in chunk.parameters():
-                grad = getattr(param, "main_grad", None)
-                grad = param.grad if grad is None else grad
-                if grad is not None and not bool(torch.isfinite(grad).all()):
-                    bad.fill_(1.0)
-                    break
+            buffers = getattr(chunk, "buffers", None)
+            if isinstance(buffers, list):  # megatron DDP: contiguous grad buffers
+                grads = [b.grad_data for b in buffers + list(getattr(chunk, "expert_parallel_buffers", []))]
+            else:
+                grads = [p.grad for p in chunk.parameters() if p.grad is not None]
+            flags += [torch.isfinite(g).all() for g in grads if g is not None and g.numel()]
+        ok = torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self.layout.device)
+        bad = (~ok).float().reshape(1).to(self.layout.device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         return bool(bad.item() == 0)

@@ -38,6 +38,8 @@ def rl_step(ctx: Any, step: int) -> dict[str, float]:
 
     # 1. experience: n samples per prompt, scored (dynamic sampling refills uninformative groups)
     ro = collect(ctx.engines, ctx.loader, ctx.rewards, cfg, step, timer)
+    with timer("rollout"):
+        ctx.release_engines()  # colocated GPU: vLLM gives its memory back while the actor trains
     truncated = ro.flat("truncated")
     train_rows = [not t for t in truncated] if cfg.data.overlong_filter else None
     batch, rollout_lp = build_actor_batch(ro.prompt_ids, ro.flat("response_ids"), pad_id=ctx.pad_id,

@@ -66,6 +66,7 @@ class RunContext:
         self.history: list[tuple[float, float]] = []
         self.group = self.engines = self.judge_engines = self.metrics = self.rewards = None
         self._sync = None
+        self._asleep = False
 
     # -- lifetime ----------------------------------------------------------------------------------
 
@@ -92,23 +93,8 @@ class RunContext:
                                      config=dataclasses.asdict(cfg))
 
     def _reward_manager(self) -> Any:
-        from megacov.rewards import RewardManager
-
-        if self.cfg.reward.name != "judge":
-            return RewardManager(self.cfg.reward)
-        from megacov.rewards.judge import JudgeReward
-        from megacov.trainer import session
-
-        r = self.cfg.reward
-        if not r.judge_model:
-            from megacov.config import ConfigError
-
-            raise ConfigError("reward.name=judge needs reward.judge_model (an HF directory)")
-        judge_cfg = dataclasses.replace(self.cfg, rollout=dataclasses.replace(self.cfg.rollout, engines=1, tp=1))
-        self.judge_engines = session.start_engines(judge_cfg, r.judge_model, max_model_len=_context_len(r.judge_model))
-        judge = JudgeReward(self.judge_engines, _tokenizer(r.judge_model), mode=r.judge_mode,
-                            verdicts=r.judge_verdicts)
-        return RewardManager(r, judge=judge)
+        manager, self.judge_engines = build_reward_manager(self.cfg)
+        return manager
 
     def _resume(self, path: str) -> None:
         from megacov.trainer.checkpoint import load_trainer_state
@@ -154,10 +140,25 @@ class RunContext:
         return self.group.execute("update", ray.put(batch), self.mini_batch_seqs, step=step, controls=controls,
                                   algo_cfg=self.cfg.algorithm)[0]
 
+    def _colocated_gpu(self) -> bool:
+        return bool(self.engines.spec.use_gpu and self.engines.spec.colocated)
+
+    def release_engines(self) -> None:
+        """Colocated on GPU: vLLM offloads its weights and drops its KV cache while the actor trains."""
+        if self._colocated_gpu() and not self._asleep:
+            self.engines.sleep(level=1)
+            self._asleep = True
+
     def sync(self) -> None:
+        """Push the actor's weights into the engines (waking them first when they sleep)."""
         from megacov.trainer.session import sync_weights
 
+        if self._asleep:
+            self.engines.wake_up(["weights"])
         sync_weights(self._sync, self.group, self.plan)
+        if self._asleep:
+            self.engines.wake_up(["kv_cache"])
+            self._asleep = False
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
         ro = self.cfg.rollout
@@ -204,6 +205,26 @@ class RunContext:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics.log(step, metrics)
         self.metrics.progress(step, metrics)
+
+
+def build_reward_manager(cfg: Any) -> tuple[Any, Any]:
+    """The run's RewardManager and, for ``reward.name=judge``, the judge's engines (to shut down)."""
+    from megacov.rewards import RewardManager
+
+    r = cfg.reward
+    if r.name != "judge":
+        return RewardManager(r), None
+    from megacov.rewards.judge import JudgeReward
+    from megacov.trainer import session
+
+    if not r.judge_model:
+        from megacov.config import ConfigError
+
+        raise ConfigError("reward.name=judge needs reward.judge_model (an HF directory)")
+    judge_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engines=1, tp=1))
+    engines = session.start_engines(judge_cfg, r.judge_model, max_model_len=_context_len(r.judge_model))
+    judge = JudgeReward(engines, _tokenizer(r.judge_model), mode=r.judge_mode, verdicts=r.judge_verdicts)
+    return RewardManager(r, judge=judge), engines
 
 
 def _context_len(hf_dir: str, cap: int = 32768) -> int:

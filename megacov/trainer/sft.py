@@ -65,7 +65,7 @@ def cache_key(cfg: Any, plan: Any) -> str:
         "steps": cfg.trainer.sft_steps, "lr": sft_lr(cfg), "seed": cfg.trainer.seed,
         "batch": cfg.data.batch_size * cfg.rollout.n, "layout": [plan.tp, plan.pp, plan.dp],
         "mbs": cfg.parallel.micro_batch_size, "dtype": cfg.model.dtype, "max_prompt_len": cfg.data.max_prompt_len,
-        "optim": dataclasses.asdict(cfg.optim),
+        "optim": {k: v for k, v in dataclasses.asdict(cfg.optim).items() if k != "lr"},  # lr: sft_lr above
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
