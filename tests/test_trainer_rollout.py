@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
+from megacov.cli import main
 from megacov.config import load_config
 from megacov.data import PromptLoader, load_prompts
 from megacov.rewards import RewardManager
@@ -17,6 +16,9 @@ from megacov.rollout.engine import Sample
 from megacov.tiny import build_tokenizer
 from megacov.trainer.batching import build_actor_batch
 from megacov.trainer.rollout import Timer, collect
+
+
+CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples/tiny/config.yaml")
 
 
 class ScriptedEngine:
@@ -105,14 +107,30 @@ def test_overlong_filter_masks_truncated_responses_out_of_the_loss(setup):
     (["data.eval_files=[/nonexistent.jsonl]"], "dataset file not found"),
     (["data.eval_files=[]"], "nothing to evaluate"),
 ])
-def test_eval_cli_bad_input_exits_2(tmp_path, extra, message):
+def test_eval_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
     from megacov.tiny import build_example
 
     paths = build_example(str(tmp_path / "model"), str(tmp_path / "data"))
     base = [f"model.path={paths['model']}", f"data.train_files=[{paths['train']}]",
             f"data.eval_files=[{paths['eval']}]", f"trainer.output_dir={tmp_path}/runs"]
-    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples/tiny/config.yaml")
-    proc = subprocess.run([sys.executable, "-m", "megacov", "eval", config, *base, *extra],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    assert message in proc.stderr and proc.stderr.strip().count("\n") == 0
+    assert main(["eval", CONFIG, *base, *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("megacov: error: ") and message in err[-1]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["data.train_files=[{bad}]"], "row 2: invalid JSON"),
+    (["reward.name=no_such_module_xyz:fn"], "cannot be loaded"),
+    (["trainer.resume=/nonexistent/step_1"], "no such checkpoint folder"),
+])
+def test_train_cli_bad_input_exits_2_before_starting_workers(tmp_path, capsys, extra, message):
+    from megacov.tiny import build_example
+
+    paths = build_example(str(tmp_path / "model"), str(tmp_path / "data"))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": \n')
+    base = [f"model.path={paths['model']}", f"data.train_files=[{paths['train']}]",
+            f"data.eval_files=[{paths['eval']}]", f"trainer.output_dir={tmp_path}/runs", "trainer.sft_steps=0"]
+    assert main(["train", CONFIG, *base, *[e.format(bad=bad) for e in extra]]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("megacov: error: ") and message in last

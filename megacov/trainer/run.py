@@ -23,16 +23,19 @@ log = logging.getLogger("megacov.trainer")
 EVAL_SEED_OFFSET = 7919
 
 
-def setup_logging(run_dir: str) -> None:
+def setup_logging(run_dir: str) -> list[logging.Handler]:
+    """Log megacov's messages to stderr and ``<run_dir>/train.log``; returns the handlers to remove."""
     root = logging.getLogger("megacov")
-    if any(getattr(h, "_megacov", False) for h in root.handlers):
-        return
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    for handler in (logging.StreamHandler(sys.stderr), logging.FileHandler(os.path.join(run_dir, "train.log"))):
+    handlers: list[logging.Handler] = [logging.FileHandler(os.path.join(run_dir, "train.log"))]
+    if not any(isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+               for h in root.handlers):
+        handlers.append(logging.StreamHandler(sys.stderr))
+    for handler in handlers:
         handler.setFormatter(fmt)
-        handler._megacov = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO)
+    return handlers
 
 
 class RunContext:
@@ -61,10 +64,11 @@ class RunContext:
         self.ckpt.remove_partial()
         self.resume_from = self.ckpt.resolve_resume(cfg.trainer.resume)
         self.init_path = warm_start(cfg, plan, self.tokenizer) if cfg.trainer.sft_steps > 0 else cfg.model.path
+        self.rewards = None if cfg.reward.name == "judge" else build_reward_manager(cfg)[0]  # bad names fail here
         self.has_reference = True
         self.start_step = 0
         self.history: list[tuple[float, float]] = []
-        self.group = self.engines = self.judge_engines = self.metrics = self.rewards = None
+        self.group = self.engines = self.judge_engines = self.metrics = None
         self._sync = None
         self._asleep = False
 
@@ -75,7 +79,8 @@ class RunContext:
 
         cfg = self.cfg
         session.connect(cfg, self.plan)
-        self.rewards = self._reward_manager()
+        if self.rewards is None:
+            self.rewards, self.judge_engines = build_reward_manager(cfg)
         mcore = cfg.model.mcore_checkpoint
         self.group = session.start_actor_group(
             cfg, self.plan, self.init_path, total_updates=cfg.trainer.total_steps * self.updates_per_step,
@@ -91,10 +96,6 @@ class RunContext:
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, run_name=cfg.trainer.name,
                                      total_steps=cfg.trainer.total_steps, start_step=self.start_step,
                                      config=dataclasses.asdict(cfg))
-
-    def _reward_manager(self) -> Any:
-        manager, self.judge_engines = build_reward_manager(self.cfg)
-        return manager
 
     def _resume(self, path: str) -> None:
         from megacov.trainer.checkpoint import load_trainer_state
@@ -242,11 +243,30 @@ def _tokenizer(path: str) -> Any:
 
 
 def run(cfg: Any, plan: Any) -> int:
-    from megacov.config import to_yaml
+    """Bad input found while setting up (a malformed dataset row, an unknown reward, an unusable
+    checkpoint) becomes a ConfigError: one line naming the problem, exit code 2."""
+    from megacov.config import ConfigError
+    from megacov.data import DataError
+    from megacov.models import CheckpointError as ModelCheckpointError
+    from megacov.rewards import RewardSpecError
+    from megacov.trainer.checkpoint import CheckpointError
 
     run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.name)
     os.makedirs(run_dir, exist_ok=True)
-    setup_logging(run_dir)
+    handlers = setup_logging(run_dir)
+    try:
+        return _run(cfg, plan, run_dir)
+    except (DataError, RewardSpecError, CheckpointError, ModelCheckpointError) as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        for handler in handlers:
+            logging.getLogger("megacov").removeHandler(handler)
+            handler.close()
+
+
+def _run(cfg: Any, plan: Any, run_dir: str) -> int:
+    from megacov.config import to_yaml
+
     with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
         fh.write(to_yaml(cfg))
     torch.manual_seed(cfg.trainer.seed)
