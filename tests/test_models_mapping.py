@@ -254,22 +254,32 @@ def test_lazy_safetensors_slices_give_the_same_shards(tmp_path) -> None:
         SafetensorsReader(str(tmp_path))
 
 
-def test_shard_writer_splits_and_indexes(tmp_path) -> None:
+def test_shard_writer_streams_planned_shards_in_any_order(tmp_path) -> None:
     from safetensors.torch import load_file
 
-    tensors = {f"t{i}": torch.full((256,), float(i)) for i in range(5)}  # 1 KiB each
-    writer = ShardWriter(str(tmp_path), max_shard_bytes=2048)
-    for k, v in tensors.items():
-        writer.add(k, v[:])  # views: the writer must own its bytes
+    tensors = {f"t{i}": torch.randn(16, 16).to(torch.bfloat16 if i % 2 else torch.float32) for i in range(5)}
+    plan = {k: (tuple(v.shape), v.dtype) for k, v in tensors.items()}  # 1024 or 512 bytes each
+    writer = ShardWriter(str(tmp_path), plan, max_shard_bytes=1600)
+    for k in ["t3", "t0", "t4", "t1", "t2"]:
+        writer.add(k, tensors[k].t().t())  # arrival order differs from the plan; views are fine
+    with pytest.raises(ValueError, match="written twice"):
+        writer.add("t0", tensors["t0"])
     weight_map = writer.finish()
     files = sorted(set(weight_map.values()))
     assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
     index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
-    assert index["weight_map"] == weight_map and index["metadata"]["total_size"] == 5 * 1024
+    assert index["weight_map"] == weight_map and index["metadata"]["total_size"] == 3 * 1024 + 2 * 512
     loaded = {}
     for f in files:
-        loaded.update(load_file(str(tmp_path / f)))
-    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+        loaded.update(load_file(str(tmp_path / f)))  # the reference reader validates our headers
+    assert all(loaded[k].dtype == v.dtype and torch.equal(loaded[k], v) for k, v in tensors.items())
+    (tmp_path / "short").mkdir()
+    short = ShardWriter(str(tmp_path / "short"), {"a": ((2,), torch.float32), "b": ((2,), torch.float32)}, 1 << 20)
+    short.add("a", torch.zeros(2))
+    with pytest.raises(ValueError, match="planned"):
+        short.add("b", torch.zeros(3))
+    with pytest.raises(ValueError, match="never arrived"):
+        short.finish()
 
 
 def test_atomic_dir_leaves_nothing_on_failure_and_refuses_to_clobber(tmp_path) -> None:

@@ -1,9 +1,11 @@
 """``megacov convert``: HF safetensors <-> megatron ``dist_checkpointing`` (torch_dist) checkpoints.
 
-hf-to-mcore spawns TP x PP gloo processes; each builds its chunk from the HF files (reading only its
-own shard, :mod:`megacov.models.loader`) and megatron saves the chunks as one checkpoint whose
-tensors are stored in global (TP=1, all layers) coordinates. That is what makes the checkpoint load
-at any TP x PP: megatron reshards on load. Next to megatron's files the directory holds
+hf-to-mcore spawns TP x PP gloo processes (one is enough: the result does not depend on the layout;
+more processes convert in parallel). Each builds its chunk on the meta device and megatron saves it
+with a strategy that reads every tensor from the HF files only when it is written
+(:mod:`megacov.models.mcore_writer`), so memory stays at one tensor per process. Tensors are stored in
+global (TP=1, all layers) coordinates, which is what makes the checkpoint load at any TP x PP:
+megatron reshards on load. Next to megatron's files the directory holds
 ``megacov.json`` (family, padded vocabulary, a copy of the HF config) and the tokenizer files.
 
 mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, then loads one
@@ -25,11 +27,10 @@ from typing import Any, Iterator, Optional, Sequence
 import torch
 
 from megacov.models import mapping
-from megacov.models.arch import Arch, check_layout, torch_dtype
+from megacov.models.arch import Arch, check_layout, hf_tensor_shapes, torch_dtype
 from megacov.models.family import families
 from megacov.models.hf_io import CheckpointError, ShardWriter, atomic_dir, copy_side_files
-from megacov.models.loader import (MCORE_FORMAT, MCORE_META_FILE, build_model, check_hf_weights, read_mcore_meta,
-                                   resolve_source)
+from megacov.models.loader import MCORE_FORMAT, MCORE_META_FILE, check_hf_weights, read_mcore_meta, resolve_source
 
 DEFAULT_MAX_SHARD_MB = 2048
 
@@ -50,17 +51,16 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 def _hf_to_mcore_rank(rank: int, world_size: int, hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str,
                       progress: bool) -> dict:
-    from megatron.core import dist_checkpointing
-
+    from megacov.models.mcore_writer import save_from_hf
     from megacov.parallel.layout import ParallelLayout
 
     layout = ParallelLayout.initialize(tp, pp)
     try:
-        model, info = build_model(hf_dir, layout, dtype=dtype, progress=progress and rank == 0)
-        loaded_mb = peak_rss_mb()
-        dist_checkpointing.save(model.sharded_state_dict(), out_dir)
-        return {"rank": rank, "padded_vocab_size": info.padded_vocab_size, "peak_rss_mb_after_load": loaded_mb,
-                "peak_rss_mb": peak_rss_mb()}
+        src = resolve_source(hf_dir, tp=tp)
+        start_mb = peak_rss_mb()
+        read = save_from_hf(src, layout, out_dir, torch_dtype(dtype), progress=progress and rank == 0)
+        return {"rank": rank, "padded_vocab_size": src.arch.padded_vocab_size, "bytes_written": read,
+                "peak_rss_mb_before_save": start_mb, "peak_rss_mb": peak_rss_mb()}
     finally:
         layout.destroy()
 
@@ -157,7 +157,12 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
 
 def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: Optional[str] = None, overwrite: bool = False,
                 max_shard_mb: int = DEFAULT_MAX_SHARD_MB, progress: bool = True) -> dict:
-    """Convert a megacov mcore checkpoint into an HF directory (safetensors, config, tokenizer)."""
+    """Convert a megacov mcore checkpoint into an HF directory (safetensors, config, tokenizer).
+
+    ``dtype`` defaults to the checkpoint's. Memory: one decoder layer of the checkpoint.
+    """
+    from megacov.models.dcp_slices import tensor_metadata
+
     if not os.path.isdir(mcore_dir):
         raise CheckpointError(f"no such directory: {mcore_dir}")
     meta = read_mcore_meta(mcore_dir)
@@ -167,19 +172,21 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: Optional[str] = None, ov
     rules, dims = families()[arch.family].layer_rules, arch.dims
     dt = torch_dtype(dtype) if dtype else None
     start = time.perf_counter()
+    if dt is None:
+        stored = tensor_metadata(mcore_dir).get("embedding.word_embeddings.weight")
+        if stored is None:
+            raise CheckpointError(f"{mcore_dir}: no embedding.word_embeddings.weight in the checkpoint")
+        dt = stored[1]
+    plan = {name: (shape, dt) for name, shape in hf_tensor_shapes(arch, rules).items()}
     with atomic_dir(out_dir, overwrite) as tmp:
-        writer = ShardWriter(tmp, max_shard_mb * 1024 * 1024)
-        out_dtype = None
+        writer = ShardWriter(tmp, plan, max_shard_mb * 1024 * 1024)
         for gname, full in iter_checkpoint_tensors(mcore_dir, arch, progress):
             for hf_name, tensor in mapping.mcore_to_hf(gname, full, rules, dims):
-                tensor = tensor.to(dt) if dt is not None else tensor
-                out_dtype = tensor.dtype
                 writer.add(hf_name, tensor)
         writer.finish()
         hf_config = dict(meta["hf_config"])
-        keys = [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["torch_dtype"]
-        for key in keys:
-            hf_config[key] = _dtype_name(out_dtype) if out_dtype is not None else hf_config.get(key)
+        for key in [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["torch_dtype"]:
+            hf_config[key] = _dtype_name(dt)
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(hf_config, fh, indent=2)
         copy_side_files(mcore_dir, tmp)

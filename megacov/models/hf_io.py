@@ -3,8 +3,8 @@
 :class:`SafetensorsReader` resolves a tensor name to its shard through ``model.safetensors.index.json``
 (or the single ``model.safetensors``) and hands out *lazy* slices: indexing one reads only the
 requested rows/columns from the memory-mapped file, which is how a TP rank loads just its shard.
-:class:`ShardWriter` writes safetensors shards as tensors stream in, so export memory is bounded by
-one shard. :func:`atomic_dir` makes every output appear complete or not at all.
+:class:`ShardWriter` writes safetensors shards planned from the config, each tensor straight to its
+place in its file, so export memory is bounded by one tensor. :func:`atomic_dir` makes every output appear complete or not at all.
 """
 from __future__ import annotations
 
@@ -113,55 +113,96 @@ class SafetensorsReader:
         self._handles.clear()
 
 
-class ShardWriter:
-    """Write HF tensors into ``model-0000i-of-0000n.safetensors`` shards of at most ``max_shard_bytes``.
+_ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
-    Shards are written as soon as they fill up, then renamed once the total count is known; the
-    index maps every tensor to its final file.
+
+class ShardWriter:
+    """Stream tensors into safetensors shards whose layout is planned before any weight is read.
+
+    ``plan`` maps every tensor name (in the order to store them) to ``(shape, dtype)``; both are known
+    from the config alone. Each shard's header is written up front, and :meth:`add` writes a tensor's
+    bytes straight to its place in the file, so memory holds only the tensor being written, whatever
+    the shard size. :meth:`finish` checks that every planned tensor arrived and writes the index.
     """
 
-    def __init__(self, out_dir: str, max_shard_bytes: int) -> None:
-        self.out_dir, self.max_shard_bytes = out_dir, max_shard_bytes
-        self._pending: dict[str, torch.Tensor] = {}
-        self._pending_bytes = 0
-        self._shards: list[list[str]] = []
+    def __init__(self, out_dir: str, plan: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int) -> None:
+        self.out_dir, self.plan = out_dir, plan
+        shards: list[list[str]] = [[]]
+        size = 0
+        for name, (shape, dtype) in plan.items():
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+        n = len(shards)
+        self.files = [SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self._where: dict[str, tuple[Any, int, int]] = {}
+        self._handles = []
         self.total_bytes = 0
+        for filename, names in zip(self.files, shards):
+            self._handles.append(self._open_shard(filename, names))
+        self._written: set[str] = set()
+
+    def _open_shard(self, filename: str, names: list[str]) -> Any:
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            shape, dtype = self.plan[name]
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
+        fh = open(os.path.join(self.out_dir, filename), "wb")
+        fh.write(len(raw).to_bytes(8, "little"))
+        fh.write(raw)
+        fh.truncate(8 + len(raw) + offset)
+        for name in names:
+            begin, end = header[name]["data_offsets"]
+            self._where[name] = (fh, 8 + len(raw) + begin, end - begin)
+        self.total_bytes += offset
+        return fh
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if any(name in s for s in self._shards) or name in self._pending:
+        if name not in self.plan:
+            raise ValueError(f"tensor {name} is not in the export plan")
+        if name in self._written:
             raise ValueError(f"tensor {name} written twice")
-        nbytes = tensor.numel() * tensor.element_size()
-        if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
-            self._flush()
-        # Own the bytes: the caller's tensor may be a view into a bigger buffer that it will free.
-        self._pending[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
-        self._pending_bytes += nbytes
-        self.total_bytes += nbytes
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self._pending:
-            return
-        save_file(self._pending, os.path.join(self.out_dir, f"part-{len(self._shards)}.safetensors"),
-                  metadata={"format": "pt"})
-        self._shards.append(list(self._pending))
-        self._pending, self._pending_bytes = {}, 0
+        shape, dtype = self.plan[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, planned {tuple(shape)}")
+        fh, pos, nbytes = self._where[name]
+        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8)
+        if data.numel() != nbytes:
+            raise ValueError(f"tensor {name}: {data.numel()} bytes, planned {nbytes}")
+        fh.seek(pos)
+        fh.write(memoryview(data.numpy()))
+        self._written.add(name)
 
     def finish(self) -> dict[str, str]:
-        """Write the last shard and the index; returns the weight map."""
-        self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        for i, names in enumerate(self._shards):
-            final = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(os.path.join(self.out_dir, f"part-{i}.safetensors"), os.path.join(self.out_dir, final))
-            os.chmod(os.path.join(self.out_dir, final), 0o666 & ~_umask())
-            weight_map.update({name: final for name in names})
-        if n > 1:
+        """Close the shards and write the index (several shards); returns the weight map."""
+        for fh in self._handles:
+            fh.close()
+        missing = [n for n in self.plan if n not in self._written]
+        if missing:
+            raise ValueError(f"export incomplete: {len(missing)} tensors never arrived, e.g. {missing[:3]}")
+        weight_map = {name: os.path.basename(fh.name) for name, (fh, _, _) in self._where.items()}
+        for filename in self.files:
+            os.chmod(os.path.join(self.out_dir, filename), 0o666 & ~_umask())
+        if len(self.files) > 1:
             with open(os.path.join(self.out_dir, INDEX_FILE), "w") as fh:
                 json.dump({"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}, fh, indent=2)
         return weight_map
+
+
+def _numel(shape: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
 
 
 def copy_side_files(src_dir: str, dst_dir: str) -> list[str]:

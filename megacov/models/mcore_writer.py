@@ -1,0 +1,144 @@
+"""Write a megatron torch_dist checkpoint straight from HF safetensors, one tensor in memory at a time.
+
+Saving a built model would hold this rank's whole chunk in memory (and megatron's writer copies it
+once more). Instead the chunk is built on the ``meta`` device: it has every name, shape, sharding
+offset and replica id megatron's ``sharded_state_dict()`` needs, but no storage. megatron's own
+``dist_checkpointing.save`` then runs with a strategy that hands that state dict to PyTorch DCP's
+file writer, whose planner materialises each write item only when the writer asks for its bytes:
+the item's box (global offsets and sizes, e.g. "layer 5, rows 0..1023 of linear_qkv") is read from
+the HF files through the pure mapping, written, and dropped. The resulting directory is the
+ordinary torch_dist format (megatron's metadata.json, common.pt and DCP metadata), which megatron
+loads and reshards at any layout.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Optional, Sequence
+
+import torch
+
+from megacov.models import mapping
+from megacov.models.family import families
+from megacov.models.loader import Source
+
+_LAYER_PREFIX = "decoder.layers."
+
+
+def build_meta_chunk(src: Source, layout: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """This rank's GPTModel chunk with every parameter on the meta device (no memory, no init)."""
+    from megacov.models import core
+    from megacov.models.arch import gpt_model_kwargs, megatron_config
+
+    cfg = megatron_config(src.arch, tp=layout.tp, pp=layout.pp, dtype=dtype, perform_initialization=False,
+                          use_cpu_initialization=True)
+    spec = core.layer_spec(cfg.normalization, src.arch.qk_norm, use_te=False)
+    meta_layout = dataclasses.replace(layout, device=torch.device("meta"))
+    with torch.device("meta"):
+        return core.build_gpt_model(cfg, meta_layout, spec=spec, **gpt_model_kwargs(src.arch))
+
+
+class BoxReader:
+    """The megatron tensor box ``(key, offsets, sizes)`` of a checkpoint, computed from HF tensors.
+
+    Boxes that are whole TP shards (what megatron writes) are read as shards, so only their rows or
+    columns are read from disk; any other box falls back to the full tensor, narrowed.
+    """
+
+    def __init__(self, hf: Any, src: Source) -> None:
+        self.hf, self.dims = hf, src.arch.dims
+        self.rules = families()[src.arch.family].layer_rules
+        self.bytes_read = 0
+
+    def __call__(self, key: str, offsets: Sequence[int], sizes: Sequence[int], full: Sequence[int]) -> torch.Tensor:
+        if key.startswith(_LAYER_PREFIX):  # stacked per-layer tensor: leading layer axis of size 1
+            if sizes[0] != 1:
+                raise ValueError(f"{key}: write item spans {sizes[0]} layers")
+            name = f"{_LAYER_PREFIX}{offsets[0]}.{key[len(_LAYER_PREFIX):]}"
+            box = self._box(name, list(offsets[1:]), list(sizes[1:]), list(full[1:]))
+            out = box.reshape(tuple(sizes))
+        else:
+            out = self._box(key, list(offsets), list(sizes), list(full))
+        self.bytes_read += out.numel() * out.element_size()
+        return out.contiguous()
+
+    def _box(self, name: str, off: list, size: list, full: list) -> torch.Tensor:
+        kind = mapping.resolve(name, self.rules, self.dims).rule.kind
+        whole_rest = lambda dims: all(off[d] == 0 and size[d] == full[d] for d in dims)  # noqa: E731
+        shard = None
+        if kind == "replicated" and size == full:
+            shard = self._shard(name, 0, 1)
+        elif kind == "row" and whole_rest([0]) and full[1] % size[1] == 0 and off[1] % size[1] == 0:
+            shard = self._shard(name, off[1] // size[1], full[1] // size[1])
+        elif kind in ("qkv", "vocab") and whole_rest(range(1, len(full))) and off[0] % size[0] == 0 \
+                and full[0] % size[0] == 0:
+            shard = self._shard(name, off[0] // size[0], full[0] // size[0])
+        elif kind == "fc1" and whole_rest(range(1, len(full))):
+            ffn = full[0] // 2
+            part, start = (0, off[0]) if off[0] < ffn else (1, off[0] - ffn)
+            if ffn % size[0] == 0 and start % size[0] == 0 and start + size[0] <= ffn:
+                halves = self._shard(name, start // size[0], ffn // size[0]).chunk(2, dim=0)
+                return halves[part]
+        if shard is not None:
+            return shard
+        whole = self._shard(name, 0, 1)
+        for d, (o, s) in enumerate(zip(off, size)):
+            whole = whole.narrow(d, o, s)
+        return whole
+
+    def _shard(self, name: str, tp_rank: int, tp: int) -> torch.Tensor:
+        return mapping.hf_to_mcore_shard(name, self.hf, self.rules, self.dims, tp_rank, tp)
+
+
+def _strategy(read_box: BoxReader, progress: bool) -> Any:
+    """A torch_dist save strategy whose tensors come from ``read_box`` at write time."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    class _LazyPlanner(MCoreSavePlanner):
+        bar: Optional[Any] = None
+
+        def finish_plan(self, new_plan: Any) -> Any:
+            plan = super().finish_plan(new_plan)
+            if progress:
+                from tqdm import tqdm
+
+                items = sum(1 for item in plan.items if item.type != WriteItemType.BYTE_IO)
+                self.bar = tqdm(total=items, desc="writing checkpoint", unit="tensor", file=sys.stderr)
+            return plan
+
+        def resolve_data(self, write_item: Any) -> Any:
+            if write_item.type == WriteItemType.BYTE_IO:
+                return super().resolve_data(write_item)
+            td = write_item.tensor_data
+            tensor = read_box(write_item.index.fqn, td.chunk.offsets, td.chunk.sizes, td.size)
+            if self.bar is not None:
+                self.bar.update(1)
+            return tensor.to(td.properties.dtype)
+
+    class _LazyTorchDist(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
+            state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
+            planner = _LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
+            writer = FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False)
+            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
+            if planner.bar is not None:
+                planner.bar.close()
+
+    return _LazyTorchDist("torch_dist", 1, thread_count=1)
+
+
+def save_from_hf(src: Source, layout: Any, out_dir: str, dtype: torch.dtype, progress: bool = False) -> int:
+    """Collective over the layout's ranks: write this rank's part of the checkpoint. Returns bytes read."""
+    from megatron.core import dist_checkpointing
+
+    from megacov.models.hf_io import SafetensorsReader
+
+    chunk = build_meta_chunk(src, layout, dtype)
+    read_box = BoxReader(SafetensorsReader(src.path), src)
+    dist_checkpointing.save(chunk.sharded_state_dict(), out_dir, sharded_strategy=_strategy(read_box, progress))
+    return read_box.bytes_read
