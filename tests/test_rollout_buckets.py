@@ -1,6 +1,7 @@
 """Pure parts of the rollout side: fused-group bucketing, the wire format, the mismatch metric, peak RSS."""
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -75,7 +76,7 @@ def test_buckets_respect_capacity_and_never_split_a_fused_module(capacity):
     if capacity >= sum(sizes):
         assert len(buckets) == 1
     # greedy packing: no two neighbouring buckets could have been merged
-    for a, b in zip(sizes, sizes[1:]):
+    for a, b in itertools.pairwise(sizes):
         assert a + b > capacity or a >= capacity
 
 

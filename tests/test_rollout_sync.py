@@ -162,7 +162,7 @@ def test_sync_from_every_layout_then_generation_restart_and_mismatch(engines, hf
         assert stats["mismatch/tokens"] == sum(len(s.token_ids) for s in samples)
         assert stats["mismatch/abs_max"] <= TOL, stats
 
-        greedy = dict(n=1, temperature=0.0, top_p=1.0, top_k=-1, max_tokens=16, seed=0)
+        greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 16, "seed": 0}
         synced_out = engines.generate(prompts, **greedy)
         exported = export_hf_dir(group, hf_dir, str(tmp_path / "exported"))
     finally:

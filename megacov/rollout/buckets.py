@@ -18,8 +18,9 @@ rebuilds views without copying.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -69,7 +70,7 @@ class FusionMap:
 
     @classmethod
     def from_engine_params(cls, param_names: Iterable[str],
-                           packed_modules_mapping: Optional[Mapping[str, Sequence[str]]]) -> "FusionMap":
+                           packed_modules_mapping: Mapping[str, Sequence[str]] | None) -> FusionMap:
         """Expand an engine's parameter names into HF names using its ``packed_modules_mapping``.
 
         ``model.layers.0.self_attn.qkv_proj.bias`` with ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``
@@ -120,8 +121,8 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def iter_groups(stream: Iterable[Named], fusion: FusionMap, stats: Optional[PackStats] = None,
-                held: Optional[Callable[[], int]] = None) -> Iterator[list[Named]]:
+def iter_groups(stream: Iterable[Named], fusion: FusionMap, stats: PackStats | None = None,
+                held: Callable[[], int] | None = None) -> Iterator[list[Named]]:
     """Yield complete fused groups from a stream of ``(hf_name, tensor)`` in arrival order.
 
     Raises :class:`SyncError` when the stream ends with a group incomplete (q and k exported but not
@@ -156,7 +157,7 @@ def iter_groups(stream: Iterable[Named], fusion: FusionMap, stats: Optional[Pack
 
 
 def pack_buckets(stream: Iterable[Named], capacity_bytes: int, fusion: FusionMap,
-                 stats: Optional[PackStats] = None) -> Iterator[list[Named]]:
+                 stats: PackStats | None = None) -> Iterator[list[Named]]:
     """Yield lists of ``(hf_name, tensor)`` of at most ``capacity_bytes`` each, fused groups intact.
 
     A group larger than the capacity is sent alone (one oversized bucket) rather than split.
@@ -166,7 +167,7 @@ def pack_buckets(stream: Iterable[Named], capacity_bytes: int, fusion: FusionMap
     stats = stats if stats is not None else PackStats()
     bucket: list[Named] = []
     bucket_bytes = 0
-    for group in iter_groups(stream, fusion, stats, held=lambda: bucket_bytes):
+    for group in iter_groups(stream, fusion, stats, held=lambda: bucket_bytes):  # noqa: B023 - reads the live size
         group_bytes = sum(_nbytes(t) for _, t in group)
         if bucket and bucket_bytes + group_bytes > capacity_bytes:
             stats.buckets += 1

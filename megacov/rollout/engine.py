@@ -24,14 +24,17 @@ accounting; pinning would put every engine of a host on the same cores).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from megacov.workers.group import GPU_FRACTION_COLOCATED, BundleSpec, Placement
 
 EXTENSION_CLS = "megacov.rollout.extension.WeightReceiver"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,7 +67,7 @@ class EngineSpec:
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: Any, model_path: Optional[str] = None, use_gpu: Optional[bool] = None) -> "EngineSpec":
+    def from_config(cls, cfg: Any, model_path: str | None = None, use_gpu: bool | None = None) -> EngineSpec:
         """From a :class:`~megacov.config.schema.MegacovConfig` (rollout, model and data sections)."""
         import torch
 
@@ -100,12 +103,12 @@ class EngineActor:
 
         start = time.perf_counter()
         self.spec, self.index = spec, index
-        kwargs: dict[str, Any] = dict(
-            model=spec.model_path, tokenizer=spec.model_path, tensor_parallel_size=spec.tp,
-            dtype=spec.resolved_dtype(), enforce_eager=spec.enforce_eager, seed=spec.seed,
-            max_model_len=spec.max_model_len, worker_extension_cls=EXTENSION_CLS,
-            logprobs_mode="processed_logprobs", disable_log_stats=True,
-        )
+        kwargs: dict[str, Any] = {
+            "model": spec.model_path, "tokenizer": spec.model_path, "tensor_parallel_size": spec.tp,
+            "dtype": spec.resolved_dtype(), "enforce_eager": spec.enforce_eager, "seed": spec.seed,
+            "max_model_len": spec.max_model_len, "worker_extension_cls": EXTENSION_CLS,
+            "logprobs_mode": "processed_logprobs", "disable_log_stats": True,
+        }
         if spec.use_gpu:
             kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.colocated)
             if spec.tp > 1:
@@ -183,7 +186,7 @@ class EngineActor:
     def load_nccl(self, group: str, metas: list[Any], offsets: list[int], total: int) -> int:
         return self.llm.collective_rpc("megacov_load_nccl", args=(group, metas, offsets, total))[0]
 
-    def finish_update(self, expected: Optional[list[str]]) -> dict[str, Any]:
+    def finish_update(self, expected: list[str] | None) -> dict[str, Any]:
         stats = self.llm.collective_rpc("megacov_finish_update", args=(expected,))
         self.llm.reset_prefix_cache()
         self.version += 1
@@ -194,8 +197,8 @@ class EngineActor:
         """Close a failed update (restores vLLM's module structure); the engine stays unusable."""
         try:
             self.llm.collective_rpc("megacov_finish_update", args=(None,))
-        except Exception:  # noqa: BLE001 - incomplete by definition
-            pass
+        except Exception as exc:  # noqa: BLE001 - incomplete by definition
+            log.debug("engine %d: closing a failed update: %s", self.index, exc)
         self.llm.reset_prefix_cache()
         self.consistent = False
 
@@ -205,7 +208,7 @@ class EngineActor:
         if self.spec.use_gpu:
             self.llm.sleep(level=level)
 
-    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
         if self.spec.use_gpu:
             self.llm.wake_up(tags)
 
@@ -248,7 +251,7 @@ class RolloutEngines:
     bundles (disaggregated, or CPU).
     """
 
-    def __init__(self, spec: EngineSpec, count: int, *, placement: Optional[Placement] = None,
+    def __init__(self, spec: EngineSpec, count: int, *, placement: Placement | None = None,
                  bundle_offset: int = 0, start_timeout_s: float = 900.0):
         if count < 1:
             raise ValueError(f"rollout needs at least one engine, got {count}")
@@ -257,7 +260,7 @@ class RolloutEngines:
         self.start_timeout_s = start_timeout_s
         self.actors: list[Any] = []
         self._placements: list[Placement] = []
-        self._groups: Optional[Any] = None
+        self._groups: Any | None = None
         self.start()
 
     # -- lifetime --------------------------------------------------------------------------------
@@ -276,17 +279,17 @@ class RolloutEngines:
             self._placements.append(placement)
             first = 0
         if not spec.use_gpu:
-            return dict(num_cpus=spec.cpus_per_worker * spec.tp, num_gpus=0,
-                        scheduling_strategy=placement.strategy(first), runtime_env={"env_vars": env})
+            return {"num_cpus": spec.cpus_per_worker * spec.tp, "num_gpus": 0,
+                        "scheduling_strategy": placement.strategy(first), "runtime_env": {"env_vars": env}}
         share = GPU_FRACTION_COLOCATED if self.shared_placement is not None else 1.0
         if spec.tp == 1:
-            return dict(num_cpus=spec.cpus_per_worker, num_gpus=share,
-                        scheduling_strategy=placement.strategy(first), runtime_env={"env_vars": env})
+            return {"num_cpus": spec.cpus_per_worker, "num_gpus": share,
+                        "scheduling_strategy": placement.strategy(first), "runtime_env": {"env_vars": env}}
         # TP > 1 on GPU: vLLM's Ray executor starts one worker per bundle in the captured placement.
         env.update(VLLM_RAY_PER_WORKER_GPUS=str(share),
                    VLLM_RAY_BUNDLE_INDICES=",".join(str(first + i) for i in range(spec.tp)))
-        return dict(num_cpus=0, num_gpus=0, scheduling_strategy=placement.strategy(first, capture_child_tasks=True),
-                    runtime_env={"env_vars": env})
+        return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": placement.strategy(first, capture_child_tasks=True),
+                    "runtime_env": {"env_vars": env}}
 
     def start(self) -> None:
         import ray
@@ -313,7 +316,7 @@ class RolloutEngines:
         self._placements = []
         self._groups = None
 
-    def restart(self, model_path: Optional[str] = None) -> None:
+    def restart(self, model_path: str | None = None) -> None:
         """Kill every engine and start fresh ones (optionally from another HF directory)."""
         self.shutdown()
         if model_path is not None:
@@ -323,13 +326,13 @@ class RolloutEngines:
     # -- generation ------------------------------------------------------------------------------
 
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, temperature: float, top_p: float,
-                 top_k: int, max_tokens: int, stop: Optional[Sequence[str]] = None,
-                 seed: Optional[int] = None) -> list[Sample]:
+                 top_k: int, max_tokens: int, stop: Sequence[str] | None = None,
+                 seed: int | None = None) -> list[Sample]:
         """Samples ordered by prompt, ``n`` consecutive samples per prompt."""
         import ray
 
-        params = dict(n=n, temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_tokens,
-                      stop=list(stop or []), seed=seed)
+        params = {"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens,
+                      "stop": list(stop or []), "seed": seed}
         indexed = [(i, list(p)) for i, p in enumerate(prompt_token_ids)]
         parts = [r for r in _chunks(len(indexed), self.count)]
         refs = [a.generate.remote(indexed[r.start:r.stop], params) for a, r in zip(self.actors, parts) if len(r)]
@@ -360,5 +363,5 @@ class RolloutEngines:
     def sleep(self, level: int = 1) -> None:
         self.call("sleep", level)
 
-    def wake_up(self, tags: Optional[list[str]] = None) -> None:
+    def wake_up(self, tags: list[str] | None = None) -> None:
         self.call("wake_up", tags)

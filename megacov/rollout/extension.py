@@ -19,7 +19,8 @@ failure this project exists to avoid.
 from __future__ import annotations
 
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class WeightReceiver:
 
         return self._megacov_load(from_wire(metas, buffers))
 
-    def megacov_finish_update(self, expected: Optional[Sequence[str]] = None) -> dict[str, Any]:
+    def megacov_finish_update(self, expected: Sequence[str] | None = None) -> dict[str, Any]:
         """Finalise the reload; raise if an expected tensor is missing, unknown or arrived twice."""
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 

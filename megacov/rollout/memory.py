@@ -9,12 +9,11 @@ Where the reset is unavailable (not Linux, restricted /proc) the measurement rep
 from __future__ import annotations
 
 import re
-from typing import Optional
 
 _STATUS = "/proc/self/status"
 
 
-def _status_kib(field: str) -> Optional[int]:
+def _status_kib(field: str) -> int | None:
     try:
         with open(_STATUS) as fh:
             match = re.search(rf"^{field}:\s+(\d+)\s+kB", fh.read(), re.MULTILINE)
@@ -23,7 +22,7 @@ def _status_kib(field: str) -> Optional[int]:
     return int(match.group(1)) if match else None
 
 
-def rss_breakdown() -> dict[str, Optional[int]]:
+def rss_breakdown() -> dict[str, int | None]:
     """Current ``anon`` (private), ``shmem`` (shared memory) and ``file`` resident bytes."""
     out = {}
     for key, field in (("anon", "RssAnon"), ("shmem", "RssShmem"), ("file", "RssFile")):
@@ -36,10 +35,10 @@ class PeakRss:
     """``with PeakRss() as peak: ...``; then ``peak.extra_bytes`` = peak RSS in the window - RSS at entry."""
 
     def __init__(self) -> None:
-        self.start_bytes: Optional[int] = None
-        self.peak_bytes: Optional[int] = None
+        self.start_bytes: int | None = None
+        self.peak_bytes: int | None = None
 
-    def __enter__(self) -> "PeakRss":
+    def __enter__(self) -> PeakRss:  # noqa: PYI034 - typing.Self needs Python 3.11
         try:
             with open("/proc/self/clear_refs", "w") as fh:
                 fh.write("5")
@@ -56,7 +55,7 @@ class PeakRss:
         self.peak_bytes = None if hwm is None else hwm * 1024
 
     @property
-    def extra_bytes(self) -> Optional[int]:
+    def extra_bytes(self) -> int | None:
         if self.start_bytes is None or self.peak_bytes is None:
             return None
         return max(0, self.peak_bytes - self.start_bytes)

@@ -10,7 +10,7 @@ before dividing when the sample is sharded).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

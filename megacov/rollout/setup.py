@@ -15,8 +15,9 @@ wakes them).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from megacov.rollout.engine import EngineSpec, RolloutEngines
 from megacov.rollout.sync import SyncReport, WeightSync
@@ -32,7 +33,7 @@ class RolloutSetup:
     pp: int
     dp: int
     colocated_gpu: bool
-    placement: Optional[Placement] = None
+    placement: Placement | None = None
 
     def sync_weights(self) -> SyncReport:
         """Push the actor's current weights into every engine (wakes colocated engines' weights first)."""
@@ -56,8 +57,8 @@ class RolloutSetup:
             self.placement = None
 
 
-def launch(cfg: Any, worker_cls: type, worker_args: Sequence[Any] = (), *, use_gpu: Optional[bool] = None,
-           env: Optional[dict[str, str]] = None) -> RolloutSetup:
+def launch(cfg: Any, worker_cls: type, worker_args: Sequence[Any] = (), *, use_gpu: bool | None = None,
+           env: dict[str, str] | None = None) -> RolloutSetup:
     """Actor ranks (``worker_cls(*worker_args)`` in each) + engines + their weight sync, from ``cfg``."""
     import torch
 

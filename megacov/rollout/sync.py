@@ -25,16 +25,28 @@ bucket they are loading.
 """
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 
 from megacov.rollout.buckets import (
-    FusionMap, Named, PackStats, SyncError, TensorMeta, iter_groups, meta_of, pack_buckets, to_wire,
+    FusionMap,
+    Named,
+    PackStats,
+    SyncError,
+    TensorMeta,
+    iter_groups,
+    meta_of,
+    pack_buckets,
+    to_wire,
 )
 from megacov.rollout.memory import PeakRss
+
+log = logging.getLogger(__name__)
 
 TRANSPORTS = ("object_store", "cuda_ipc", "nccl")
 _ALIGN = 256  # byte alignment of tensors inside a flat GPU staging buffer
@@ -61,7 +73,7 @@ class SyncPlan:
     groups: dict[str, list[str]]
     engines: list[Any]
     """Ray handles of the engine actors."""
-    nccl_group: Optional[str] = None
+    nccl_group: str | None = None
 
 
 def push_weights(named: Iterable[Named], plan: SyncPlan, *, dp_rank: int = 0) -> dict[str, Any]:
@@ -213,7 +225,7 @@ _NCCL_SENDERS: dict[str, Any] = {}
 class _NcclSend:
     """Disaggregated: rank 0 of ``group`` broadcasts the staging buffer to every engine worker."""
 
-    def __init__(self, engines: list[Any], group: Optional[str]):
+    def __init__(self, engines: list[Any], group: str | None):
         if group is None or group not in _NCCL_SENDERS:
             raise SyncError(f"NCCL weight-sync group '{group}' is not initialised in this process")
         self.engines, self.group, self.comm = engines, group, _NCCL_SENDERS[group]
@@ -256,9 +268,9 @@ class SyncReport:
     largest_group_bytes: int
     exporter_held_peak_bytes: int
     """Most bytes one exporting rank held in buckets + the group being assembled (exact accounting)."""
-    exporter_peak_extra_bytes: Optional[int]
+    exporter_peak_extra_bytes: int | None
     """Largest rise of an exporting rank's resident memory during its push (VmHWM; incl. shared memory)."""
-    engine_peak_extra_bytes: Optional[int]
+    engine_peak_extra_bytes: int | None
     engine_load_seconds: float
     """Longest time one engine worker spent inside vLLM loading and re-packing (part of ``seconds``)."""
     version: int
@@ -323,8 +335,8 @@ class WeightSync:
         except BaseException as exc:
             try:
                 self.engines.call("abort_update")
-            except Exception:  # noqa: BLE001 - a dead engine cannot be closed; report the first error
-                pass
+            except Exception as abort_exc:  # noqa: BLE001 - a dead engine cannot be closed; report the first error
+                log.warning("closing the failed update on the engines failed too: %s", abort_exc)
             if isinstance(exc, SyncError):
                 raise
             raise SyncError(f"weight sync failed; the engines refuse to generate until a sync succeeds: {exc}") from exc
@@ -344,6 +356,6 @@ class WeightSync:
         )
 
 
-def _max_or_none(values: Iterable[Optional[int]]) -> Optional[int]:
+def _max_or_none(values: Iterable[int | None]) -> int | None:
     vals = [v for v in values if v is not None]
     return max(vals) if vals else None

@@ -17,7 +17,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -59,7 +60,7 @@ class SyncCheckWorker:
 
         return {n: t.detach().clone() for n, t in iter_hf_weights(self.model, self.layout, self.info)}
 
-    def token_logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> Optional[list[list[float]]]:
+    def token_logprobs(self, sequences: Sequence[Sequence[int]], temperature: float = 1.0) -> list[list[float]] | None:
         """``log p(seq[i] | seq[:i])`` for i >= 1 (logits / temperature), on the rank that holds the logits.
 
         Sequences of different lengths are right-padded; causal attention keeps the padding out of
@@ -96,7 +97,7 @@ def export_hf_dir(group: Any, src_dir: str, out_dir: str) -> str:
         state.update(part)
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(src_dir):
-        if name.endswith(".safetensors") or name.endswith(".safetensors.index.json") or name.endswith(".bin"):
+        if name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
             continue
         path = os.path.join(src_dir, name)
         if os.path.isfile(path):
@@ -143,7 +144,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-address", default=None, help="Ray cluster (default: $RAY_ADDRESS or a local one)")
 
 
-def _check_args(args: argparse.Namespace) -> Optional[str]:
+def _check_args(args: argparse.Namespace) -> str | None:
     if not os.path.isfile(os.path.join(args.hf, "config.json")):
         return f"--hf {args.hf}: no config.json there (expected a Hugging Face model directory)"
     for key in ("tp", "pp", "rollout_tp", "engines", "sequences"):
@@ -156,7 +157,7 @@ def _check_args(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def _mb(n: Optional[int]) -> str:
+def _mb(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2 ** 20:.2f} MiB"
 
 
@@ -204,12 +205,12 @@ def run(args: argparse.Namespace) -> int:
             shutil.rmtree(temp_dir, ignore_errors=True)
     rows = [
         ("layout", f"actor TP={args.tp} PP={args.pp} -> {args.engines} engine(s) TP={args.rollout_tp}"),
-        ("transport / bucket", f"{report.transport} / {bucket_mb:g} MiB ({report.buckets} buckets, "
-                               f"{report.oversized_buckets} oversized)"),
+        ("transport / bucket", (f"{report.transport} / {bucket_mb:g} MiB ({report.buckets} buckets, "
+                               f"{report.oversized_buckets} oversized)")),
         ("sync time", f"{report.seconds * 1e3:.1f} ms"),
         ("bytes moved", f"{_mb(report.bytes)} x {report.engines} engine(s), {report.tensors} tensors"),
-        ("exporter held peak", f"{_mb(report.exporter_held_peak_bytes)} (largest fused group "
-                               f"{_mb(report.largest_group_bytes)})"),
+        ("exporter held peak", (f"{_mb(report.exporter_held_peak_bytes)} (largest fused group "
+                               f"{_mb(report.largest_group_bytes)})")),
         ("extra peak RSS exporter / engine", f"{_mb(report.exporter_peak_extra_bytes)} / {_mb(report.engine_peak_extra_bytes)}"),
         ("max |dlogp| before perturbation", f"{before:.3e}"),
         ("max |dlogp| stale engine", f"{stale:.3e}"),
@@ -227,7 +228,7 @@ def run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _connect(address: Optional[str], slots: int) -> Optional[str]:
+def _connect(address: str | None, slots: int) -> str | None:
     """Join the given cluster, or start a private local one (own temp dir) with a CPU per slot.
 
     A local cluster is started with ``address="local"`` and its own temp dir: Ray would otherwise join

@@ -20,12 +20,16 @@ Ray is imported inside functions only, so ``import megacov.workers.group`` stays
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 from megacov.workers.cluster import RendezvousMixin
+
+log = logging.getLogger(__name__)
 
 GPU_FRACTION_COLOCATED = 0.45
 """GPU share each of the two tenants of a colocated bundle asks for (training rank + engine worker).
@@ -98,7 +102,7 @@ class RankHost(RendezvousMixin):
         self.rank = -1
 
     def setup(self, rank: int, world_size: int, ip: str, port: int, backend: str, timeout_s: float,
-              worker_cls: Optional[type], args: tuple, kwargs: dict) -> dict[str, Any]:
+              worker_cls: type | None, args: tuple, kwargs: dict) -> dict[str, Any]:
         import ray
         import torch
         import torch.distributed as dist
@@ -155,10 +159,10 @@ class WorkerGroup:
     ``env`` is set in every actor before the worker class is imported.
     """
 
-    def __init__(self, worker_cls: Optional[type], world_size: int, *, args: Sequence[Any] = (),
-                 kwargs: Optional[dict[str, Any]] = None, cpus_per_worker: float = 1.0,
-                 gpus_per_worker: float = 0.0, placement: Optional[Placement] = None, bundle_offset: int = 0,
-                 env: Optional[dict[str, str]] = None, backend: str = "auto", name: str = "megacov-rank",
+    def __init__(self, worker_cls: type | None, world_size: int, *, args: Sequence[Any] = (),
+                 kwargs: dict[str, Any] | None = None, cpus_per_worker: float = 1.0,
+                 gpus_per_worker: float = 0.0, placement: Placement | None = None, bundle_offset: int = 0,
+                 env: dict[str, str] | None = None, backend: str = "auto", name: str = "megacov-rank",
                  timeout_s: float = 600.0):
         import ray
 
@@ -239,16 +243,16 @@ class WorkerGroup:
         if actors:
             try:
                 ray.get([a.teardown.remote() for a in actors], timeout=timeout_s)
-            except Exception:  # noqa: BLE001 - a rank that died or hung is killed below anyway
-                pass
+            except Exception as exc:  # noqa: BLE001 - a rank that died or hung is killed below anyway
+                log.warning("worker group teardown: %s", exc)
             for actor in actors:
                 ray.kill(actor)
         if getattr(self, "_owns_placement", False) and getattr(self, "placement", None) is not None:
             self.placement.remove()
             self.placement = None
 
-    def __enter__(self) -> "WorkerGroup":
+    def __enter__(self) -> WorkerGroup:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.shutdown()
