@@ -43,9 +43,9 @@ def ray_cluster():
     import ray
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="megacov", log_to_driver=False,
-             configure_logging=False)
-    yield
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="megacov", log_to_driver=False,
+                   configure_logging=False)
+    yield ctx.address_info["gcs_address"]
     ray.shutdown()
 
 
@@ -143,10 +143,11 @@ def test_tp2_clip_cov_run_metrics_checkpoints_export(tp2_run):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _cli(tiny, name, *extra):
+def _cli(tiny, ray_address, name, *extra):
+    """``megacov train`` as its own process (a driver of the test's Ray cluster), so it can be killed."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "megacov", "train", os.path.join(ROOT, "examples/tiny/config.yaml"),
-            *_overrides(tiny, name, *extra)]
+            *_overrides(tiny, name, *extra), f"trainer.ray_address={ray_address}"]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
 
@@ -162,9 +163,9 @@ def _wait_for_step(run_dir, step, proc, timeout_s=400):
     raise AssertionError(f"step {step} not reached in {timeout_s}s")
 
 
-def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, tiny):
+def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, ray_cluster, tiny):
     run_dir = os.path.join(tiny["root"], "runs", "killed")
-    proc = _cli(tiny, "killed", *KILL_RUN)
+    proc = _cli(tiny, ray_cluster, "killed", *KILL_RUN)
     try:
         _wait_for_step(run_dir, 2, proc)
         time.sleep(0.3)  # into step 3: rollout / log-probs / update
@@ -175,7 +176,7 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, tiny):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert 3 not in _rows(run_dir)
-    resumed = _cli(tiny, "killed", *KILL_RUN)
+    resumed = _cli(tiny, ray_cluster, "killed", *KILL_RUN)
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err.decode()[-3000:]
     assert b"resumed from" in err and b"step 2" in err

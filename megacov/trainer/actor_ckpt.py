@@ -19,6 +19,18 @@ OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 OPTIM_MARKER = "optimizer.saved"
 
 
+def warm_writer() -> None:
+    """Start dist_checkpointing's result-queue manager process now (it is spawned on the first save
+    and re-imports the worker's main module: seconds). Run in a background thread at start-up so the
+    first checkpoint does not pay for it."""
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+        filesystem_async._get_write_results_queue()
+    except Exception:  # noqa: BLE001 - only an optimisation; the save creates it otherwise
+        pass
+
+
 def _rng_state() -> dict[str, Any]:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 

@@ -66,6 +66,12 @@ class ActorWorker:
             load_mcore_checkpoint(model, mcore_checkpoint)
         bf16 = torch_dtype(dtype) == torch.bfloat16
         self.optim = build_actor_optim([model], self.layout, cfg.optim, p, total_steps=total_updates, bf16=bf16)
+        import threading
+
+        from megacov.trainer.actor_ckpt import warm_writer
+
+        self._ckpt_warm = threading.Thread(target=warm_writer, name="ckpt-writer-warmup", daemon=True)
+        self._ckpt_warm.start()
         self.ref = None
         if with_reference:
             self.ref, _ = build_model(reference_path or model_path, self.layout, dtype=dtype,
@@ -202,6 +208,7 @@ class ActorWorker:
     def save_checkpoint(self, ckpt_dir: str, with_optimizer: bool) -> None:
         from megacov.trainer.actor_ckpt import save_actor
 
+        self._ckpt_warm.join()
         save_actor(self, ckpt_dir, with_optimizer)
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
