@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,12 +93,12 @@ def _roundtrip(tmp_path, hf: str, tp: int, pp: int, extra: list[str]) -> tuple[s
     ckpt, back = str(tmp_path / "mcore"), str(tmp_path / "back")
     assert main(["convert", "hf-to-mcore", "--hf", hf, "--out", ckpt, "--tp", str(tp), "--pp", str(pp),
                  "--quiet", *extra]) == 0
-    meta = json.loads(open(os.path.join(ckpt, "megacov.json")).read())
+    meta = json.loads(Path(ckpt, "megacov.json").read_text())
     assert meta["saved_with"] == {"tp": tp, "pp": pp} and meta["padded_vocab_size"] == 128
-    assert meta["hf_config"] == json.loads(open(os.path.join(hf, "config.json")).read())
+    assert meta["hf_config"] == json.loads(Path(hf, "config.json").read_text())
     assert main(["convert", "mcore-to-hf", "--mcore", ckpt, "--out", back, "--quiet"]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert open(os.path.join(hf, name)).read() == open(os.path.join(back, name)).read()
+        assert Path(hf, name).read_text() == Path(back, name).read_text()
     _no_leftovers(tmp_path)
     return ckpt, back
 
@@ -107,14 +108,14 @@ def test_roundtrip_tied_bf16_and_resharded_verify(tmp_path, capsys) -> None:
     hf = _tiny(tmp_path / "llama", architecture="llama", tie_word_embeddings=True, num_kv_heads=4)
     ckpt, back = _roundtrip(tmp_path, hf, 1, 1, ["--dtype", "bf16"])
     _assert_same_hf_weights(hf, back, dtype=torch.bfloat16)
-    assert json.loads(open(os.path.join(back, "config.json")).read())["dtype"] == "bfloat16"
+    assert json.loads(Path(back, "config.json").read_text())["dtype"] == "bfloat16"
     capsys.readouterr()
     # the bf16 checkpoint against the bf16 export, loaded resharded at TP=2 (fp32 compute)
     assert main(["verify", "conversion", "--hf", back, "--mcore", ckpt, "--tp", "2"]) == 0
     line = capsys.readouterr().out
     assert "llama mcore tp=2 pp=1" in line and "conversion OK" in line
     # a corrupt checkpoint fails with a clear error and leaves no output behind
-    victim = sorted(f for f in os.listdir(ckpt) if f.endswith(".distcp"))[-1]
+    victim = max(f for f in os.listdir(ckpt) if f.endswith(".distcp"))
     with open(os.path.join(ckpt, victim), "r+b") as fh:
         fh.truncate(100)
     assert main(["convert", "mcore-to-hf", "--mcore", ckpt, "--out", str(tmp_path / "broken"), "--quiet"]) == 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,18 +225,20 @@ def test_expected_hf_shapes_match_transformers_checkpoints(tmp_path, family: str
     shapes = arch_mod.hf_tensor_shapes(src.arch, families()[family].layer_rules)
     stored = set(reader.keys()) - ({"lm_head.weight"} if src.arch.tie_word_embeddings else set())
     assert set(shapes) == stored
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    cfg["intermediate_size"] = 64
-    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    cfg_path = Path(d, "config.json")
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), intermediate_size=64)))
     with pytest.raises(CheckpointError, match=r"mlp\.gate_proj\.weight' has shape \(128, 128\)"):
         check_hf_weights(d, resolve_source(d).arch)
 
 
-def test_lazy_safetensors_slices_give_the_same_shards(tmp_path) -> None:
+def test_lazy_safetensors_slices_give_the_same_shards(tmp_path, monkeypatch) -> None:
     from safetensors.torch import save_file
 
+    from megacov.models import hf_io
+
+    monkeypatch.setattr(hf_io, "_BLOCK_BYTES", 40)  # column slices read in many small row blocks
     dims = _dims(8, 4)
-    hf = _layer_tensors(dims)
+    hf = {k: (v.to(torch.bfloat16) if "mlp" in k else v) for k, v in _layer_tensors(dims).items()}
     half = sorted(hf)[: len(hf) // 2]
     save_file({k: hf[k] for k in half}, str(tmp_path / "a.safetensors"))
     save_file({k: hf[k] for k in hf if k not in half}, str(tmp_path / "b.safetensors"))
@@ -284,17 +287,15 @@ def test_shard_writer_streams_planned_shards_in_any_order(tmp_path) -> None:
 
 def test_atomic_dir_leaves_nothing_on_failure_and_refuses_to_clobber(tmp_path) -> None:
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError):
-        with atomic_dir(str(out)) as tmp:
-            open(os.path.join(tmp, "partial"), "w").close()
-            raise RuntimeError("crash")
+    with pytest.raises(RuntimeError), atomic_dir(str(out)) as tmp:
+        open(os.path.join(tmp, "partial"), "w").close()
+        raise RuntimeError("crash")
     assert os.listdir(tmp_path) == []
     with atomic_dir(str(out)) as tmp:
         open(os.path.join(tmp, "done"), "w").close()
     assert os.listdir(out) == ["done"]
-    with pytest.raises(CheckpointError, match="already exists"):
-        with atomic_dir(str(out)):
-            pass
+    with pytest.raises(CheckpointError, match="already exists"), atomic_dir(str(out)):
+        pass
     with atomic_dir(str(out), overwrite=True) as tmp:
         open(os.path.join(tmp, "new"), "w").close()
     assert os.listdir(out) == ["new"] and os.listdir(tmp_path) == ["out"]

@@ -40,18 +40,23 @@ def run(args: argparse.Namespace) -> int:
                 return fail("--tp and --pp must be >= 1")
             stats = checkpoint.hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
                                            overwrite=args.overwrite, progress=not args.quiet)
-            rss = max(r["peak_rss_mb"] for r in stats["ranks"])
-            extra = f"{args.tp * args.pp} processes, peak RSS per process {rss:.0f} MB"
+            extra = f"{args.tp * args.pp} process(es), {_rss(stats['ranks'])}"
         else:
             shard_mb = args.max_shard_size_mb or checkpoint.DEFAULT_MAX_SHARD_MB
             if shard_mb < 1:
                 return fail("--max-shard-size-mb must be >= 1")
             stats = checkpoint.mcore_to_hf(args.mcore, args.out, dtype=args.dtype, overwrite=args.overwrite,
                                            max_shard_mb=shard_mb, progress=not args.quiet)
-            extra = f"peak RSS {stats['peak_rss_mb']:.0f} MB"
+            extra = _rss([stats])
     except (CheckpointError, UnsupportedModelError, MappingError) as exc:
         return fail(str(exc), 2)
     mb = stats["hf_bytes"] / 2**20
     print(f"wrote {args.out}: {mb:.1f} MB of weights in {stats['seconds']:.1f} s "
           f"({mb / max(stats['seconds'], 1e-9):.1f} MB/s), {extra}")
     return 0
+
+
+def _rss(stats: list) -> str:
+    """Peak resident memory of the conversion over what the process held before it (Linux only)."""
+    extra = [r["peak_rss_mb"] - r["rss_at_start_mb"] for r in stats if r.get("peak_rss_mb") is not None]
+    return f"peak memory +{max(extra):.0f} MB per process" if extra else "peak memory not measurable here"

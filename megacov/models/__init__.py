@@ -15,11 +15,31 @@ from megacov.models.arch import Arch, arch_from_hf
 from megacov.models.export import iter_hf_weights
 from megacov.models.family import UnsupportedModelError, detect_family, families, supported_architectures
 from megacov.models.hf_io import CheckpointError
-from megacov.models.loader import ModelInfo, build_model, load_hf_weights, load_mcore_checkpoint, resolve_source
+from megacov.models.loader import (
+    ModelInfo,
+    build_model,
+    load_hf_weights,
+    load_mcore_checkpoint,
+    resolve_source,
+)
 from megacov.models.mapping import hf_to_mcore_shard, mcore_to_hf, merge_tp_shards, split_tp
 
 __all__ = [
-    "Arch", "arch_from_hf", "iter_hf_weights", "UnsupportedModelError", "detect_family", "families",
-    "supported_architectures", "CheckpointError", "ModelInfo", "build_model", "load_hf_weights",
-    "load_mcore_checkpoint", "resolve_source", "hf_to_mcore_shard", "mcore_to_hf", "merge_tp_shards", "split_tp",
+    "Arch",
+    "CheckpointError",
+    "ModelInfo",
+    "UnsupportedModelError",
+    "arch_from_hf",
+    "build_model",
+    "detect_family",
+    "families",
+    "hf_to_mcore_shard",
+    "iter_hf_weights",
+    "load_hf_weights",
+    "load_mcore_checkpoint",
+    "mcore_to_hf",
+    "merge_tp_shards",
+    "resolve_source",
+    "split_tp",
+    "supported_architectures",
 ]

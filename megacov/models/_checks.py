@@ -1,7 +1,8 @@
 """Checks shared by the family ``config.py`` modules: HF features megatron-core cannot reproduce."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from megacov.models.family import UnsupportedModelError
 

@@ -10,8 +10,9 @@ with a message naming the key, never approximated.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional
+from typing import Any
 
 from megacov.models.family import Family, UnsupportedModelError, detect_family
 from megacov.models.mapping import Dims
@@ -82,7 +83,7 @@ def _require(hf: Mapping[str, Any], key: str) -> Any:
 
 
 def arch_from_hf(hf: Mapping[str, Any], *, vocab_divisible_by: int, tp: int = 1,
-                 padded_vocab_size: Optional[int] = None, family: Optional[Family] = None) -> Arch:
+                 padded_vocab_size: int | None = None, family: Family | None = None) -> Arch:
     """Normalise an HF config dict. ``padded_vocab_size`` overrides the padding (a checkpoint keeps
     the padding it was saved with)."""
     fam = family or detect_family(hf)

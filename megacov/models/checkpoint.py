@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -30,14 +30,20 @@ from megacov.models import mapping
 from megacov.models.arch import Arch, check_layout, hf_tensor_shapes, torch_dtype
 from megacov.models.family import families
 from megacov.models.hf_io import CheckpointError, ShardWriter, atomic_dir, copy_side_files
-from megacov.models.loader import MCORE_FORMAT, MCORE_META_FILE, check_hf_weights, read_mcore_meta, resolve_source
+from megacov.models.loader import (
+    MCORE_FORMAT,
+    MCORE_META_FILE,
+    check_hf_weights,
+    read_mcore_meta,
+    resolve_source,
+)
+from megacov.rollout.memory import PeakRss
 
 DEFAULT_MAX_SHARD_MB = 2048
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+def _mb(nbytes: int | None) -> float | None:
+    return None if nbytes is None else nbytes / 2**20
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -57,15 +63,17 @@ def _hf_to_mcore_rank(rank: int, world_size: int, hf_dir: str, out_dir: str, tp:
     layout = ParallelLayout.initialize(tp, pp)
     try:
         src = resolve_source(hf_dir, tp=tp)
-        start_mb = peak_rss_mb()
-        read = save_from_hf(src, layout, out_dir, torch_dtype(dtype), progress=progress and rank == 0)
+        start = time.perf_counter()
+        with PeakRss() as peak:
+            read = save_from_hf(src, layout, out_dir, torch_dtype(dtype), progress=progress and rank == 0)
         return {"rank": rank, "padded_vocab_size": src.arch.padded_vocab_size, "bytes_written": read,
-                "peak_rss_mb_before_save": start_mb, "peak_rss_mb": peak_rss_mb()}
+                "save_seconds": time.perf_counter() - start, "rss_at_start_mb": _mb(peak.start_bytes),
+                "peak_rss_mb": _mb(peak.peak_bytes)}
     finally:
         layout.destroy()
 
 
-def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: Optional[str] = None,
+def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: str | None = None,
                 overwrite: bool = False, progress: bool = True, timeout_s: float = 3600.0) -> dict:
     """Convert an HF directory into a megacov mcore checkpoint (saved with ``tp`` x ``pp`` processes).
 
@@ -155,7 +163,7 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
     yield from whole(["decoder.final_layernorm.weight", "output_layer.weight"]).items()
 
 
-def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: Optional[str] = None, overwrite: bool = False,
+def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False,
                 max_shard_mb: int = DEFAULT_MAX_SHARD_MB, progress: bool = True) -> dict:
     """Convert a megacov mcore checkpoint into an HF directory (safetensors, config, tokenizer).
 
@@ -178,7 +186,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: Optional[str] = None, ov
             raise CheckpointError(f"{mcore_dir}: no embedding.word_embeddings.weight in the checkpoint")
         dt = stored[1]
     plan = {name: (shape, dt) for name, shape in hf_tensor_shapes(arch, rules).items()}
-    with atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp, PeakRss() as peak:
         writer = ShardWriter(tmp, plan, max_shard_mb * 1024 * 1024)
         for gname, full in iter_checkpoint_tensors(mcore_dir, arch, progress):
             for hf_name, tensor in mapping.mcore_to_hf(gname, full, rules, dims):
@@ -191,4 +199,5 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: Optional[str] = None, ov
             json.dump(hf_config, fh, indent=2)
         copy_side_files(mcore_dir, tmp)
         written = writer.total_bytes
-    return {"seconds": time.perf_counter() - start, "hf_bytes": written, "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": time.perf_counter() - start, "hf_bytes": written, "rss_at_start_mb": _mb(peak.start_bytes),
+            "peak_rss_mb": _mb(peak.peak_bytes)}

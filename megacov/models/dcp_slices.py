@@ -10,7 +10,7 @@ only those. No process group is needed.
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -44,7 +44,7 @@ def _planner_class() -> type:
         def __init__(self, requests: dict[str, tuple[Sequence[int], torch.Tensor]]) -> None:
             self.requests = requests
 
-        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:  # noqa: ANN001
+        def set_up_planner(self, state_dict, metadata=None, is_coordinator=False) -> None:
             self.metadata = metadata
 
         def create_local_plan(self) -> LoadPlan:
@@ -60,16 +60,16 @@ def _planner_class() -> type:
         def finish_plan(self, central_plan: LoadPlan) -> LoadPlan:
             return central_plan
 
-        def load_bytes(self, read_item, value) -> None:  # noqa: ANN001
+        def load_bytes(self, read_item, value) -> None:
             raise RuntimeError(f"unexpected object {read_item.dest_index.fqn} in a tensor request")
 
-        def resolve_tensor(self, read_item) -> torch.Tensor:  # noqa: ANN001
+        def resolve_tensor(self, read_item) -> torch.Tensor:
             dest = self.requests[read_item.dest_index.fqn][1]
             for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
                 dest = dest.narrow(dim, start, length)
             return dest
 
-        def commit_tensor(self, read_item, tensor) -> None:  # noqa: ANN001
+        def commit_tensor(self, read_item, tensor) -> None:
             pass  # resolve_tensor handed out views of the destination: nothing to copy back
 
     return _SlicePlanner

@@ -15,7 +15,8 @@ Contract of :func:`iter_hf_weights` (the weight sync into vLLM is built on it):
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -23,7 +24,7 @@ from megacov.models import mapping
 from megacov.models.loader import ModelInfo, global_name, unwrap
 
 
-def _gather_tp(tensor: torch.Tensor, kind: str, layout: Any) -> Optional[torch.Tensor]:
+def _gather_tp(tensor: torch.Tensor, kind: str, layout: Any) -> torch.Tensor | None:
     """The full megatron tensor on TP rank 0 (``None`` on the other ranks)."""
     if layout.tp == 1 or kind == "replicated":
         return tensor if layout.tp_rank == 0 else None

@@ -9,8 +9,9 @@ only what differs.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from megacov.models.mapping import Rule
 

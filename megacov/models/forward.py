@@ -6,14 +6,14 @@ mismatch here is a mismatch the trainer would see.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
 from megacov.models.loader import ModelInfo, unwrap
 
 
-def forward_logits(model_chunk: Any, layout: Any, info: ModelInfo, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+def forward_logits(model_chunk: Any, layout: Any, info: ModelInfo, tokens: torch.Tensor) -> torch.Tensor | None:
     """Logits ``[batch, seq, vocab_size]`` (padding columns dropped, fp32) for ``tokens`` ``[batch, seq]``.
 
     Collective over the model-parallel group: every rank of the layout must call it with the same

@@ -2,7 +2,7 @@
 
 :class:`SafetensorsReader` resolves a tensor name to its shard through ``model.safetensors.index.json``
 (or the single ``model.safetensors``) and hands out *lazy* slices: indexing one reads only the
-requested rows/columns from the memory-mapped file, which is how a TP rank loads just its shard.
+requested rows/columns from the file, which is how a TP rank loads just its shard.
 :class:`ShardWriter` writes safetensors shards planned from the config, each tensor straight to its
 place in its file, so export memory is bounded by one tensor. :func:`atomic_dir` makes every output appear complete or not at all.
 """
@@ -13,7 +13,8 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -45,28 +46,107 @@ def read_hf_config(hf_dir: str) -> dict:
     return read_json(os.path.join(hf_dir, "config.json"))
 
 
-def _open_safetensors(path: str) -> Any:
-    from safetensors import safe_open
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+_BLOCK_BYTES = 64 << 20  # rows read at a time when only some columns are wanted
 
-    try:
-        return safe_open(path, framework="pt")
-    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class SafetensorsFile:
+    """The header of one safetensors file, and reads of byte ranges from it with plain ``preadv``.
+
+    Not memory-mapped on purpose: a mapped file's touched pages count as the reader's resident
+    memory, so a converter that maps a 60 GB checkpoint looks (and under pressure behaves) as if it
+    held all of it. Here a slice is read into a fresh tensor and nothing else stays resident.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            size = os.path.getsize(path)
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or n > size - 8:
+                    raise ValueError("invalid header length")
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int]] = {}
+        for name, entry in header.items():
+            if entry.get("dtype") not in _DTYPES:
+                raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry.get('dtype')}")
+            begin, end = entry["data_offsets"]
+            if self.data_start + end > size:
+                raise CheckpointError(f"{path}: tensor {name} lies beyond the end of the file (truncated?)")
+            self.entries[name] = (_DTYPES[entry["dtype"]], tuple(entry["shape"]), begin)
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def read_into(self, out: torch.Tensor, offset: int) -> None:
+        """Fill the contiguous tensor ``out`` with the bytes at data offset ``offset``."""
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            got = os.preadv(self._fd, [view[done:]], self.data_start + offset + done)
+            if got <= 0:
+                raise CheckpointError(f"{self.path}: unexpected end of file")
+            done += got
+
+    def close(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self) -> None:
+        self.close()
 
 
 class LazyTensor:
-    """A tensor in a safetensors file that is read only when (and as far as) it is indexed."""
+    """A tensor in a safetensors file, read only when (and only as far as) it is indexed.
 
-    def __init__(self, handle: Any, name: str) -> None:
-        self._slice = handle.get_slice(name)
-        self.name = name
+    Supports what the weight mapping uses: ``t[:]``, ``t[a:b]`` (rows) and ``t[:, a:b]`` (columns of a
+    matrix, read in blocks of rows).
+    """
 
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self._slice.get_shape())
+    def __init__(self, file: SafetensorsFile, name: str) -> None:
+        self.file, self.name = file, name
+        self.dtype, self.shape, self._begin = file.entries[name]
+
+    def _rows(self, a: int, b: int) -> torch.Tensor:
+        rest = self.shape[1:]
+        out = torch.empty((b - a, *rest), dtype=self.dtype)
+        if b > a:
+            self.file.read_into(out, self._begin + a * _numel(rest) * _itemsize(self.dtype))
+        return out
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        return self._slice[index]
+        rows, cols = index if isinstance(index, tuple) else (index, slice(None))
+        if not (isinstance(rows, slice) and isinstance(cols, slice)) or rows.step not in (None, 1) \
+                or cols.step not in (None, 1):
+            raise TypeError(f"{self.name}: unsupported index {index!r}")
+        if not self.shape:
+            out = torch.empty((), dtype=self.dtype)
+            self.file.read_into(out, self._begin)
+            return out
+        a, b, _ = rows.indices(self.shape[0])
+        b = max(a, b)
+        if cols == slice(None):
+            return self._rows(a, b)
+        c0, c1, _ = cols.indices(self.shape[1])
+        out = torch.empty((b - a, max(0, c1 - c0), *self.shape[2:]), dtype=self.dtype)
+        step = max(1, _BLOCK_BYTES // max(1, _numel(self.shape[1:]) * _itemsize(self.dtype)))
+        for r in range(a, b, step):
+            block = self._rows(r, min(b, r + step))
+            out[r - a:r - a + block.shape[0]] = block[:, c0:c1]
+        return out
 
 
 class SafetensorsReader:
@@ -74,6 +154,7 @@ class SafetensorsReader:
 
     def __init__(self, hf_dir: str) -> None:
         self.dir = hf_dir
+        self._handles: dict[str, Any] = {}
         index_path = os.path.join(hf_dir, INDEX_FILE)
         if os.path.isfile(index_path):
             weight_map = read_json(index_path).get("weight_map")
@@ -81,18 +162,17 @@ class SafetensorsReader:
                 raise CheckpointError(f"{index_path}: no 'weight_map'")
             self.weight_map: dict[str, str] = weight_map
         elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
-            self.weight_map = {k: SINGLE_FILE for k in _open_safetensors(os.path.join(hf_dir, SINGLE_FILE)).keys()}
+            self.weight_map = dict.fromkeys(self._handle(SINGLE_FILE).keys(), SINGLE_FILE)
         else:
             raise CheckpointError(f"{hf_dir}: no {INDEX_FILE} or {SINGLE_FILE} (only safetensors checkpoints "
                                   f"are supported)")
         missing = sorted({f for f in self.weight_map.values() if not os.path.isfile(os.path.join(hf_dir, f))})
         if missing:
             raise CheckpointError(f"{hf_dir}: shard files listed in the index are missing: {', '.join(missing)}")
-        self._handles: dict[str, Any] = {}
 
     def _handle(self, filename: str) -> Any:
         if filename not in self._handles:
-            self._handles[filename] = _open_safetensors(os.path.join(self.dir, filename))
+            self._handles[filename] = SafetensorsFile(os.path.join(self.dir, filename))
         return self._handles[filename]
 
     def __contains__(self, name: object) -> bool:
@@ -110,6 +190,8 @@ class SafetensorsReader:
         return sum(os.path.getsize(os.path.join(self.dir, f)) for f in set(self.weight_map.values()))
 
     def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
         self._handles.clear()
 
 
@@ -131,7 +213,7 @@ class ShardWriter:
         shards: list[list[str]] = [[]]
         size = 0
         for name, (shape, dtype) in plan.items():
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = _numel(shape) * _itemsize(dtype)
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append([])
                 size = 0
@@ -151,12 +233,12 @@ class ShardWriter:
         offset = 0
         for name in names:
             shape, dtype = self.plan[name]
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            nbytes = _numel(shape) * _itemsize(dtype)
             header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-        fh = open(os.path.join(self.out_dir, filename), "wb")
+        fh = open(os.path.join(self.out_dir, filename), "wb")  # noqa: SIM115 - open until finish()
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
         fh.truncate(8 + len(raw) + offset)
@@ -242,7 +324,7 @@ def atomic_dir(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old: Optional[str] = None
+    old: str | None = None
     if os.path.exists(out_dir):
         old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
         os.replace(out_dir, os.path.join(old, "x"))

@@ -11,14 +11,22 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
 from megacov.models import mapping
-from megacov.models.arch import (Arch, arch_from_hf, check_layout, gpt_model_kwargs, hf_tensor_shapes, megatron_config,
-                                 torch_dtype)
+from megacov.models.arch import (
+    Arch,
+    arch_from_hf,
+    check_layout,
+    gpt_model_kwargs,
+    hf_tensor_shapes,
+    megatron_config,
+    torch_dtype,
+)
 from megacov.models.family import families
 from megacov.models.hf_io import CheckpointError, SafetensorsReader, read_hf_config, read_json
 
@@ -70,7 +78,7 @@ class Source:
     path: str
     hf_config: dict
     arch: Arch
-    meta: Optional[dict] = None
+    meta: dict | None = None
 
 
 def is_mcore_checkpoint(path: str) -> bool:
@@ -87,7 +95,7 @@ def read_mcore_meta(path: str) -> dict:
     return meta
 
 
-def resolve_source(path: str, *, tp: int = 1, vocab_divisible_by: Optional[int] = None) -> Source:
+def resolve_source(path: str, *, tp: int = 1, vocab_divisible_by: int | None = None) -> Source:
     """Read the config of an HF directory or megacov mcore checkpoint (no weights are read)."""
     if vocab_divisible_by is None:
         from megacov.config.schema import ModelConfig
@@ -147,7 +155,7 @@ def global_name(local_name: str, offset: int) -> str:
 
 
 def build_model(path: str, layout: Any, *, load_weights: bool = True, dtype: Any = "auto",
-                vocab_divisible_by: Optional[int] = None, use_te: Optional[bool] = None, progress: bool = False,
+                vocab_divisible_by: int | None = None, use_te: bool | None = None, progress: bool = False,
                 **config_overrides: Any) -> tuple[torch.nn.Module, ModelInfo]:
     """This rank's chunk of the model in ``path`` (HF directory or megacov mcore checkpoint).
 

@@ -23,8 +23,9 @@ both map to the same HF names.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 
@@ -53,7 +54,7 @@ class Rule:
     mcore: str
     hf: tuple[str, ...]
     kind: str
-    te: Optional[str] = None
+    te: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -118,7 +119,7 @@ class Resolved:
 
     rule: Rule
     hf: tuple[str, ...]
-    layer: Optional[int]
+    layer: int | None
 
 
 def resolve(name: str, layer_rules: Sequence[Rule], dims: Dims) -> Resolved:

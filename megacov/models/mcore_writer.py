@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -64,7 +65,10 @@ class BoxReader:
 
     def _box(self, name: str, off: list, size: list, full: list) -> torch.Tensor:
         kind = mapping.resolve(name, self.rules, self.dims).rule.kind
-        whole_rest = lambda dims: all(off[d] == 0 and size[d] == full[d] for d in dims)  # noqa: E731
+
+        def whole_rest(dims: Any) -> bool:
+            return all(off[d] == 0 and size[d] == full[d] for d in dims)
+
         shard = None
         if kind == "replicated" and size == full:
             shard = self._shard(name, 0, 1)
@@ -93,14 +97,17 @@ class BoxReader:
 def _strategy(read_box: BoxReader, progress: bool) -> Any:
     """A torch_dist save strategy whose tensors come from ``read_box`` at write time."""
     from megatron.core.dist_checkpointing.strategies.torch import (
-        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
-        mcore_to_pyt_state_dict)
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.planner import WriteItemType
 
     class _LazyPlanner(MCoreSavePlanner):
-        bar: Optional[Any] = None
+        bar: Any | None = None
 
         def finish_plan(self, new_plan: Any) -> Any:
             plan = super().finish_plan(new_plan)

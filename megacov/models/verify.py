@@ -9,7 +9,7 @@ above the fp32 rounding noise (~1e-6) of a correct one.
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -21,7 +21,7 @@ from megacov.models.mapping import MappingError
 
 
 def _verify_rank(rank: int, world_size: int, path: str, tp: int, pp: int, tokens: torch.Tensor, dtype: str
-                 ) -> Optional[torch.Tensor]:
+                 ) -> torch.Tensor | None:
     from megacov.models.forward import forward_logits
     from megacov.models.loader import build_model
     from megacov.parallel.layout import ParallelLayout
@@ -42,7 +42,7 @@ def hf_logits(hf_dir: str, tokens: torch.Tensor, dtype: Any = "fp32") -> torch.T
         return model(tokens).logits.float()
 
 
-def verify_conversion(hf_dir: str, *, mcore_dir: Optional[str] = None, tp: int = 1, pp: int = 1,
+def verify_conversion(hf_dir: str, *, mcore_dir: str | None = None, tp: int = 1, pp: int = 1,
                       tol: float = 1e-4, batch: int = 2, seq_len: int = 32, seed: int = 0,
                       dtype: str = "fp32") -> dict:
     """Compare logits; returns ``max_abs``, ``mean_abs``, ``ok`` (max_abs <= tol) and the setup."""

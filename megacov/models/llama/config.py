@@ -2,7 +2,8 @@
 has one switch for every linear bias, which does not match HF's split)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from megacov.models._checks import no_linear_bias
 

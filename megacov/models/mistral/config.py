@@ -1,7 +1,8 @@
 """What distinguishes Mistral configs: ``sliding_window`` (v0.1 uses 4096; refused when active)."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from megacov.models._checks import no_sliding_window
 

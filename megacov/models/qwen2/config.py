@@ -2,7 +2,8 @@
 released checkpoint) is refused when on."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from megacov.models._checks import no_sliding_window
 

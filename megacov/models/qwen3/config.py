@@ -2,7 +2,8 @@
 hidden_size / num_attention_heads (megatron's ``kv_channels``); ``attention_bias`` refused."""
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from megacov.models._checks import no_linear_bias, no_sliding_window
 
