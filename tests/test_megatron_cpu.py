@@ -141,18 +141,27 @@ def test_resharded_checkpoint_gives_same_logits_and_loss(base_checkpoint, tp, pp
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
 
 
+@pytest.fixture(scope="module")
+def reference_step(base_checkpoint, tmp_path_factory):
+    """TP=1 single-process step: (loss, updated weights, initial weights), shared by every layout."""
+    ref_dir = str(tmp_path_factory.mktemp("mcore") / "ref")
+    os.makedirs(ref_dir)
+    ref_loss, _ = _last_stage_result(run_distributed(_worker, 1, 1, 1, base_checkpoint, "step", ref_dir))
+    ref = run_distributed(_load_tp1_state, 1, ref_dir)[0]
+    base = run_distributed(_load_tp1_state, 1, base_checkpoint)[0]
+    return ref_loss, ref, base
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)])
-def test_one_training_step_is_layout_exact(base_checkpoint, tmp_path, tp, pp, dp):
-    ref_dir, out_dir = str(tmp_path / "ref"), str(tmp_path / "out")
-    os.makedirs(ref_dir), os.makedirs(out_dir)
-    ref_loss, _ = _last_stage_result(run_distributed(_worker, 1, 1, 1, base_checkpoint, "step", ref_dir))
+def test_one_training_step_is_layout_exact(base_checkpoint, reference_step, tmp_path, tp, pp, dp):
+    ref_loss, ref, base = reference_step
+    out_dir = str(tmp_path / "out")
+    os.makedirs(out_dir)
     res = run_distributed(_worker, tp * pp * dp, tp, pp, base_checkpoint, "step", out_dir)
     loss, _ = _last_stage_result(res)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5
-    ref = run_distributed(_load_tp1_state, 1, ref_dir)[0]
     got = run_distributed(_load_tp1_state, 1, out_dir)[0]
-    base = run_distributed(_load_tp1_state, 1, base_checkpoint)[0]
     assert ref.keys() == got.keys()
     moved = 0
     for name in ref:
