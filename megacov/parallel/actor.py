@@ -164,6 +164,8 @@ def _grad_averaged_over_dp(chunks: Sequence[torch.nn.Module]) -> bool:
 
 
 def _sum_grads_over_dp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout) -> None:
+    """DP sum of ``.grad`` for unwrapped modules (tests, tools). Only that: tied embeddings across
+    pipeline stages and sequence-parallel norms need megatron DDP + ``finalize_model_grads``."""
     if group_size_rank(layout.dp_group)[0] == 1:
         return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
