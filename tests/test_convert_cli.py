@@ -2,10 +2,12 @@
 
 The round trips run the real CLI entry point (``megacov.cli.main``): HF -> megatron dist checkpoint
 (written by TP x PP gloo processes) -> HF, then compare every tensor bit for bit, load the result in
-transformers, and check the checkpoint at a different layout with ``verify conversion``.
+transformers (and, in the slow test, vLLM), and check the checkpoint at a different layout with
+``verify conversion``.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -33,10 +35,18 @@ def _logits(path: str, tokens: torch.Tensor) -> torch.Tensor:
         return model(tokens).logits
 
 
-def _assert_same_hf_weights(a: str, b: str, dtype=None) -> None:
+def _hf_weights(path: str) -> dict:
     from safetensors.torch import load_file
 
-    wa, wb = load_file(os.path.join(a, "model.safetensors")), load_file(os.path.join(b, "model.safetensors"))
+    out: dict = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def _assert_same_hf_weights(a: str, b: str, dtype=None) -> None:
+    wa, wb = _hf_weights(a), _hf_weights(b)
     assert set(wa) == set(wb)
     for name, t in wa.items():
         ref = t.to(dtype) if dtype is not None else t
@@ -89,14 +99,14 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, hf_dir, capsys) -> None:
     _no_leftovers(tmp_path)
 
 
-def _roundtrip(tmp_path, hf: str, tp: int, pp: int, extra: list[str]) -> tuple[str, str]:
+def _roundtrip(tmp_path, hf: str, tp: int, pp: int, extra: list[str], export_extra: tuple = ()) -> tuple[str, str]:
     ckpt, back = str(tmp_path / "mcore"), str(tmp_path / "back")
     assert main(["convert", "hf-to-mcore", "--hf", hf, "--out", ckpt, "--tp", str(tp), "--pp", str(pp),
                  "--quiet", *extra]) == 0
     meta = json.loads(Path(ckpt, "megacov.json").read_text())
     assert meta["saved_with"] == {"tp": tp, "pp": pp} and meta["padded_vocab_size"] == 128
     assert meta["hf_config"] == json.loads(Path(hf, "config.json").read_text())
-    assert main(["convert", "mcore-to-hf", "--mcore", ckpt, "--out", back, "--quiet"]) == 0
+    assert main(["convert", "mcore-to-hf", "--mcore", ckpt, "--out", back, "--quiet", *export_extra]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert Path(hf, name).read_text() == Path(back, name).read_text()
     _no_leftovers(tmp_path)
@@ -124,12 +134,38 @@ def test_roundtrip_tied_bf16_and_resharded_verify(tmp_path, capsys) -> None:
     _no_leftovers(tmp_path)
 
 
+_VLLM_GREEDY = """
+import json, os, sys
+os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1", VLLM_CPU_OMP_THREADS_BIND="nobind")
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=64, seed=0, disable_log_stats=True)
+outs = llm.generate(["12+34=", "(7*8)-"], SamplingParams(temperature=0.0, max_tokens=8, logprobs=1))
+print(json.dumps([[o.outputs[0].token_ids, [list(lp.values())[0].logprob for lp in o.outputs[0].logprobs]]
+                  for o in outs]))
+"""
+
+
+def _vllm_greedy(path: str) -> list:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _VLLM_GREEDY, path], check=True, capture_output=True, text=True,
+                         timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @pytest.mark.slow
-def test_roundtrip_tp2_pp2_is_bit_exact_and_loads_in_transformers(tmp_path, hf_dir, capsys) -> None:
-    ckpt, back = _roundtrip(tmp_path, hf_dir, 2, 2, [])
+def test_roundtrip_tp2_pp2_is_bit_exact_and_loads_in_transformers_and_vllm(tmp_path, hf_dir, capsys) -> None:
+    # 1 MB shards: the 1.6 MB model is exported as two shards plus an index
+    ckpt, back = _roundtrip(tmp_path, hf_dir, 2, 2, [], ("--max-shard-size-mb", "1"))
+    assert sorted(f for f in os.listdir(back) if "safetensors" in f) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"]
     _assert_same_hf_weights(hf_dir, back)
     tokens = torch.randint(0, 67, (2, 20), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(back, tokens), _logits(hf_dir, tokens))
     capsys.readouterr()
     assert main(["verify", "conversion", "--hf", hf_dir, "--mcore", ckpt, "--pp", "2", "--tol", "1e-4"]) == 0
     assert "qwen2 mcore tp=1 pp=2" in capsys.readouterr().out
+    if importlib.util.find_spec("vllm") is None:
+        pytest.skip("vLLM not installed")
+    assert _vllm_greedy(back) == _vllm_greedy(hf_dir)  # same tokens and the same log-probs

@@ -14,7 +14,8 @@ import torch
 
 from megacov.parallel.spawn import run_distributed
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("mbridge") is None, reason="mbridge not installed")
+pytestmark = [pytest.mark.skipif(importlib.util.find_spec("mbridge") is None, reason="mbridge not installed"),
+              pytest.mark.slow]
 
 
 def _worker(rank: int, world: int, hf_dir: str, tp: int) -> dict:
