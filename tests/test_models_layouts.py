@@ -22,7 +22,16 @@ MODELS = {
 }
 
 
-def _worker(rank: int, world: int, layouts: list, dirs: dict, tokens: torch.Tensor) -> dict:
+def _save_like_training(model, ckpt: str, rank: int) -> None:
+    """What the trainer writes: the model's sharded state next to optimizer-like tensors."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    fake = ShardedTensor.from_rank_offsets(f"optimizer.state.fake.rank{rank}", torch.ones(3), replica_id=0)
+    dist_checkpointing.save({"model": model.sharded_state_dict(), "optimizer": {"fake": fake}}, ckpt)
+
+
+def _worker(rank: int, world: int, layouts: list, dirs: dict, tokens: torch.Tensor, ckpt: str = "") -> dict:
     from megatron.core import parallel_state
 
     from megacov.models import UnsupportedModelError, build_model, iter_hf_weights
@@ -41,6 +50,8 @@ def _worker(rank: int, world: int, layouts: list, dirs: dict, tokens: torch.Tens
             except UnsupportedModelError as exc:
                 out[(tp, pp, name)] = ("unsupported", str(exc))
                 continue
+            if ckpt and (tp, pp) == (1, 2) and name == "llama_mha_tied":
+                _save_like_training(model, ckpt, rank)
             logits = forward_logits(model, layout, info, tokens)
             exported = [(n, t.clone()) for n, t in iter_hf_weights(model, layout, info)]
             meta = (info.layer_offset, info.num_local_layers, info.padded_vocab_size, layout.tp_rank, layout.pp_rank)
@@ -99,11 +110,23 @@ def _check(results: list, layouts: list, models) -> None:
                 assert t.dtype == orig[n].dtype and torch.equal(t, orig[n]), f"{name} tp={tp} pp={pp}: {n} differs"
 
 
-def test_layouts_of_two_ranks(models) -> None:
+def test_layouts_of_two_ranks(models, tmp_path) -> None:
+    from megacov.models.checkpoint import mcore_to_hf
+
     layouts = [(1, 1), (2, 1), (1, 2)]
-    dirs, tokens, _, _ = models
-    results = run_distributed(_worker, 2, layouts, dirs, tokens, timeout_s=600)
+    dirs, tokens, _, weights = models
+    ckpt = tmp_path / "trained"
+    ckpt.mkdir()
+    results = run_distributed(_worker, 2, layouts, dirs, tokens, str(ckpt), timeout_s=600)
     _check(results, layouts, models)
+    # A checkpoint saved the way training saves it (PP=2, tied head on the last stage, optimizer
+    # tensors beside the model) exports back to the original weights given the HF model it came from.
+    mcore_to_hf(str(ckpt), str(tmp_path / "exported"), hf_dir=dirs["llama_mha_tied"], progress=False)
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    assert set(exported) == set(weights["llama_mha_tied"]) - {"lm_head.weight"}
+    assert all(torch.equal(exported[k], weights["llama_mha_tied"][k]) for k in exported)
 
 
 @pytest.mark.slow

@@ -21,6 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     m2h = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors + config + tokenizer")
     m2h.add_argument("--mcore", required=True, metavar="DIR", help="checkpoint from hf-to-mcore (or training)")
     m2h.add_argument("--out", required=True, metavar="DIR", help="output HF directory")
+    m2h.add_argument("--hf", metavar="DIR", help="HF model the checkpoint derives from: its config and tokenizer "
+                     "describe a checkpoint without megacov.json (a training checkpoint's actor/ folder)")
     m2h.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="output dtype (default: as stored)")
     m2h.add_argument("--max-shard-size-mb", type=int, default=None, help="safetensors shard size (default 2048)")
     for p in (h2m, m2h):
@@ -46,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
             if shard_mb < 1:
                 return fail("--max-shard-size-mb must be >= 1")
             stats = checkpoint.mcore_to_hf(args.mcore, args.out, dtype=args.dtype, overwrite=args.overwrite,
-                                           max_shard_mb=shard_mb, progress=not args.quiet)
+                                           max_shard_mb=shard_mb, progress=not args.quiet, hf_dir=args.hf)
             extra = _rss([stats])
     except (CheckpointError, UnsupportedModelError, MappingError) as exc:
         return fail(str(exc), 2)

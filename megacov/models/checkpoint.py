@@ -34,12 +34,14 @@ from megacov.models.loader import (
     MCORE_FORMAT,
     MCORE_META_FILE,
     check_hf_weights,
+    is_mcore_checkpoint,
     read_mcore_meta,
     resolve_source,
 )
 from megacov.rollout.memory import PeakRss
 
 DEFAULT_MAX_SHARD_MB = 2048
+MODEL_KEY_PREFIXES = ("embedding.", "decoder.", "output_layer.")
 
 
 def _mb(nbytes: int | None) -> float | None:
@@ -132,7 +134,8 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
     """Yield ``(global megatron name, full tensor)`` from a dist checkpoint, one layer in memory at a time."""
     from megacov.models.dcp_slices import load_slices, tensor_metadata
 
-    meta = tensor_metadata(ckpt_dir)
+    # Training checkpoints also hold optimizer state: only the model's keys are exported.
+    meta = {k: v for k, v in tensor_metadata(ckpt_dir).items() if k.startswith(MODEL_KEY_PREFIXES)}
     rules, dims = families()[arch.family].layer_rules, arch.dims
     order = _rule_order(arch)
     prefix = "decoder.layers."
@@ -163,20 +166,45 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
     yield from whole(["decoder.final_layernorm.weight", "output_layer.weight"]).items()
 
 
-def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False,
-                max_shard_mb: int = DEFAULT_MAX_SHARD_MB, progress: bool = True) -> dict:
-    """Convert a megacov mcore checkpoint into an HF directory (safetensors, config, tokenizer).
+def _describe_mcore(mcore_dir: str, hf_dir: str | None) -> tuple[dict, Arch, str]:
+    """``(hf_config, arch, side_files_dir)`` of a checkpoint: from its megacov.json, or, for a checkpoint
+    without one (the trainer's ``actor/`` folders), from the HF directory it was trained from."""
+    from megacov.models.arch import arch_from_hf
+    from megacov.models.dcp_slices import tensor_metadata
+    from megacov.models.hf_io import read_hf_config
 
+    if not os.path.isdir(mcore_dir):
+        raise CheckpointError(f"no such directory: {mcore_dir}")
+    if not os.path.isfile(os.path.join(mcore_dir, "metadata.json")):
+        raise CheckpointError(f"{mcore_dir}: megatron checkpoint files are missing (no metadata.json)")
+    if not is_mcore_checkpoint(mcore_dir) and hf_dir is None:
+        raise CheckpointError(f"{mcore_dir} has no {MCORE_META_FILE}; for a checkpoint written by training, "
+                              f"name the HF model it started from (--hf DIR)")
+    if is_mcore_checkpoint(mcore_dir):
+        meta = read_mcore_meta(mcore_dir)
+        return meta["hf_config"], resolve_source(mcore_dir).arch, mcore_dir
+    hf_config = read_hf_config(hf_dir)
+    embedding = tensor_metadata(mcore_dir).get("embedding.word_embeddings.weight")
+    if embedding is None:
+        raise CheckpointError(f"{mcore_dir}: no embedding.word_embeddings.weight in the checkpoint")
+    from megacov.config.schema import ModelConfig
+
+    arch = arch_from_hf(hf_config, vocab_divisible_by=ModelConfig.vocab_divisible_by,
+                        padded_vocab_size=embedding[0][0])
+    return hf_config, arch, hf_dir
+
+
+def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False,
+                max_shard_mb: int = DEFAULT_MAX_SHARD_MB, progress: bool = True, hf_dir: str | None = None) -> dict:
+    """Convert a megatron checkpoint into an HF directory (safetensors, config, tokenizer).
+
+    The checkpoint is a megacov one (``megacov.json``) or, with ``hf_dir`` naming the HF model it
+    derives from, any checkpoint of the model's sharded state (e.g. a training checkpoint's ``actor/``).
     ``dtype`` defaults to the checkpoint's. Memory: one decoder layer of the checkpoint.
     """
     from megacov.models.dcp_slices import tensor_metadata
 
-    if not os.path.isdir(mcore_dir):
-        raise CheckpointError(f"no such directory: {mcore_dir}")
-    meta = read_mcore_meta(mcore_dir)
-    if not os.path.isfile(os.path.join(mcore_dir, "metadata.json")):
-        raise CheckpointError(f"{mcore_dir}: megatron checkpoint files are missing (no metadata.json)")
-    arch = resolve_source(mcore_dir).arch
+    hf_config, arch, side_dir = _describe_mcore(mcore_dir, hf_dir)
     rules, dims = families()[arch.family].layer_rules, arch.dims
     dt = torch_dtype(dtype) if dtype else None
     start = time.perf_counter()
@@ -192,12 +220,12 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overw
             for hf_name, tensor in mapping.mcore_to_hf(gname, full, rules, dims):
                 writer.add(hf_name, tensor)
         writer.finish()
-        hf_config = dict(meta["hf_config"])
+        hf_config = dict(hf_config)
         for key in [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["torch_dtype"]:
             hf_config[key] = _dtype_name(dt)
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(hf_config, fh, indent=2)
-        copy_side_files(mcore_dir, tmp)
+        copy_side_files(side_dir, tmp)
         written = writer.total_bytes
     return {"seconds": time.perf_counter() - start, "hf_bytes": written, "rss_at_start_mb": _mb(peak.start_bytes),
             "peak_rss_mb": _mb(peak.peak_bytes)}
