@@ -89,7 +89,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, hf_dir, capsys) -> None:
     assert "num_key_value_heads=2" in capsys.readouterr().err
     # an HF directory is not an mcore checkpoint; an existing output is not overwritten
     assert main(["convert", "mcore-to-hf", "--mcore", hf_dir, "--out", out]) == 2
-    assert "not a megacov mcore checkpoint" in capsys.readouterr().err
+    assert "is an HF model directory, not a megatron checkpoint" in capsys.readouterr().err
+    trained = tmp_path / "actor"
+    trained.mkdir()
+    (trained / "metadata.json").write_text('{"sharded_backend": "torch_dist"}')
+    assert main(["convert", "mcore-to-hf", "--mcore", str(trained), "--out", out]) == 2
+    assert "--hf" in capsys.readouterr().err  # a training checkpoint needs the HF model it started from
     os.makedirs(out)
     open(os.path.join(out, "keep"), "w").close()
     assert main(["convert", "hf-to-mcore", "--hf", hf_dir, "--out", out]) == 2

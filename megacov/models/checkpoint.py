@@ -176,6 +176,8 @@ def _describe_mcore(mcore_dir: str, hf_dir: str | None) -> tuple[dict, Arch, str
     if not os.path.isdir(mcore_dir):
         raise CheckpointError(f"no such directory: {mcore_dir}")
     if not os.path.isfile(os.path.join(mcore_dir, "metadata.json")):
+        if os.path.isfile(os.path.join(mcore_dir, "config.json")):
+            raise CheckpointError(f"{mcore_dir} is an HF model directory, not a megatron checkpoint")
         raise CheckpointError(f"{mcore_dir}: megatron checkpoint files are missing (no metadata.json)")
     if not is_mcore_checkpoint(mcore_dir) and hf_dir is None:
         raise CheckpointError(f"{mcore_dir} has no {MCORE_META_FILE}; for a checkpoint written by training, "
