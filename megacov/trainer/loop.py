@@ -106,7 +106,7 @@ def rl_loop(ctx: Any) -> int:
         ctx.log(0, ctx.evaluate())
     step = ctx.start_step
     for step in range(ctx.start_step + 1, cfg.trainer.total_steps + 1):
-        if cfg.trainer.total_epochs is not None and ctx.loader.epoch >= cfg.trainer.total_epochs:
+        if cfg.trainer.total_epochs is not None and ctx.loader.epochs_done >= cfg.trainer.total_epochs:
             log.info("reached trainer.total_epochs=%d at step %d", cfg.trainer.total_epochs, step - 1)
             step -= 1
             break

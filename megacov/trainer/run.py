@@ -71,6 +71,7 @@ class RunContext:
         self.group = self.engines = self.judge_engines = self.metrics = None
         self._sync = None
         self._asleep = False
+        self.last_saved = 0
 
     # -- lifetime ----------------------------------------------------------------------------------
 
@@ -201,7 +202,9 @@ class RunContext:
         self.group.execute("save_checkpoint", tmp, self.cfg.checkpoint.save_optimizer)
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
                  "history": self.history, "init_path": os.path.abspath(self.init_path)}
-        return self.ckpt.commit(tmp, step, state)
+        path = self.ckpt.commit(tmp, step, state)
+        self.last_saved = step
+        return path
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         self.metrics.log(step, metrics)
@@ -279,6 +282,8 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
         from megacov.trainer.loop import rl_loop
 
         last = rl_loop(ctx)
+        if last > ctx.last_saved and last > ctx.start_step:  # stopped early (trainer.total_epochs)
+            ctx.save(last)
         if cfg.checkpoint.export_hf and last > 0:
             from megacov.trainer.session import export_hf
 
