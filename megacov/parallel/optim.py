@@ -36,8 +36,11 @@ class ActorOptim:
         self.optimizer.zero_grad()
 
     def step(self) -> tuple[bool, Optional[float]]:
-        """Apply the accumulated gradients. Returns (applied, grad_norm); a non-finite gradient norm
-        skips the update (megatron reports it as not successful) and leaves the weights unchanged."""
+        """Apply the accumulated gradients. Returns (applied, grad_norm).
+
+        megatron's fp32 optimizer applies non-finite gradients as they are (only its mixed-precision
+        optimizers skip them), so callers that must not corrupt the weights check the gradients first
+        (the trainer's actor worker does, and reports the skipped step)."""
         from megatron.core.distributed import finalize_model_grads
 
         finalize_model_grads(self.model, pg_collection=self._pgs())
