@@ -2,8 +2,9 @@
 
 Everything here is generated locally (no hub downloads), so the demo and every CPU test run on a
 fresh machine without network. The model keeps head_dim = 32 because vLLM's CPU attention rejects
-smaller heads; the vocabulary (67 symbols) is deliberately *not* a multiple of 2 or 4, so tensor
-parallelism always exercises vocab padding.
+smaller heads; the vocabulary has 64 symbols, which Megatron pads to 128 (``model.vocab_divisible_by``),
+so under tensor parallelism the padded vocabulary rows are always exercised (at TP=2 one shard holds
+only padding).
 """
 from __future__ import annotations
 
