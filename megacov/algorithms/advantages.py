@@ -16,33 +16,18 @@ from typing import Any
 
 import torch
 
+from megacov.algorithms.registry import Registry
 from megacov.config.schema import AlgorithmConfig
 
 #: Added to standard deviations before dividing, so all-equal groups give 0, not NaN.
 STD_EPS = 1e-6
 
 AdvantageFn = Callable[..., torch.Tensor]
-_ADVANTAGES: dict[str, AdvantageFn] = {}
-
-
-def register_advantage(name: str) -> Callable[[AdvantageFn], AdvantageFn]:
-    """Decorator: make an estimator selectable as ``algorithm.advantage=<name>``."""
-    def deco(fn: AdvantageFn) -> AdvantageFn:
-        if name in _ADVANTAGES and _ADVANTAGES[name] is not fn:
-            raise ValueError(f"advantage estimator '{name}' is already registered")
-        _ADVANTAGES[name] = fn
-        return fn
-    return deco
-
-
-def get_advantage(name: str) -> AdvantageFn:
-    if name not in _ADVANTAGES:
-        raise KeyError(f"unknown advantage estimator '{name}'; registered: {', '.join(list_advantages())}")
-    return _ADVANTAGES[name]
-
-
-def list_advantages() -> list[str]:
-    return sorted(_ADVANTAGES)
+_ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+register_advantage = _ADVANTAGES.register
+"""Decorator: make an estimator selectable as ``algorithm.advantage=<name>``."""
+get_advantage = _ADVANTAGES.get
+list_advantages = _ADVANTAGES.names
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor,

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from megacov.algorithms.registry import Registry
+
 
 @dataclass(frozen=True)
 class Controls:
@@ -127,33 +129,19 @@ class PositiveAdvantageReweighting(EntropyController):
 
 PAR_SCHEDULES = ("stage", "epoch", "entropy")
 
-_CONTROLLERS: dict[str, Callable[..., EntropyController]] = {
+_CONTROLLERS: Registry[Callable[..., EntropyController]] = Registry("entropy controller", {
     "none": EntropyController,
     "adaptive": AdaptiveEntropyCoef,
     "par": PositiveAdvantageReweighting,
-}
-
-
-def register_entropy_controller(name: str) -> Callable[[type], type]:
-    """Decorator: make a controller class selectable as ``algorithm.entropy_control=<name>``."""
-    def deco(cls: type) -> type:
-        if name in _CONTROLLERS and _CONTROLLERS[name] is not cls:
-            raise ValueError(f"entropy controller '{name}' is already registered")
-        _CONTROLLERS[name] = cls
-        return cls
-    return deco
-
-
-def list_entropy_controllers() -> list[str]:
-    return sorted(_CONTROLLERS)
+})
+register_entropy_controller = _CONTROLLERS.register
+"""Decorator: make a controller class selectable as ``algorithm.entropy_control=<name>``."""
+list_entropy_controllers = _CONTROLLERS.names
 
 
 def build_entropy_controller(hp: Any, total_epochs: int | None = None) -> EntropyController:
     """The controller named by ``hp.entropy_control`` (an AlgorithmConfig-like object)."""
-    name = hp.entropy_control
-    if name not in _CONTROLLERS:
-        raise KeyError(f"unknown entropy controller '{name}'; registered: {', '.join(list_entropy_controllers())}")
-    return _CONTROLLERS[name](hp, total_epochs=total_epochs)
+    return _CONTROLLERS.get(hp.entropy_control)(hp, total_epochs=total_epochs)
 
 
 def par_weights(advantages: torch.Tensor, mask: torch.Tensor, positive_weight: float) -> torch.Tensor | None:

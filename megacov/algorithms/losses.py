@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from megacov.algorithms import selection as sel
+from megacov.algorithms.registry import Registry
 from megacov.algorithms.selection import LOG_RATIO_CLAMP, masked_log_ratio  # noqa: F401 (re-exported)
 
 AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -179,27 +180,11 @@ def _finish(loss_mat: torch.Tensor, p: _Prepared, norm: LossNormalizer, hp: Any,
 
 
 PolicyLossFn = Callable[..., tuple[torch.Tensor, dict[str, Any]]]
-_POLICY_LOSSES: dict[str, PolicyLossFn] = {}
-
-
-def register_policy_loss(name: str) -> Callable[[PolicyLossFn], PolicyLossFn]:
-    """Decorator: make a loss selectable as ``algorithm.policy_loss=<name>``."""
-    def deco(fn: PolicyLossFn) -> PolicyLossFn:
-        if name in _POLICY_LOSSES and _POLICY_LOSSES[name] is not fn:
-            raise ValueError(f"policy loss '{name}' is already registered")
-        _POLICY_LOSSES[name] = fn
-        return fn
-    return deco
-
-
-def get_policy_loss(name: str) -> PolicyLossFn:
-    if name not in _POLICY_LOSSES:
-        raise KeyError(f"unknown policy loss '{name}'; registered: {', '.join(list_policy_losses())}")
-    return _POLICY_LOSSES[name]
-
-
-def list_policy_losses() -> list[str]:
-    return sorted(_POLICY_LOSSES)
+_POLICY_LOSSES: Registry[PolicyLossFn] = Registry("policy loss")
+register_policy_loss = _POLICY_LOSSES.register
+"""Decorator: make a loss selectable as ``algorithm.policy_loss=<name>``."""
+get_policy_loss = _POLICY_LOSSES.get
+list_policy_losses = _POLICY_LOSSES.names
 
 
 @register_policy_loss("ppo")
