@@ -14,7 +14,6 @@ covariance statistics and the Clip-Cov / KL-Cov choices are exercised without a 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
