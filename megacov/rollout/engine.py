@@ -85,7 +85,11 @@ class EngineSpec:
         return "bfloat16" if self.use_gpu else "float32"
 
     def actor_env(self) -> dict[str, str]:
-        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        # vLLM logs a few INFO/WARNING lines per weight update (prefix-cache reset, "RotaryEmbedding:
+        # Failed to load weights" for a module that has none) that would scroll over the progress bar
+        # every step; errors still show, and an explicit VLLM_LOGGING_LEVEL in the environment wins.
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "ERROR")}
         if not self.use_gpu:
             env.update(VLLM_CPU_KVCACHE_SPACE=str(self.cpu_kvcache_space_gb), VLLM_CPU_OMP_THREADS_BIND="nobind")
         env.update(self.env)
