@@ -16,21 +16,6 @@ import sys
 from megacov.cli._common import fail
 
 
-def _fit_until(text: str) -> int | float:
-    """An integer is a step; anything else must be a fraction of the step span in (0, 1)."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is neither a step nor a fraction") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"fraction {text} must be in (0, 1); give an integer for a step")
-    return value
-
-
 def _fraction(text: str) -> float:
     try:
         value = float(text)
@@ -39,6 +24,14 @@ def _fraction(text: str) -> float:
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text} must be in (0, 1)")
     return value
+
+
+def _fit_until(text: str) -> int | float:
+    """An integer is a step; anything else must be a fraction of the step span in (0, 1)."""
+    try:
+        return int(text)
+    except ValueError:
+        return _fraction(text)
 
 
 def _positive_int(text: str) -> int:
