@@ -272,6 +272,12 @@ class TrainerConfig:
     """CPUs reserved by each Megatron rank's Ray actor."""
     predict_ceiling_every: int = 0
     """Fit R = -a exp(H) + b every N steps and log the predicted ceiling (0 disables)."""
+    overwrite: bool = False
+    """With ``resume=never``: delete the checkpoints, metrics and exports of a run already in the run
+    folder and start over. Without it a fresh run refuses to start in a folder that holds a run."""
+    max_skipped_steps: int = 3
+    """Stop the run after this many consecutive steps whose updates were skipped as non-finite
+    (every such step is warned about); 0 only warns."""
 
 
 @dataclass
@@ -284,6 +290,12 @@ class CheckpointConfig:
     """Include the optimizer state (needed for exact resume)."""
     export_hf: bool = True
     """Export the final policy as an HF directory."""
+    export_hf_every: int = 0
+    """Also export the policy as an HF directory every N steps, to
+    ``<run>/hf_exports/step_<N>`` (0 disables)."""
+    manifest_hashes: bool = True
+    """Record the sha256 of every checkpoint file in its manifest (resume verifies them); false
+    records sizes only, which skips reading a very large checkpoint back after saving it."""
 
 
 @dataclass

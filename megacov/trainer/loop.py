@@ -112,4 +112,6 @@ def rl_loop(ctx: Any) -> int:
             break
         metrics = rl_step(ctx, step)
         ctx.log(step, metrics)
+        if ctx.stop_requested(step):  # SIGTERM / SIGINT: a checkpoint of this step is saved, then exit 0
+            break
     return step

@@ -3,7 +3,11 @@ enabled), a progress bar, and a PNG of the curves at the end.
 
 The JSONL file is the source of truth that ``megacov analyze`` and the plot read. On resume it is
 rewritten without the rows after the checkpoint's step, so a run that was killed and continued leaves
-the same file an uninterrupted run would (a half-written last line from the kill goes too).
+the same file an uninterrupted run would (a half-written last line from the kill goes too). Each row
+is on disk (fsync) before the step's checkpoint is committed, so a resumed run never lacks a row.
+
+The W&B run id is kept in ``wandb_id.txt`` in the run folder, so a resumed run continues the same
+W&B run instead of opening a new one.
 """
 from __future__ import annotations
 
@@ -53,6 +57,25 @@ def truncate_jsonl(path: str, last_step: int) -> None:
     os.replace(tmp, path)
 
 
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def wandb_run_id(run_dir: str, resuming: bool) -> str:
+    """The W&B run id of this run folder: the stored one when resuming, else a new one (stored)."""
+    import secrets
+
+    path = os.path.join(run_dir, WANDB_ID_FILE)
+    if resuming and os.path.isfile(path):
+        with open(path) as fh:
+            stored = fh.read().strip()
+        if stored:
+            return stored
+    run_id = secrets.token_hex(4)
+    with open(path, "w") as fh:
+        fh.write(run_id + "\n")
+    return run_id
+
+
 class MetricsLogger:
     """Fan-out of ``log(step, metrics)`` to the enabled sinks."""
 
@@ -69,7 +92,7 @@ class MetricsLogger:
                 os.remove(self.path)
             self._jsonl = open(self.path, "a")
         self._tb = self._open_tensorboard(run_dir) if logging_cfg.tensorboard else None
-        self._wandb = self._open_wandb(run_name, config) if logging_cfg.wandb else None
+        self._wandb = self._open_wandb(run_dir, run_name, config, start_step) if logging_cfg.wandb else None
         self._bar = None
         if logging_cfg.progress_bar:
             from tqdm import tqdm
@@ -85,19 +108,21 @@ class MetricsLogger:
             return None
         return SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
-    def _open_wandb(self, run_name: str, config: Optional[dict[str, Any]]) -> Any:
+    def _open_wandb(self, run_dir: str, run_name: str, config: Optional[dict[str, Any]], start_step: int) -> Any:
         try:
             import wandb
         except ImportError:
             raise RuntimeError("logging.wandb=true but the wandb package is not installed "
                                "(pip install wandb, or set logging.wandb=false)") from None
-        return wandb.init(project=self.cfg.wandb_project, name=run_name, config=config, resume="allow")
+        run_id = wandb_run_id(run_dir, resuming=start_step > 0)
+        return wandb.init(project=self.cfg.wandb_project, name=run_name, config=config, id=run_id, resume="allow")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": int(step), **{k: _clean(float(v)) for k, v in metrics.items()}}
         if self._jsonl is not None:
             self._jsonl.write(json.dumps(row) + "\n")
             self._jsonl.flush()
+            os.fsync(self._jsonl.fileno())
         numeric = {k: v for k, v in row.items() if k != "step" and v is not None}
         if self._tb is not None:
             for key, value in numeric.items():

@@ -60,9 +60,16 @@ class RunContext:
         self.controller = build_entropy_controller(cfg.algorithm, total_epochs=cfg.trainer.total_epochs)
         self.mini_batch_seqs = cfg.data.mini_batch_size * cfg.rollout.n
         self.updates_per_step = (cfg.data.batch_size // cfg.data.mini_batch_size) * cfg.algorithm.ppo_epochs
-        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last)
+        self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, with_hashes=cfg.checkpoint.manifest_hashes)
         self.ckpt.remove_partial()
         self.resume_from = self.ckpt.resolve_resume(cfg.trainer.resume)
+        # faults: safe-point stop on SIGTERM/SIGINT, non-finite storms, row N before checkpoint N
+        from megacov.trainer.faults import NonFiniteGuard, StopRequest
+
+        self.stop = StopRequest()
+        self.guard = NonFiniteGuard(cfg.trainer.max_skipped_steps, self.updates_per_step)
+        self._staged: Any = None
+        self.stopped_by: Optional[str] = None
         self.init_path = warm_start(cfg, plan, self.tokenizer) if cfg.trainer.sft_steps > 0 else cfg.model.path
         self.rewards = None if cfg.reward.name == "judge" else build_reward_manager(cfg)[0]  # bad names fail here
         self.has_reference = True
@@ -94,6 +101,7 @@ class RunContext:
             self.sync()  # the engines loaded the initial HF weights; the actor holds others
         from megacov.trainer.metrics import MetricsLogger
 
+        self.stop.install()  # after Ray's start-up, which installs its own SIGTERM handler
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, run_name=cfg.trainer.name,
                                      total_steps=cfg.trainer.total_steps, start_step=self.start_step,
                                      config=dataclasses.asdict(cfg))
@@ -187,7 +195,7 @@ class RunContext:
             metrics.update(self._ceiling())
         if (c.save_every > 0 and step % c.save_every == 0) or last:
             with timer("checkpoint"):
-                self.save(step)
+                self.save(step, commit=False)  # committed by log(), once the step's metrics row is on disk
 
     def _ceiling(self) -> dict[str, float]:
         from megacov.analysis.fit import predict_ceiling
@@ -197,18 +205,40 @@ class RunContext:
             return {}
         return {"fit/a": fit["a"], "fit/b": fit["b"], "fit/ceiling": fit["ceiling"], "fit/r2": fit["r2"]}
 
-    def save(self, step: int) -> str:
-        tmp = self.ckpt.begin(step)
-        self.group.execute("save_checkpoint", tmp, self.cfg.checkpoint.save_optimizer)
+    def save(self, step: int, commit: bool = True) -> Optional[str]:
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
                  "history": self.history, "init_path": os.path.abspath(self.init_path)}
-        path = self.ckpt.commit(tmp, step, state)
+        save_optimizer = self.cfg.checkpoint.save_optimizer
+        staged = self.ckpt.stage(step, lambda tmp: self.group.execute("save_checkpoint", tmp, save_optimizer), state)
         self.last_saved = step
-        return path
+        if not commit:
+            self._staged = staged
+            return None
+        return self.ckpt.commit(staged)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
-        self.metrics.log(step, metrics)
+        self.metrics.log(step, metrics)  # durable (fsync) before the step's checkpoint is committed
         self.metrics.progress(step, metrics)
+        if self._staged is not None:
+            self.ckpt.commit(self._staged)
+            self._staged = None
+        self.guard.observe(step, metrics)
+        every = self.cfg.checkpoint.export_hf_every
+        if every > 0 and step > 0 and step % every == 0 and step != self.cfg.trainer.total_steps:
+            from megacov.trainer.session import export_hf
+
+            out = export_hf(self.group, self.init_path, os.path.join(self.run_dir, "hf_exports", f"step_{step:08d}"))
+            log.info("step %d policy exported to %s", step, out)
+
+    def stop_requested(self, step: int) -> bool:
+        """At a safe point (after step ``step``'s row): on SIGTERM/SIGINT save a checkpoint and stop."""
+        if not self.stop.requested:
+            return False
+        path = self.save(step) if self.last_saved != step else self.ckpt.latest()
+        self.stopped_by = self.stop.signal_name
+        log.info("%s: stopped after step %d, checkpoint %s; the same command resumes the run",
+                 self.stopped_by, step, path)
+        return True
 
 
 def build_reward_manager(cfg: Any) -> tuple[Any, Any]:
@@ -254,13 +284,21 @@ def run(cfg: Any, plan: Any) -> int:
     from megacov.rewards import RewardSpecError
     from megacov.trainer.checkpoint import CheckpointError
 
+    from megacov.trainer import faults, startup
+
     run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.name)
     os.makedirs(run_dir, exist_ok=True)
     handlers = setup_logging(run_dir)
+    startup.quiet_library_warnings()
     try:
-        return _run(cfg, plan, run_dir)
-    except (DataError, RewardSpecError, CheckpointError, ModelCheckpointError) as exc:
-        raise ConfigError(str(exc)) from None
+        def body() -> int:
+            if cfg.trainer.mode == "rl":
+                startup.prepare_run_dir(run_dir, cfg.trainer.resume, cfg.trainer.overwrite)
+            return _run(cfg, plan, run_dir)
+
+        # every error that ends the run is recorded in train.log (bad input: exit 2; else one line, exit 1)
+        return faults.guarded(run_dir, body, (ConfigError, DataError, RewardSpecError, CheckpointError,
+                                              ModelCheckpointError), lambda exc: ConfigError(str(exc)))
     finally:
         for handler in handlers:
             logging.getLogger("megacov").removeHandler(handler)
@@ -277,11 +315,17 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
         return _run_sft(cfg, plan, run_dir)
     start = time.perf_counter()
     ctx = RunContext(cfg, plan, run_dir)
+    from megacov.trainer.startup import banner
+
+    banner(cfg, plan, run_dir, ctx.resume_from)
     try:
+        ctx.stop.install()
         ctx.start()
         from megacov.trainer.loop import rl_loop
 
         last = rl_loop(ctx)
+        if ctx.stopped_by:  # SIGTERM / SIGINT: saved at the safe point; exit 0 so the job is requeued
+            return 0
         if last > ctx.last_saved and last > ctx.start_step:  # stopped early (trainer.total_epochs)
             ctx.save(last)
         if cfg.checkpoint.export_hf and last > 0:
@@ -291,6 +335,7 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
             log.info("final policy exported to %s", out)
     finally:
         ctx.close()
+        ctx.stop.restore()
     _finish(cfg, run_dir)
     log.info("run finished in %.0f s: %s", time.perf_counter() - start, run_dir)
     return 0
