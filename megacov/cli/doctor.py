@@ -34,7 +34,10 @@ def run(args: argparse.Namespace) -> int:
     del args
     import torch
 
-    rows = [("python", platform.python_version()), ("torch", torch.__version__)]
+    from megacov import __version__
+
+    rows = [("megacov", __version__), ("python", platform.python_version()), ("torch", torch.__version__)]
+    rows.append(("tensorboard", _version("tensorboard")))
     for dist in ("megatron-core", "transformers", "ray", "omegaconf", "safetensors"):
         rows.append((dist, _version(dist)))
     vllm = _version("vllm")

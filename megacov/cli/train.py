@@ -7,10 +7,11 @@ from megacov.cli._common import config_errors_exit_2
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = "every setting with its default and documentation: megacov config, and megacov/config/schema.py"
     parser.add_argument("config", help="YAML config file (e.g. examples/tiny/config.yaml)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=2")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. parallel.tp=2 (anywhere on the line)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="validate config and parallel layout, print the plan, start nothing")
+                        help="check the config, layout, reward and data files, print the plan, start nothing")
 
 
 @config_errors_exit_2
@@ -22,10 +23,10 @@ def run(args: argparse.Namespace) -> int:
     from megacov.tiny import prepare_example
 
     prepare_example(cfg)  # the embedded example's model and data are generated on first use
-    plan = validate(cfg)
+    plan = validate(cfg, check_inputs=True)  # ranges, layout, reward resolved, data files read
     if args.dry_run:
         print(plan.table())
-        print("config and layout OK (dry run: nothing started)")
+        print("config, layout, reward and data OK (dry run: nothing started)")
         return 0
     from megacov.trainer import train
 

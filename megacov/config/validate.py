@@ -1,15 +1,17 @@
-"""Checks that need more than one field: the parallel layout and the model's shape.
+"""Checks run by ``--dry-run`` and before every run: value ranges, the parallel layout against the
+model's shape, the reward function, the data files.
 
-These run before anything heavy is imported or started, so a bad layout costs a second, not a
-cluster allocation. Every failure is a :class:`ConfigError` whose one-line message names the keys
-involved; the CLI turns it into exit code 2.
+These run before any worker is started, so a bad value costs a second, not a cluster allocation (or
+a warm-start). Every failure is a :class:`ConfigError` whose one-line message names the key, file or
+row involved; the CLI turns it into exit code 2.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from megacov.config import ConfigError
 from megacov.config.schema import MegacovConfig
@@ -82,6 +84,77 @@ class LayoutPlan:
 def _require(cond: bool, message: str) -> None:
     if not cond:
         raise ConfigError(message)
+
+
+def _ge(lo: float) -> tuple[str, Callable[[Any], bool]]:
+    return f">= {lo:g}", lambda v: v >= lo
+
+
+def _gt(lo: float) -> tuple[str, Callable[[Any], bool]]:
+    return f"> {lo:g}", lambda v: v > lo
+
+
+def _between(lo: float, hi: float, low_open: bool = False, high_open: bool = False) -> tuple[str, Callable]:
+    text = f"in {'(' if low_open else '['}{lo:g}, {hi:g}{')' if high_open else ']'}"
+    return text, lambda v: (v > lo if low_open else v >= lo) and (v < hi if high_open else v <= hi)
+
+
+_ANY: tuple[str, Callable[[Any], bool]] = ("finite", lambda v: True)
+
+#: The allowed range of every numeric setting (``None`` always passes for optional ones; lists are
+#: checked element by element).
+RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "model.vocab_divisible_by": _ge(1),
+    "parallel.tp": _ge(1), "parallel.pp": _ge(1), "parallel.dp": _ge(1), "parallel.world_size": _ge(1),
+    "parallel.micro_batch_size": _ge(1), "parallel.num_gpus": _ge(0), "parallel.logprob_chunk_size": _ge(1),
+    "rollout.engines": _ge(1), "rollout.tp": _ge(1), "rollout.n": _ge(1), "rollout.temperature": _gt(0),
+    "rollout.top_p": _between(0, 1, low_open=True), "rollout.top_k": ("-1 (off) or >= 1", lambda v: v == -1 or v >= 1),
+    "rollout.max_response_len": _ge(1), "rollout.gpu_memory_utilization": _between(0, 1, low_open=True),
+    "rollout.cpu_kvcache_space_gb": _ge(1), "rollout.sync_bucket_mb": _ge(1), "rollout.cpus_per_engine": _ge(1),
+    "rollout.mismatch_sample": _ge(0), "rollout.seed": _ge(0),
+    "algorithm.clip_ratio_low": _between(0, 1, high_open=True), "algorithm.clip_ratio_high": _ge(0),
+    "algorithm.clip_ratio_c": _gt(1), "algorithm.clip_cov_ratio": _between(0, 1, low_open=True),
+    "algorithm.clip_cov_lb": _ANY, "algorithm.clip_cov_ub": _ANY,
+    "algorithm.kl_cov_ratio": _between(0, 1, low_open=True), "algorithm.kl_cov_coef": _ge(0),
+    "algorithm.entropy_coef": _ANY, "algorithm.entropy_target": _ge(0), "algorithm.entropy_coef_delta": _ge(0),
+    "algorithm.entropy_coef_min": _ANY, "algorithm.entropy_coef_max": _ANY, "algorithm.par_lambda": _between(0, 1),
+    "algorithm.par_delta": _ge(0), "algorithm.kl_coef": _ge(0), "algorithm.ppo_epochs": _ge(1),
+    "algorithm.seed": _ge(0), "algorithm.par_stage_steps": _ge(1), "algorithm.par_stage_lambdas": _between(0, 1),
+    "reward.timeout_s": _gt(0), "reward.workers": _ge(0), "reward.overlong_penalty": _ge(0),
+    "data.max_prompt_len": _ge(1), "data.batch_size": _ge(1), "data.mini_batch_size": _ge(1), "data.seed": _ge(0),
+    "data.max_refill_rounds": _ge(0),
+    "optim.lr": _ge(0), "optim.min_lr": _ge(0), "optim.lr_warmup_steps": _ge(0), "optim.weight_decay": _ge(0),
+    "optim.adam_beta1": _between(0, 1, high_open=True), "optim.adam_beta2": _between(0, 1, high_open=True),
+    "optim.adam_eps": _gt(0), "optim.clip_grad": _ge(0),
+    "trainer.total_steps": _ge(1), "trainer.total_epochs": _ge(1), "trainer.eval_every": _ge(0),
+    "trainer.eval_n": _ge(1), "trainer.eval_temperature": _gt(0), "trainer.seed": _ge(0), "trainer.sft_steps": _ge(0),
+    "trainer.sft_lr": _gt(0), "trainer.cpus_per_worker": _ge(1), "trainer.predict_ceiling_every": _ge(0),
+    "trainer.max_skipped_steps": _ge(0),
+    "checkpoint.save_every": _ge(0), "checkpoint.keep_last": _ge(0), "checkpoint.export_hf_every": _ge(0),
+}
+
+
+def _value(cfg: MegacovConfig, dotted: str) -> Any:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def check_ranges(cfg: MegacovConfig) -> None:
+    """Every numeric setting within its range (and finite), plus the few relations between them."""
+    for key, (text, ok) in RANGES.items():
+        value = _value(cfg, key)
+        for item in (value if isinstance(value, list) else [value]):
+            if item is None:
+                continue
+            _require(isinstance(item, (int, float)) and math.isfinite(item), f"{key}={value} must be a finite number")
+            _require(ok(item), f"{key}={value} must be {text}" + (" (each entry)" if isinstance(value, list) else ""))
+    o = cfg.optim
+    _require(o.min_lr <= o.lr or o.lr == 0, f"optim.min_lr={o.min_lr} must be <= optim.lr={o.lr}")
+    _require(cfg.data.mini_batch_size <= cfg.data.batch_size,
+             f"data.mini_batch_size={cfg.data.mini_batch_size} must be <= data.batch_size={cfg.data.batch_size}")
+    r = cfg.trainer.resume
+    _require(r in ("auto", "never") or os.path.isdir(r),
+             f"trainer.resume='{r}' must be auto, never or an existing checkpoint folder")
 
 
 def _check_positive(cfg: MegacovConfig) -> None:
@@ -170,15 +243,55 @@ def plan_layout(cfg: MegacovConfig, shape: Optional[ModelShape] = None) -> Layou
     )
 
 
-def validate(cfg: MegacovConfig, check_model: bool = True) -> LayoutPlan:
-    """All start-up checks. Returns the layout plan; raises ConfigError on the first problem."""
+def validate(cfg: MegacovConfig, check_model: bool = True, check_inputs: bool = False) -> LayoutPlan:
+    """All start-up checks. Returns the layout plan; raises ConfigError on the first problem.
+
+    ``check_inputs`` also resolves the reward function and reads every data file (what ``--dry-run``
+    and ``megacov train`` do before starting anything)."""
+    check_ranges(cfg)
     shape = ModelShape.from_hf_dir(cfg.model.path) if check_model else None
     plan = plan_layout(cfg, shape)
     _check_choices(cfg)
     from megacov.algorithms.checks import warn_algorithm_config  # lazy: pulls in torch
 
     warn_algorithm_config(cfg)
+    if check_inputs:
+        check_reward(cfg)
+        check_data(cfg)
     return plan
+
+
+def check_reward(cfg: MegacovConfig) -> None:
+    """The reward function resolves (imports its module); ``judge`` has a judge model directory."""
+    from megacov.rewards import RewardSpecError, reward_spec, resolve
+
+    r = cfg.reward
+    if r.name == "judge":
+        _require(bool(r.judge_model), "reward.name=judge needs reward.judge_model (an HF directory)")
+        _require(os.path.isfile(os.path.join(str(r.judge_model), "config.json")),
+                 f"reward.judge_model: no config.json in '{r.judge_model}'")
+        return
+    try:
+        resolve(reward_spec(r.name))
+    except RewardSpecError as exc:
+        raise ConfigError(f"reward.name: {exc}") from None
+
+
+def check_data(cfg: MegacovConfig) -> None:
+    """Every data file exists, is readable, and its rows parse (``data.on_bad_row`` applies)."""
+    from megacov.data import DataError
+    from megacov.data.prompts import scan_rows
+
+    d = cfg.data
+    for key, paths in (("data.train_files", d.train_files), ("data.eval_files", d.eval_files),
+                       ("data.sft_files", d.sft_files)):
+        if key == "data.train_files":
+            _require(len(paths) > 0, "data.train_files is empty")
+        for path in paths:
+            try:
+                scan_rows(path, d.prompt_key, d.answer_key, d.on_bad_row)
+            except DataError as exc:
+                raise ConfigError(f"{key}: {exc}") from None
 
 
 def _check_choices(cfg: MegacovConfig) -> None:
@@ -191,6 +304,9 @@ def _check_choices(cfg: MegacovConfig) -> None:
         "trainer.mode": (cfg.trainer.mode, ("rl", "sft")),
         "parallel.backend": (cfg.parallel.backend, ("auto", "nccl", "gloo")),
         "model.dtype": (cfg.model.dtype, ("auto", "fp32", "bf16", "fp16")),
+        "optim.lr_decay_style": (cfg.optim.lr_decay_style, ("constant", "linear", "cosine", "inverse-square-root")),
+        "reward.judge_mode": (cfg.reward.judge_mode, ("soft", "binary")),
+        "rollout.sync_transport": (cfg.rollout.sync_transport, ("auto", "object_store", "cuda_ipc", "nccl")),
     }
     for key, (value, allowed) in choices.items():
         _require(value in allowed, f"{key}='{value}' must be one of {', '.join(allowed)}")

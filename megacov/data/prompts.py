@@ -62,6 +62,8 @@ def iter_rows(path: str) -> Iterator[tuple[int, Any]]:
     in place of the row so the caller applies the bad-row policy to it like to any other problem."""
     if not os.path.isfile(path):
         raise DataError(f"dataset file not found: {path}")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"dataset file not readable (permissions): {path}")
     lower = path.lower()
     if lower.endswith(".parquet"):
         import pyarrow.parquet as pq
@@ -74,8 +76,15 @@ def iter_rows(path: str) -> Iterator[tuple[int, Any]]:
         return
     if not lower.endswith((".jsonl", ".json")):
         raise DataError(f"{path}: unsupported dataset format (expected .jsonl or .parquet)")
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    # Bytes, decoded line by line: a row that is not UTF-8 is one bad row (named, skippable), not a
+    # decoding error that ends the whole file.
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, DataError(f"not UTF-8 text (byte {exc.start + 1} of the row is 0x{raw[exc.start]:02x})")
+                continue
             if not line.strip():
                 continue
             try:
@@ -160,6 +169,25 @@ def parse_row(row: Any, prompt_key: str, answer_key: str) -> tuple[list[dict[str
         except KeyError:
             continue
     raise DataError(f"missing answer field '{answer_key}'")
+
+
+def scan_rows(path: str, prompt_key: str, answer_key: str, on_bad_row: str) -> LoadReport:
+    """Check every row of one file without tokenising (what ``--dry-run`` does): DataError on the
+    first bad row with ``on_bad_row=error``, else the count of bad rows; no usable row is an error."""
+    report = LoadReport()
+    for number, row in iter_rows(path):
+        report.rows += 1
+        try:
+            parse_row(row, prompt_key, answer_key)
+        except DataError as exc:
+            if on_bad_row == "error":
+                raise DataError(f"{path}: row {number}: {exc} (set data.on_bad_row=skip to skip such rows)") from None
+            report.bad_rows += 1
+            continue
+        report.kept += 1
+    if report.kept == 0:
+        raise DataError(f"no usable rows in {path}: {report.rows} rows, {report.bad_rows} malformed")
+    return report
 
 
 def load_prompts(paths: Sequence[str], tokenizer: Any, *, prompt_key: str, answer_key: str,

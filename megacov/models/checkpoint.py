@@ -13,7 +13,11 @@ decoder layer at a time (a slice of megatron's stacked per-layer tensors), maps 
 streams it into safetensors shards. Peak memory is one layer plus one output shard.
 
 Both directions write into ``<out>.tmp-*`` and rename at the end, so an interrupted conversion
-never leaves a directory that looks complete.
+never leaves a directory that looks complete. Before writing anything, mcore-to-hf checks every
+stored tensor's shape against the model config (on meta tensors: no data is read) and, when the
+config comes from ``--hf``, that the embedding rows past its ``vocab_size`` are only padding, so a
+config that does not describe the checkpoint is one clear error instead of a traceback or a
+silently cut vocabulary.
 """
 from __future__ import annotations
 
@@ -196,6 +200,49 @@ def _describe_mcore(mcore_dir: str, hf_dir: str | None) -> tuple[dict, Arch, str
     return hf_config, arch, hf_dir
 
 
+def _check_shapes(mcore_dir: str, arch: Arch, plan: dict, source: str) -> None:
+    """Map every stored model tensor on the meta device and compare with the export plan."""
+    from megacov.models.dcp_slices import tensor_metadata
+
+    rules, dims = families()[arch.family].layer_rules, arch.dims
+    prefix = "decoder.layers."
+    meta = {k: v for k, v in tensor_metadata(mcore_dir).items() if k.startswith(MODEL_KEY_PREFIXES)}
+    for key, (shape, _) in sorted(meta.items()):
+        layer = key.startswith(prefix)
+        name = f"{prefix}0.{key[len(prefix):]}" if layer else key
+        one = tuple(shape[1:]) if layer else tuple(shape)
+        try:
+            outs = list(mapping.mcore_to_hf(name, torch.empty(one, device="meta"), rules, dims))
+        except Exception as exc:  # noqa: BLE001 - any mapping failure means the config does not fit
+            raise CheckpointError(f"{mcore_dir}: tensor {key} of shape {tuple(shape)} does not fit the model "
+                                  f"config of {source} ({type(exc).__name__}: {exc})") from None
+        for hf_name, tensor in outs:
+            want = plan.get(hf_name)
+            if want is not None and tuple(want[0]) != tuple(tensor.shape):
+                raise CheckpointError(f"{mcore_dir}: tensor {key} of shape {tuple(shape)} gives {hf_name} of shape "
+                                      f"{tuple(tensor.shape)}, but the model config of {source} expects "
+                                      f"{tuple(want[0])}")
+
+
+def _check_vocab_padding(mcore_dir: str, arch: Arch, source: str) -> None:
+    """Rows past the config's ``vocab_size`` must be megatron's zero padding, not real tokens."""
+    from megacov.models.dcp_slices import load_slices, tensor_metadata
+
+    if arch.padded_vocab_size <= arch.vocab_size:
+        return
+    meta = tensor_metadata(mcore_dir)
+    for key in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        if key not in meta:
+            continue
+        (rows, cols), dtype = meta[key]
+        extra = load_slices(mcore_dir, {key: ((arch.vocab_size, 0), (rows - arch.vocab_size, cols), dtype)})[key]
+        if bool(extra.ne(0).any()):
+            raise CheckpointError(f"{mcore_dir}: {key} has {rows} rows and rows past vocab_size={arch.vocab_size} "
+                                  f"of {source} are not padding: that config's vocabulary is smaller than the "
+                                  f"checkpoint's (exporting would cut real tokens); name the HF model the "
+                                  f"checkpoint was trained from")
+
+
 def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False,
                 max_shard_mb: int = DEFAULT_MAX_SHARD_MB, progress: bool = True, hf_dir: str | None = None) -> dict:
     """Convert a megatron checkpoint into an HF directory (safetensors, config, tokenizer).
@@ -205,7 +252,9 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overw
     ``dtype`` defaults to the checkpoint's. Memory: one decoder layer of the checkpoint.
     """
     from megacov.models.dcp_slices import tensor_metadata
+    from megacov.trainer import safe_load
 
+    safe_load.install()  # the checkpoint's metadata is unpickled only through an allow-list
     hf_config, arch, side_dir = _describe_mcore(mcore_dir, hf_dir)
     rules, dims = families()[arch.family].layer_rules, arch.dims
     dt = torch_dtype(dtype) if dtype else None
@@ -216,6 +265,10 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overw
             raise CheckpointError(f"{mcore_dir}: no embedding.word_embeddings.weight in the checkpoint")
         dt = stored[1]
     plan = {name: (shape, dt) for name, shape in hf_tensor_shapes(arch, rules).items()}
+    source = hf_dir if hf_dir is not None and not is_mcore_checkpoint(mcore_dir) else f"{mcore_dir}/{MCORE_META_FILE}"
+    _check_shapes(mcore_dir, arch, plan, source)
+    if hf_dir is not None and not is_mcore_checkpoint(mcore_dir):
+        _check_vocab_padding(mcore_dir, arch, source)
     with atomic_dir(out_dir, overwrite) as tmp, PeakRss() as peak:
         writer = ShardWriter(tmp, plan, max_shard_mb * 1024 * 1024)
         for gname, full in iter_checkpoint_tensors(mcore_dir, arch, progress):

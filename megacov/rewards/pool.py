@@ -37,9 +37,16 @@ def resolve(spec: str) -> Callable[..., Any]:
         raise RewardSpecError(f"reward '{spec}' is neither a registered name nor of the form module:function")
     module_name, _, attr = spec.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RewardSpecError(f"reward '{spec}' cannot be loaded: {exc}") from None
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise RewardSpecError(f"reward '{spec}' cannot be loaded: {exc} (a custom reward module must be importable: "
+                              f"put its folder on PYTHONPATH)") from None
+    except Exception as exc:  # noqa: BLE001 - a syntax or runtime error in the user's module
+        raise RewardSpecError(f"reward '{spec}': importing {module_name} failed: {type(exc).__name__}: "
+                              f"{exc}") from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise RewardSpecError(f"reward '{spec}' cannot be loaded: module {module_name} has no '{attr}'")
     if not callable(fn):
         raise RewardSpecError(f"reward '{spec}' is not callable")
     return fn
