@@ -91,3 +91,15 @@ def test_sigterm_during_export_leaves_no_temp_folder(converted, tmp_path, monkey
     assert code == 143 and "interrupted" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
     assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_verify_conversion_in_bf16_passes_a_right_conversion_and_fails_a_wrong_one(converted, tmp_path, capsys):
+    """bf16's tolerance is measured from the HF model's own bf16 rounding, not fp32's 1e-4."""
+    args = ["verify", "conversion", "--hf", converted["hf"], "--dtype", "bf16"]
+    assert main([*args, "--mcore", converted["mcore"]]) == 0, capsys.readouterr()
+    assert "conversion OK" in capsys.readouterr().out
+    other = _tiny(tmp_path / "other", seed=1)  # same shapes, other weights: a wrong conversion
+    wrong = str(tmp_path / "wrong")
+    assert main(["convert", "hf-to-mcore", "--hf", other, "--out", wrong, "--quiet"]) == 0
+    assert main([*args, "--mcore", wrong]) == 1
+    assert "FAILED" in capsys.readouterr().out
