@@ -314,10 +314,10 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
     if cfg.trainer.mode == "sft":
         return _run_sft(cfg, plan, run_dir)
     start = time.perf_counter()
-    ctx = RunContext(cfg, plan, run_dir)
     from megacov.trainer.startup import banner
 
-    banner(cfg, plan, run_dir, ctx.resume_from)
+    banner(cfg, plan, run_dir)
+    ctx = RunContext(cfg, plan, run_dir)
     try:
         ctx.stop.install()
         ctx.start()

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import warnings
-from typing import Any, Optional
+from typing import Any
 
 from megacov.config import ConfigError
 
@@ -83,9 +83,10 @@ def quiet_library_warnings() -> None:
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*", category=UserWarning)
 
 
-def banner(cfg: Any, plan: Any, run_dir: str, resume_from: Optional[str]) -> None:
+def banner(cfg: Any, plan: Any, run_dir: str) -> None:
+    """One block before anything slow starts: what runs where, and where its outputs go."""
     from megacov import __version__
 
-    start = f"resuming from {resume_from}" if resume_from else "starting at step 0"
-    log.info("megacov %s | run folder %s | %s | %d steps, %s loss, reward %s\n%s", __version__, run_dir, start,
-             cfg.trainer.total_steps, cfg.algorithm.policy_loss, cfg.reward.name, plan.table())
+    log.info("megacov %s | run folder %s | trainer.resume=%s | %d steps, %s loss, %s advantage, reward %s\n%s",
+             __version__, run_dir, cfg.trainer.resume, cfg.trainer.total_steps, cfg.algorithm.policy_loss,
+             cfg.algorithm.advantage, cfg.reward.name, plan.table())
