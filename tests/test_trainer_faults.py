@@ -100,6 +100,32 @@ def test_disk_full_during_save_is_one_clear_error_and_leaves_nothing(tmp_path, m
     assert sorted(os.listdir(mgr.root)) == ["step_00000001"]  # no .tmp-* left behind
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs (needs mount rights, e.g. root in a container; skipped otherwise)."""
+    import shutil as sh
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if not sh.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                                               capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        yield str(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+def test_a_really_full_disk_leaves_the_previous_checkpoint_and_nothing_else(small_disk):
+    mgr = CheckpointManager(small_disk, keep_last=2)
+    _ckpt(mgr, 1, payload=b"x" * 1000)
+    with pytest.raises(CheckpointSaveError, match="step 2 not saved: no space left on device.*step_00000001"):
+        _ckpt(mgr, 2, payload=b"x" * (1 << 20))  # 1 MiB into 256 KiB
+    assert sorted(os.listdir(mgr.root)) == ["step_00000001"]
+    assert mgr.resolve_resume("auto") == mgr.step_dir(1)
+
+
 def test_stale_temp_folders_are_removed_on_start(tmp_path):
     mgr = CheckpointManager(str(tmp_path), keep_last=2)
     os.makedirs(os.path.join(mgr.root, ".tmp-step_00000007", "actor"))

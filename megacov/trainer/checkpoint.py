@@ -282,8 +282,9 @@ class CheckpointManager:
     def stage(self, step: int, write_shards: Callable[[str], None], trainer_state: dict[str, Any]) -> Staged:
         """Write everything of checkpoint ``step`` but the marker: shards (``write_shards(tmp)``), the
         driver's state and RNG, the manifest. On any failure the temp folder is removed."""
-        tmp = self.begin(step)
+        tmp = os.path.join(self.root, f".tmp-step_{step:08d}")
         try:
+            tmp = self.begin(step)
             write_shards(tmp)
             self._write_driver_files(tmp, trainer_state)
         except Exception as exc:  # noqa: BLE001 - every failure leaves nothing behind
