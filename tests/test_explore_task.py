@@ -48,7 +48,7 @@ def test_task_has_many_answers_recurring_prompts_and_a_rare_bonus(tmp_path):
     assert min(len(v) for v in by_prompt.values()) >= 20
     rates = warm_start_rates(spec)
     assert 0.7 < rates["valid"] < 0.9          # imperfect: a fifth is off by one
-    assert 0.003 < rates["full"] < 0.04        # the full-credit behaviour is rare, not absent
+    assert 0.01 < rates["full"] < 0.08         # the full-credit behaviour is rare, not absent
     # deterministic and atomic; a second call keeps the files
     paths = write_explore_data(str(tmp_path / "d"), spec)
     first = {k: open(p).read() for k, p in paths.items()}

@@ -43,7 +43,7 @@ class ExploreSpec:
     targets: tuple[int, ...] = (6, 7, 8, 9, 10, 11, 12, 13)
     eval_targets_per_key: int = 2
     #: Warm-start digit distribution for 0, 1, 2, 3 (other digits never appear in the warm-start data).
-    digit_weights: tuple[float, ...] = (0.30, 0.40, 0.295, 0.005)
+    digit_weights: tuple[float, ...] = (0.30, 0.40, 0.285, 0.015)
     #: Candidate bonus pairs; each contains the rare digit 3, so the warm-start seldom emits them.
     bonus_pairs: tuple[str, ...] = ("30", "03", "31", "13", "32", "23")
     sft_rows_per_prompt: int = 48
