@@ -57,8 +57,9 @@ def test_text_summary_and_default_out_dir(tmp_path, capsys):
     code, out, err = _run(capsys, str(tmp_path / "ppo"))
     assert code == 0, err
     assert "ceiling -a + b" in out and "ppo" in out
-    assert f"report: {tmp_path / 'ppo' / 'analysis' / 'report.html'}" in out
-    assert (tmp_path / "ppo" / "analysis" / "report.html").exists()
+    assert f"report: {tmp_path / 'analysis' / 'report.html'}" in out
+    assert (tmp_path / "analysis" / "report.html").exists()
+    assert not (tmp_path / "ppo" / "analysis").exists()  # the run folder holds only what training wrote
 
 
 def test_partial_input_is_reported_and_the_rest_analysed(tmp_path, capsys):

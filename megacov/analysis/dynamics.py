@@ -6,6 +6,11 @@ happen in the first few percent of steps. Per-step metrics are noisy (a few hund
 step), so levels are read from a lightly smoothed curve: a centred moving average over about 5% of
 the points, interpolated linearly in the step. Phase changes are then differences of levels at the
 phase boundaries, which makes them add up exactly to the total change.
+
+Start and end levels are means over the first and last 10% of the points, and a change counts only
+when it exceeds twice its standard error (the point-to-point noise around the smoothed curve, scaled
+by the number of points averaged): shares of a change that is noise are reported as None ("no
+significant change") instead of ratios like 4.25 of nothing.
 """
 from __future__ import annotations
 
@@ -37,10 +42,45 @@ def level_at(steps: np.ndarray, values: np.ndarray, at: float, window: int | Non
     return float(np.interp(at, steps, smooth(values, window)))
 
 
-def _share(part: float, total: float, magnitude: float) -> float | None:
-    # A curve that did not move (total change at rounding level relative to its values) has no
-    # meaningful share; say so with None rather than a ratio of rounding errors.
-    return part / total if abs(total) > 1e-9 * max(magnitude, 1e-12) else None
+#: Fraction of the points averaged for the start and end levels.
+LEVEL_FRAC = 0.1
+#: A change is significant above this many standard errors.
+SIGNIFICANCE_SE = 2.0
+
+
+def noise_sd(values: np.ndarray) -> float:
+    """Robust point-to-point noise: scaled MAD of the residuals around a ~10%-wide moving average."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 3:
+        return math.nan
+    w = max(3, v.size // 10)
+    resid = v - smooth(v, w)
+    mad = float(np.median(np.abs(resid - np.median(resid))))
+    return 1.4826 * mad / math.sqrt(max(1.0 - 1.0 / w, 1e-9))
+
+
+def levels(values: np.ndarray, frac: float = LEVEL_FRAC) -> dict | None:
+    """Start / end levels (means of the first / last ``frac`` of the points), the change, its standard
+    error and whether it is significant (> ``SIGNIFICANCE_SE`` standard errors)."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size < 2:
+        return None
+    k = max(1, int(math.ceil(frac * v.size)))
+    start, end = float(v[:k].mean()), float(v[-k:].mean())
+    sd = noise_sd(v)
+    se = sd * math.sqrt(2.0 / k) if math.isfinite(sd) else math.nan
+    change = end - start
+    scale = max(float(np.abs(v).max()), 1e-12)
+    moved = abs(change) > 1e-9 * scale
+    significant = bool(moved and (not math.isfinite(se) or abs(change) > SIGNIFICANCE_SE * se))
+    return {"start": start, "end": end, "points": k, "change": change, "se": se,
+            "ratio": end / start if abs(start) > 1e-12 else None, "significant": significant}
+
+
+def _share(part: float, total: float, magnitude: float, significant: bool = True) -> float | None:
+    # A curve that did not move (total change at rounding level relative to its values, or within
+    # its noise) has no meaningful share; say so with None rather than a ratio of noise.
+    return part / total if significant and abs(total) > 1e-9 * max(magnitude, 1e-12) else None
 
 
 def phase_changes(steps, values, n_phases: int = 4, window: int | None = None) -> list[dict]:
@@ -54,15 +94,21 @@ def phase_changes(steps, values, n_phases: int = 4, window: int | None = None) -
         return []
     sm = smooth(v, window)
     bounds = np.linspace(s[0], s[-1], n_phases + 1)
-    levels = np.interp(bounds, s, sm)
-    total = float(levels[-1] - levels[0])
+    at = np.interp(bounds, s, sm)
+    total = float(at[-1] - at[0])
+    sig = _significant(v)
     phases = []
     for i in range(n_phases):
-        change = float(levels[i + 1] - levels[i])
+        change = float(at[i + 1] - at[i])
         phases.append({"phase": i + 1, "step_start": float(bounds[i]), "step_end": float(bounds[i + 1]),
-                       "start": float(levels[i]), "end": float(levels[i + 1]), "change": change,
-                       "share": _share(change, total, float(np.abs(v).max()))})
+                       "start": float(at[i]), "end": float(at[i + 1]), "change": change,
+                       "share": _share(change, total, float(np.abs(v).max()), sig)})
     return phases
+
+
+def _significant(v: np.ndarray) -> bool:
+    lv = levels(v)
+    return bool(lv is None or lv["significant"])
 
 
 def early_share(steps, values, early_frac: float = 0.1, window: int | None = None) -> dict | None:
@@ -76,18 +122,19 @@ def early_share(steps, values, early_frac: float = 0.1, window: int | None = Non
     start, at_cut, end = (float(x) for x in np.interp([s[0], cut, s[-1]], s, sm))
     return {"early_frac": early_frac, "until_step": cut, "start": start, "at_cut": at_cut, "end": end,
             "early_change": at_cut - start, "total_change": end - start,
-            "share": _share(at_cut - start, end - start, float(np.abs(v).max()))}
+            "share": _share(at_cut - start, end - start, float(np.abs(v).max()), _significant(v))}
 
 
 def series_summary(steps, values, *, early_frac: float = 0.1, n_phases: int = 4) -> dict | None:
-    """First/last/min/max, the smoothed total change, the early share and the per-phase changes."""
+    """First/last/min/max, start/end levels with the change's significance, the early share and the
+    per-phase changes."""
     s = np.asarray(steps, dtype=np.float64)
     v = np.asarray(values, dtype=np.float64)
     if s.size == 0:
         return None
     out = {"n": int(s.size), "first_step": float(s[0]), "last_step": float(s[-1]),
            "first": float(v[0]), "last": float(v[-1]), "min": float(v.min()), "max": float(v.max()),
-           "early": early_share(s, v, early_frac), "phases": phase_changes(s, v, n_phases)}
+           "levels": levels(v), "early": early_share(s, v, early_frac), "phases": phase_changes(s, v, n_phases)}
     return out
 
 

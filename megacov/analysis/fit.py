@@ -199,12 +199,27 @@ def cutoff_step(steps: np.ndarray, fit_until: float) -> float:
     return first + fraction * (last - first)
 
 
-def fit_and_predict(steps, entropy, metric, fit_until: float, *,
-                    loss: str = "soft_l1") -> Prediction:
+#: Fewer fitted points than this make a prediction that the report flags as unreliable.
+MIN_RELIABLE_POINTS = 5
+
+
+def metric_bounds(values) -> tuple[float, float] | None:
+    """The range a metric can take, inferred from its values: [0, 1] for a rate (all values in it)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if v.size and float(v.min()) >= 0.0 and float(v.max()) <= 1.0:
+        return (0.0, 1.0)
+    return None
+
+
+def fit_and_predict(steps, entropy, metric, fit_until: float, *, loss: str = "soft_l1",
+                    bounds: tuple[float, float] | None = None) -> Prediction:
     """Fit on pairs with step <= cutoff, predict the metric at the later steps from their entropy.
 
     The later steps' *observed* entropy is used, as in the paper: the law links the two quantities,
-    it does not forecast entropy. Raises FitError if either side is empty or the fit is impossible.
+    it does not forecast entropy. ``bounds`` clips the predictions to the metric's range (an
+    accuracy predicted below 0 is a fit artefact, not a forecast). Raises FitError if either side is
+    empty or the fit is impossible.
     """
     s = np.asarray(steps, dtype=np.float64)
     h = np.asarray(entropy, dtype=np.float64)
@@ -223,5 +238,8 @@ def fit_and_predict(steps, entropy, metric, fit_until: float, *,
         raise FitError(f"no points after step {cut:g} to predict")
     fit = fit_entropy_law(h[early], r[early], loss=loss)
     late = ~early
+    predicted = fit.predict(h[late])
+    if bounds is not None:
+        predicted = np.clip(predicted, bounds[0], bounds[1])
     return Prediction(fit=fit, cutoff_step=cut, steps=s[late], entropy=h[late], actual=r[late],
-                      predicted=fit.predict(h[late]))
+                      predicted=predicted)

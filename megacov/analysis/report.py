@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from megacov.analysis.dynamics import smooth
 from megacov.analysis.summary import RunAnalysis
 
 FIGURE_NAMES = ("entropy_vs_step", "metric_vs_step", "metric_vs_entropy", "cov_stats")
@@ -35,16 +36,25 @@ def _colors(n: int) -> list:
     return [cycle[i % len(cycle)] for i in range(n)]
 
 
+def _overlay_window(n: int) -> int:
+    """Moving-average width of the smoothed overlays: ~10% of the points, at least 1."""
+    return max(1, n // 10)
+
+
 def plot_entropy(analyses: Sequence[RunAnalysis]):
+    """Raw entropy (thin) with a smoothed overlay; the axis starts at 0, so a drift of a third does not
+    look like a collapse."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
     for res, color in zip(analyses, _colors(len(analyses))):
         s, h = res.run.series(res.entropy_key)
         if s.size:
-            ax.plot(s, h, color=color, lw=1.4, label=res.run.name)
+            ax.plot(s, h, color=color, lw=0.8, alpha=0.35)
+            ax.plot(s, smooth(h, _overlay_window(h.size)), color=color, lw=1.8, label=res.run.name)
     ax.set_xlabel("step")
     ax.set_ylabel("entropy (nats / token)")
-    ax.set_title("Policy entropy")
+    ax.set_title("Policy entropy (thin: per step, thick: smoothed)")
+    ax.set_ylim(bottom=0.0)
     _finish(ax)
     return fig
 
@@ -56,7 +66,8 @@ def plot_metric(analyses: Sequence[RunAnalysis]):
     for res, color in zip(analyses, _colors(len(analyses))):
         s, r = res.run.series("reward/mean")
         if s.size:
-            ax.plot(s, r, color=color, lw=0.8, alpha=0.35)
+            ax.plot(s, r, color=color, lw=0.8, alpha=0.25)
+            ax.plot(s, smooth(r, _overlay_window(r.size)), color=color, lw=1.2, alpha=0.7)
         s, m = res.run.series(res.metric_key)
         if s.size:
             ax.plot(s, m, "o", ms=3.5, color=color, label=f"{res.run.name}: {res.metric_key}")
@@ -66,7 +77,7 @@ def plot_metric(analyses: Sequence[RunAnalysis]):
                     label=f"{res.run.name}: predicted from steps <= {pred.cutoff_step:g}")
             ax.axvline(pred.cutoff_step, color=color, lw=0.6, ls=":")
     ax.set_xlabel("step")
-    ax.set_ylabel("metric (dots) / training reward (line)")
+    ax.set_ylabel("metric (dots) / training reward (line, smoothed)")
     ax.set_title("Performance over training")
     _finish(ax)
     return fig
@@ -169,11 +180,13 @@ COMPARISON_ROWS = (
     ("prediction: fit until step", lambda r: r.prediction.cutoff_step if r.prediction else None),
     ("prediction: RMSE on later steps", lambda r: r.prediction.rmse if r.prediction else None),
     ("prediction: final-step error", lambda r: r.prediction.final_error if r.prediction else None),
-    ("entropy first → last", lambda r: _arrow(_get(r.dynamics, "entropy", "first"),
-                                              _get(r.dynamics, "entropy", "last"))),
-    ("share of entropy change in early steps", lambda r: _get(r.dynamics, "entropy", "early", "share")),
-    ("share of metric change in early steps", lambda r: _get(r.dynamics, "metric", "early", "share")),
-    ("share of reward change in early steps", lambda r: _get(r.dynamics, "reward", "early", "share")),
+    ("entropy start → end (first / last 10% of steps)", lambda r: _levels_arrow(r, "entropy")),
+    ("entropy end / start", lambda r: _get(r.dynamics, "entropy", "levels", "ratio")),
+    ("metric start → end", lambda r: _levels_arrow(r, "metric")),
+    ("reward start → end", lambda r: _levels_arrow(r, "reward")),
+    ("share of entropy change in early steps", lambda r: _early_share(r, "entropy")),
+    ("share of metric change in early steps", lambda r: _early_share(r, "metric")),
+    ("share of reward change in early steps", lambda r: _early_share(r, "reward")),
     ("mean cov, all tokens", lambda r: _get(r.cov, "mean_mean_over_steps")),
     ("mean cov, selected tokens", lambda r: _get(r.cov, "selected_mean_mean_over_steps")),
     ("selected / all", lambda r: _get(r.cov, "selected_over_all")),
@@ -183,6 +196,25 @@ COMPARISON_ROWS = (
 
 def _arrow(a, b) -> str | None:
     return None if a is None or b is None else f"{_fmt(a)} → {_fmt(b)}"
+
+
+#: Shown instead of a share when the total change is within twice its standard error.
+NO_CHANGE = "no significant change"
+
+
+def _levels_arrow(res: RunAnalysis, what: str) -> str | None:
+    lv = _get(res.dynamics, what, "levels")
+    if not lv:
+        return None
+    text = f"{_fmt(lv['start'], 3)} → {_fmt(lv['end'], 3)}"
+    return text if lv["significant"] else f"{text} (not significant)"
+
+
+def _early_share(res: RunAnalysis, what: str):
+    lv = _get(res.dynamics, what, "levels")
+    if lv and not lv["significant"]:
+        return NO_CHANGE
+    return _get(res.dynamics, what, "early", "share")
 
 
 def format_value(value) -> str:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megacov.analysis.dynamics import cov_summary, series_summary
-from megacov.analysis.fit import EntropyLawFit, FitError, Prediction, fit_and_predict, fit_entropy_law
+from megacov.analysis.fit import (MIN_RELIABLE_POINTS, EntropyLawFit, FitError, Prediction, fit_and_predict,
+                                  fit_entropy_law, metric_bounds)
 from megacov.analysis.runs import RunMetrics
 
 DEFAULT_ENTROPY_KEY = "actor/entropy"
@@ -134,9 +135,14 @@ def analyze_run(run: RunMetrics, options: AnalysisOptions) -> RunAnalysis:
         res.fit_error = str(exc)
     if res.fit is not None:
         try:
-            res.prediction = fit_and_predict(steps, h, m, options.fit_until, loss=options.loss)
+            res.prediction = fit_and_predict(steps, h, m, options.fit_until, loss=options.loss,
+                                             bounds=metric_bounds(m))
         except FitError as exc:
             res.prediction_error = str(exc)
+        if res.prediction is not None and res.prediction.fit.n < MIN_RELIABLE_POINTS:
+            res.notes.append(f"the prediction is fitted on only {res.prediction.fit.n} point(s) (steps <= "
+                             f"{res.prediction.cutoff_step:g}); fewer than {MIN_RELIABLE_POINTS} make it "
+                             "unreliable: evaluate more often or fit on more steps (--fit-until)")
         if res.fit.a <= 0:
             res.notes.append(f"fitted a = {res.fit.a:.3g} <= 0: '{metric_key}' does not rise as entropy "
                              "falls, so the ceiling -a + b is not an upper bound here")

@@ -32,6 +32,7 @@ SUBCOMMANDS = {
     "verify": ("megacov.cli.verify", "check conversion, weight sync or loss exactness on your layout"),
     "analyze": ("megacov.cli.analyze", "fit R = -a*exp(H) + b and report entropy dynamics of runs"),
     "doctor": ("megacov.cli.doctor", "print versions and accelerator support"),
+    "demo": ("megacov.cli.demo", "run GRPO vs Clip-Cov vs KL-Cov on the embedded entropy task and report"),
 }
 
 

@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--phases", type=_positive_int, default=4,
                         help="number of equal step spans for the per-phase entropy drop")
     parser.add_argument("--loss", choices=LOSSES, default="soft_l1", help="robust loss of the fit")
-    parser.add_argument("--out", default=None, help="output folder (default: <first run>/analysis)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: 'analysis' beside the first run, not inside it)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     parser.add_argument("--no-report", action="store_true", help="skip the figures and report.html")
     parser.add_argument("--demo", metavar="DIR", default=None,
@@ -73,9 +74,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _default_out(first: str) -> str:
+    """``analysis`` next to the first run: a run folder holds what training wrote, nothing else."""
     first = os.path.abspath(first)
-    base = first if os.path.isdir(first) else os.path.dirname(first)
-    return os.path.join(base, "analysis")
+    run_dir = first if os.path.isdir(first) else os.path.dirname(first)
+    return os.path.join(os.path.dirname(run_dir), "analysis")
 
 
 def _warn(message: str) -> None:
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
         _warn(message)
     if not analyses:
         return fail("nothing could be analysed" + (f": {problems[-1]}" if problems else ""))
-    out_dir = args.out or _default_out(args.demo if args.demo and not args.runs else paths[0])
+    demo_only = args.demo and not args.runs
+    out_dir = args.out or (os.path.join(args.demo, "analysis") if demo_only else _default_out(paths[0]))
     report = None
     figures: dict[str, str] = {}
     if not args.no_report:

@@ -1,7 +1,8 @@
 """Outcome rewards, chosen by ``reward.name``: a registered name or ``module:function``.
 
 A reward function is ``fn(response: str, answer: str[, question: str]) -> float`` (a bool, or a
-dict with a ``score`` entry, also works). Built in: ``tiny`` (exact answer of the demo task),
+dict with a ``score`` entry, also works). Built in: ``tiny`` (exact answer of the demo task), ``explore`` (the entropy demo's task:
+partial credit for a valid answer, full credit for a rare one, :mod:`megacov.tasks.explore`),
 ``math`` (final answer checked with math-verify) and ``judge`` (a judge model's probability of the
 "correct" verdict, :mod:`megacov.rewards.judge`). Rule-based functions run in a process pool with a
 per-call timeout (:mod:`megacov.rewards.pool`); ``reward.workers=0`` runs them in-process instead
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 _REGISTRY: dict[str, str] = {
     "tiny": "megacov.rewards.tiny:tiny_reward",
     "math": "megacov.rewards.math:math_reward",
+    "explore": "megacov.rewards.explore:explore_reward",
 }
 
 #: A response whose reward is above this counts as correct in ``reward/acc`` and ``val/*``.

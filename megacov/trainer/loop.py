@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from megacov.algorithms import compute_advantages, kl_reward_penalty
+from megacov.analysis.diversity import diversity_metrics
 from megacov.rollout.mismatch import logprob_mismatch, mismatch_sample
 from megacov.trainer import step_metrics as sm
 from megacov.trainer.batching import build_actor_batch, group_ids_for, masked_mean, response_positions
@@ -79,6 +80,7 @@ def rl_step(ctx: Any, step: int) -> dict[str, float]:
                **sm.update_metrics(outs), **extra, **ro_mismatch(ctx, old_lp, rollout_lp, positions, step),
                "cov/selected_mean": sm.selected_cov_mean(outs, old_lp, batch.advantages, mask, ctx.mini_batch_seqs),
                "actor/entropy_coef": controls.entropy_coef, "actor/positive_weight": controls.positive_weight}
+    metrics.update(diversity_metrics(ro, entropy, positions))
     if ref_lp is not None:
         metrics["actor/kl_ref"] = sm.kl_to_ref(old_lp, ref_lp, mask, algo.kl_estimator)
     ctx.after_update(step, metrics, timer)

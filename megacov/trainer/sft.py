@@ -51,16 +51,22 @@ def sft_hparams(algo_cfg: Any) -> Any:
                                entropy_coef=0.0, entropy_control="none", loss_agg_mode="token-mean")
 
 
-def _file_id(path: str) -> list[Any]:
-    st = os.stat(path)
-    return [os.path.abspath(path), st.st_size, int(st.st_mtime)]
+def _file_id(path: str) -> str:
+    """SHA-256 of the file's bytes: a byte-identical model or dataset in another folder, or touched
+    without change, keys the same warm-start; an edited one never reuses a stale entry. (Hashing
+    reads every byte; warm-starts are for small models, so this costs well under a second.)"""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cache_key(cfg: Any, plan: Any) -> str:
     files = list(cfg.data.sft_files or cfg.data.train_files)
     weights = sorted(f for f in os.listdir(cfg.model.path) if f.endswith((".safetensors", ".json")))
     blob = {
-        "model": [_file_id(os.path.join(cfg.model.path, f)) for f in weights],
+        "model": [[f, _file_id(os.path.join(cfg.model.path, f))] for f in weights],
         "data": [_file_id(f) for f in files], "keys": [cfg.data.prompt_key, cfg.data.answer_key],
         "steps": cfg.trainer.sft_steps, "lr": sft_lr(cfg), "seed": cfg.trainer.seed,
         "batch": cfg.data.batch_size * cfg.rollout.n, "layout": [plan.tp, plan.pp, plan.dp],

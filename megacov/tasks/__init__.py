@@ -1,0 +1,1 @@
+"""Embedded RL tasks generated locally (no downloads); see :mod:`megacov.tasks.explore`."""
