@@ -318,7 +318,7 @@ def test_float32_inputs_and_bad_shapes():
     assert bool(torch.isfinite(x.grad.float()).all()) and int(m16["selected_count"]) >= 1
     with pytest.raises(ValueError, match="one \\[B, T\\] shape"):
         policy_loss("ppo", lp, old[:, :-1], adv, mask)
-    with pytest.raises(KeyError, match="registered: clip_cov, kl_cov, ppo"):
+    with pytest.raises(KeyError, match="registered: cispo, clip_cov, gspo, kl_cov, ppo"):
         policy_loss("dapo", lp, old, adv, mask)
     with pytest.raises(TypeError, match="clip_cov_ration"):
         policy_loss("clip_cov", lp, old, adv, mask, clip_cov_ration=0.1)

@@ -19,7 +19,7 @@ from megacov.parallel.batch import ActorBatch
 from megacov.parallel.spawn import run_distributed
 
 
-def _batch(seed: int, b: int = 12, length: int = 10) -> ActorBatch:
+def _batch(seed: int, b: int = 12, length: int = 10) -> tuple[ActorBatch, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     mask = torch.zeros(b, length)
     for r in range(b):
@@ -39,19 +39,42 @@ def _batch(seed: int, b: int = 12, length: int = 10) -> ActorBatch:
 
 
 def _hp(loss: str, ratio: float):
+    if loss == "high_entropy":  # the rule on top of plain PPO
+        return algorithm_hparams(policy_loss="ppo", entropy_top_ratio=ratio, seed=7)
     return algorithm_hparams(policy_loss=loss, clip_cov_ratio=ratio, kl_cov_ratio=ratio, clip_cov_lb=0.0,
                              clip_cov_ub=3.0, seed=7)
 
 
-def _whole_batch(batch: ActorBatch, lp: torch.Tensor, loss: str, ratio: float, step: int) -> list[int]:
+def _entropy(seed: int, batch: ActorBatch) -> torch.Tensor:
+    """Token entropies with exact ties across ranks (the last sequence repeats the first) and
+    within a sequence (values on a coarse grid)."""
+    g = torch.Generator().manual_seed(seed + 50)
+    ent = torch.randint(0, 12, batch.mask.shape, generator=g).double() / 4
+    ent[-1] = ent[0]
+    return ent * batch.mask
+
+
+def _whole_batch(batch: ActorBatch, lp: torch.Tensor, loss: str, ratio: float, step: int, seed: int = 0) -> list[int]:
     hp = _hp(loss, ratio)
     m, ids = batch.mask, batch.global_token_ids
     stats = sel.scope_stats(lp, batch.advantages, m)
     if loss == "clip_cov":
         chosen = sel.select_clip_cov(lp, batch.old_log_prob, batch.advantages, m, ids, stats, hp=hp, step=step)
+    elif loss == "high_entropy":
+        return _whole_batch_high_entropy(batch, _entropy(seed, batch), ratio)
     else:
         chosen = sel.select_kl_cov(lp, batch.advantages, m, ids, stats, kl_cov_ratio=ratio)
     return sorted(ids[chosen].tolist())
+
+
+def _whole_batch_high_entropy(batch: ActorBatch, ent: torch.Tensor, ratio: float) -> list[int]:
+    """Written out: the count of tokens at or above the (1 - ratio) quantile, ties at the cut to
+    the smaller global id (a full sort of (-H, id) pairs)."""
+    m = batch.mask.bool()
+    ids, h = batch.global_token_ids[m].tolist(), ent[m].tolist()
+    k = sel.high_entropy_count(len(ids), ratio)
+    order = sorted(zip(h, ids), key=lambda p: (-p[0], p[1]))
+    return sorted(i for _, i in order[:k])
 
 
 def _worker(rank: int, world: int, cases: list) -> list:
@@ -67,8 +90,10 @@ def _worker(rank: int, world: int, cases: list) -> list:
             shard = batch.shard(rank, world)
             rows = slice(sum(batch.shard(r, world).batch_size for r in range(rank)), None)
             lp_shard = lp[rows][:shard.batch_size]
+            ent_shard = _entropy(seed, batch)[rows][:shard.batch_size]
             res = select_global(lp_shard, shard.old_log_prob, shard.advantages, shard.mask,
-                                shard.global_token_ids, hp=_hp(loss, ratio), step=step, dp_group=dist.group.WORLD)
+                                shard.global_token_ids, hp=_hp(loss, ratio), step=step, dp_group=dist.group.WORLD,
+                                entropy=ent_shard, rule="high_entropy" if loss == "high_entropy" else None)
             norm = global_normalizer(shard.mask, dist.group.WORLD, max_len=shard.seq_len)
             mine = res.mask_for(shard.global_token_ids)
             out.append({"ids": res.selected_ids.tolist(), "n_valid": res.stats.n_valid,
@@ -81,6 +106,7 @@ def _worker(rank: int, world: int, cases: list) -> list:
 
 CASES = [(seed, loss, ratio, 3) for seed in (0, 1) for loss in ("clip_cov", "kl_cov") for ratio in (0.02, 0.3)]
 CASES += [(0, "kl_cov", 1.0, 3), (0, "clip_cov", 1.0, 5)]  # every candidate chosen
+CASES += [(seed, "high_entropy", ratio, 3) for seed in (0, 1) for ratio in (0.07, 0.2, 0.5)]
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -89,7 +115,7 @@ def test_global_selection_equals_whole_batch(world):
     results = run_distributed(_worker, world, CASES, timeout_s=300)
     for i, (seed, loss, ratio, step) in enumerate(CASES):
         batch, lp = _batch(seed)
-        want = _whole_batch(batch, lp, loss, ratio, step)
+        want = _whole_batch(batch, lp, loss, ratio, step, seed)
         stats = sel.scope_stats(lp, batch.advantages, batch.mask)
         mine_union = sorted(t for r in results for t in r[i]["mine"])
         for r in results:
@@ -114,3 +140,20 @@ def test_ties_straddle_ranks():
     last = set(batch.global_token_ids[-1][batch.mask[-1].bool()].tolist())
     # where a tie is cut, the smaller ids (first sequence) win
     assert len(first & set(ids)) >= len(last & set(ids))
+
+
+def test_high_entropy_ties_are_cut_by_id():
+    """The coarse entropy grid ties many tokens at the cut; the count stays exact."""
+    batch, _ = _batch(0)
+    ent = _entropy(0, batch)
+    m = batch.mask.bool()
+    k = sel.high_entropy_count(int(m.sum()), 0.2)
+    thr = torch.quantile(ent[m], 0.8)
+    assert int((ent[m] >= thr).sum()) > k  # ties straddle the cut
+    hp = _hp("high_entropy", 0.2)
+    stats = sel.scope_stats(batch.old_log_prob, batch.advantages, m)
+    inp = sel.SelectionInputs(batch.old_log_prob, batch.old_log_prob, batch.advantages, m, batch.global_token_ids,
+                              stats, hp=hp, step=0, entropy=ent)
+    chosen = sel.select_in_scope(sel.get_selection_rule("high_entropy"), inp)
+    assert int(chosen.sum()) == k
+    assert sorted(batch.global_token_ids[chosen].tolist()) == _whole_batch_high_entropy(batch, ent, 0.2)

@@ -199,6 +199,7 @@ def test_pp2_ppo_clip_cov_kl_cov_steps_and_nan_loss_is_skipped(ray_cluster, tiny
 
     cfg, plan = _config(tiny, "pp2", "parallel.tp=1", "parallel.pp=2", "data.mini_batch_size=2",
                         "parallel.micro_batch_size=2", "trainer.total_steps=3", "trainer.eval_every=0",
+                        "algorithm.cov_metrics=true",  # cov/* for the ppo step too
                         "checkpoint.save_every=0", "checkpoint.export_hf=false")
     run_dir = os.path.join(tiny["root"], "runs", "pp2")
     os.makedirs(run_dir, exist_ok=True)

@@ -133,7 +133,7 @@ def prepass_worker(rank: int, world: int, tp: int, hidden: int, layers: int, voc
     from megacov.models.core import build_gpt_model
     from megacov.parallel.actor import train_step
     from megacov.parallel.batch import ActorBatch
-    from megacov.parallel.exactness import TinySpec, transformer_config
+    from megacov.verify.exactness import TinySpec, transformer_config
     from megacov.parallel.layout import ParallelLayout
 
     layout = ParallelLayout.initialize(tp, 1, seed=0)

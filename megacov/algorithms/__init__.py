@@ -34,7 +34,9 @@ from megacov.algorithms.losses import (  # noqa: F401
     list_policy_losses,
     register_policy_loss,
 )
+from megacov.algorithms.losses import cov_metrics
 from megacov.algorithms.objective import actor_loss  # noqa: F401
+from megacov.algorithms.selection import covariance, scope_stats
 from megacov.config.schema import AlgorithmConfig
 
 _CALL_ARGS = ("step", "entropy", "weights", "global_ids", "max_len")
@@ -66,5 +68,11 @@ def policy_loss(name: str, log_prob: torch.Tensor, old_log_prob: torch.Tensor, a
     norm = LossNormalizer.from_mask(response_mask, call.pop("max_len", None))
     fn = get_policy_loss(name)
     step = int(call.pop("step", 0))
-    return fn(log_prob, old_log_prob, advantages, response_mask, norm=norm, selected=None, hp=hp,
-              step=step, **call)
+    loss, metrics = fn(log_prob, old_log_prob, advantages, response_mask, norm=norm, selected=None, hp=hp,
+                       step=step, **call)
+    if "cov_mean" in metrics:  # one scope: its quantiles describe it (they would not add up over shards)
+        m = response_mask.bool()
+        stats = scope_stats(log_prob, advantages, m)
+        cov = covariance(log_prob, advantages, m, stats.mean_logp, stats.mean_adv)
+        metrics.update({k: v for k, v in cov_metrics(cov, m, norm).items() if k not in metrics})
+    return loss, metrics

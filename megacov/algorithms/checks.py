@@ -20,6 +20,7 @@ def _check_names(a: Any) -> None:
     from megacov.algorithms.entropy import PAR_SCHEDULES, list_entropy_controllers
     from megacov.algorithms.kl import KL_ESTIMATORS
     from megacov.algorithms.losses import AGG_MODES, list_policy_losses
+    from megacov.algorithms.rollout_correction import CORRECTION_LEVELS, ROLLOUT_CORRECTIONS
 
     for key, value, registered in [
         ("algorithm.policy_loss", a.policy_loss, list_policy_losses()),
@@ -28,6 +29,8 @@ def _check_names(a: Any) -> None:
         ("algorithm.kl_estimator", a.kl_estimator, list(KL_ESTIMATORS)),
         ("algorithm.loss_agg_mode", a.loss_agg_mode, list(AGG_MODES)),
         ("algorithm.par_schedule", a.par_schedule, list(PAR_SCHEDULES)),
+        ("algorithm.rollout_correction", a.rollout_correction, list(ROLLOUT_CORRECTIONS)),
+        ("algorithm.rollout_correction_level", a.rollout_correction_level, list(CORRECTION_LEVELS)),
     ]:
         if value not in registered:
             raise _name_error(key, value, registered)
@@ -54,6 +57,24 @@ def _check_ranges(a: Any, total_epochs: Any) -> None:
     require(a.entropy_coef_delta >= 0, f"algorithm.entropy_coef_delta={a.entropy_coef_delta} must be >= 0")
     require(0 <= a.par_lambda <= 1, f"algorithm.par_lambda={a.par_lambda} must be in [0, 1]")
     require(a.par_delta >= 0, f"algorithm.par_delta={a.par_delta} must be >= 0")
+    require(a.gspo_clip_ratio_low >= 0 and a.gspo_clip_ratio_high >= 0,
+            f"algorithm.gspo_clip_ratio_low={a.gspo_clip_ratio_low} and gspo_clip_ratio_high="
+            f"{a.gspo_clip_ratio_high} must be >= 0")
+    require(0 <= a.cispo_clip_ratio_low <= 1 and a.cispo_clip_ratio_high >= 0,
+            f"algorithm.cispo_clip_ratio_low={a.cispo_clip_ratio_low} must be in [0, 1] and "
+            f"cispo_clip_ratio_high={a.cispo_clip_ratio_high} >= 0")
+    require(a.entropy_top_ratio is None or 0 < a.entropy_top_ratio <= 1,
+            f"algorithm.entropy_top_ratio={a.entropy_top_ratio} must be in (0, 1] (or null to disable)")
+    require(a.entropy_top_ratio is None or a.cov_scope != "global_old",
+            "algorithm.entropy_top_ratio needs cov_scope global (exact) or micro_batch: the batch carries "
+            "no old-policy entropies for global_old")
+    require(a.entropy_advantage_coef >= 0 and a.entropy_advantage_kappa > 0,
+            f"algorithm.entropy_advantage_coef={a.entropy_advantage_coef} must be >= 0 and "
+            f"entropy_advantage_kappa={a.entropy_advantage_kappa} > 0")
+    require(a.rollout_is_cap > 0, f"algorithm.rollout_is_cap={a.rollout_is_cap} must be > 0")
+    require(0 <= a.rollout_mis_low < 1 < a.rollout_mis_high,
+            f"algorithm.rollout_mis_low={a.rollout_mis_low} and rollout_mis_high={a.rollout_mis_high} "
+            "must satisfy 0 <= low < 1 < high")
     if a.entropy_control == "par" and a.par_schedule == "stage":
         steps, lams = list(a.par_stage_steps), list(a.par_stage_lambdas)
         require(not lams or len(lams) == len(steps) + 1,

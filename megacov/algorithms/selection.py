@@ -21,10 +21,14 @@ CPU and GPU. Keys are the top 63 bits of the hash (non-negative int64).
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from megacov.algorithms.registry import Registry
 
 Scalar = float | torch.Tensor
 
@@ -254,25 +258,6 @@ def default_global_ids(mask: torch.Tensor) -> torch.Tensor:
     return torch.arange(mask.numel(), device=mask.device, dtype=torch.int64).reshape(mask.shape)
 
 
-def _clip_cov_local(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                    mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, hp: Any, step: int,
-                    cov: torch.Tensor | None, ppo_clipped: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """Flat positions, global ids and keys of the <= n best eligible tokens of these tensors."""
-    if cov is None:
-        cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
-    if ppo_clipped is None:
-        ppo_clipped = ppo_clipped_mask(log_prob, old_log_prob, advantages, mask, hp.clip_ratio_low,
-                                       hp.clip_ratio_high)
-    eligible = clip_cov_eligible(cov, ppo_clipped, mask, hp.clip_cov_lb, hp.clip_cov_ub)
-    # Hash only the (few) eligible tokens: same keys, a fraction of the work.
-    where = eligible.reshape(-1).nonzero().squeeze(1)
-    cand_ids = global_ids.reshape(-1)[where]
-    keys = token_keys(hp.seed, step, cand_ids)
-    every = torch.ones_like(cand_ids, dtype=torch.bool)
-    keep = select_smallest(keys, every, cand_ids, clip_cov_count(stats.n_valid, hp.clip_cov_ratio))
-    return where[keep], cand_ids[keep], keys[keep]
-
-
 def select_clip_cov(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, *, hp: Any, step: int,
                     cov: torch.Tensor | None = None, ppo_clipped: torch.Tensor | None = None
@@ -282,11 +267,9 @@ def select_clip_cov(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantag
     ``hp`` is AlgorithmConfig-like (clip_ratio_low/high, clip_cov_ratio/lb/ub, seed). ``cov`` /
     ``ppo_clipped`` may be passed when already computed (same values as recomputing).
     """
-    pos, _, _ = _clip_cov_local(log_prob, old_log_prob, advantages, mask, global_ids, stats, hp, step,
-                                cov, ppo_clipped)
-    out = torch.zeros(mask.numel(), dtype=torch.bool, device=mask.device)
-    out[pos] = True
-    return out.reshape(mask.shape)
+    inp = SelectionInputs(log_prob, old_log_prob, advantages, mask, global_ids, stats, hp=hp, step=step,
+                          cov=cov, ppo_clipped=ppo_clipped)
+    return select_in_scope(get_selection_rule("clip_cov"), inp)
 
 
 def clip_cov_candidates(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
@@ -298,18 +281,24 @@ def clip_cov_candidates(log_prob: torch.Tensor, old_log_prob: torch.Tensor, adva
     smallest, so gathering these from every shard and calling :func:`select_smallest` on the
     union (then :func:`mask_from_ids` per shard) chooses exactly what one process would.
     """
-    _, ids, keys = _clip_cov_local(log_prob, old_log_prob, advantages, mask, global_ids, stats, hp, step,
-                                   None, None)
+    inp = SelectionInputs(log_prob, old_log_prob, advantages, mask, global_ids, stats, hp=hp, step=step)
+    _, ids, keys, _ = rule_candidates(get_selection_rule("clip_cov"), inp,
+                                      clip_cov_count(stats.n_valid, hp.clip_cov_ratio))
     return ids, keys
+
+
+@dataclass(frozen=True)
+class _KlCovRatio:
+    kl_cov_ratio: float
 
 
 def select_kl_cov(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                   global_ids: torch.Tensor, stats: ScopeStats, *, kl_cov_ratio: float,
                   cov: torch.Tensor | None = None) -> torch.Tensor:
     """KL-Cov's chosen tokens [B, T] when the tensors passed hold the whole scope."""
-    if cov is None:
-        cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
-    return select_largest(cov, mask.bool(), global_ids, kl_cov_count(stats.n_valid, kl_cov_ratio))
+    inp = SelectionInputs(log_prob, log_prob, advantages, mask, global_ids, stats, hp=_KlCovRatio(kl_cov_ratio),
+                          step=0, cov=cov)
+    return select_in_scope(get_selection_rule("kl_cov"), inp)
 
 
 def kl_cov_candidates(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -318,11 +307,142 @@ def kl_cov_candidates(log_prob: torch.Tensor, advantages: torch.Tensor, mask: to
     """One shard's share of a distributed KL-Cov choice: (global ids, cov values), 1-D, at most k
     (the shard's own top-k by (cov desc, id asc), which contains its part of the global top-k).
     Gather from every shard, :func:`select_largest` on the union, :func:`mask_from_ids` per shard."""
-    cov = covariance(log_prob, advantages, mask, stats.mean_logp, stats.mean_adv)
-    chosen = select_kl_cov(log_prob, advantages, mask, global_ids, stats, kl_cov_ratio=kl_cov_ratio, cov=cov)
-    return global_ids[chosen], cov[chosen]
+    inp = SelectionInputs(log_prob, log_prob, advantages, mask, global_ids, stats, hp=_KlCovRatio(kl_cov_ratio),
+                          step=0)
+    _, ids, cov, _ = rule_candidates(get_selection_rule("kl_cov"), inp, kl_cov_count(stats.n_valid, kl_cov_ratio))
+    return ids, cov
 
 
 def mask_from_ids(global_ids: torch.Tensor, chosen_ids: torch.Tensor) -> torch.Tensor:
     """Boolean mask (shape of ``global_ids``) of the tokens whose id is in ``chosen_ids``."""
     return torch.isin(global_ids, chosen_ids.to(global_ids.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# the selection registry: any token-selecting rule, computed exactly by megacov.parallel
+# ----------------------------------------------------------------------------------------------
+
+
+class SelectionInputs:
+    """What a rule may look at, for one shard of a scope (or the whole scope): [B, T] tensors.
+
+    ``stats`` describe the *whole* scope; ``entropy`` is the per-token entropy of the policy whose
+    log-probs are in ``log_prob`` (None when no rule of the step needs it). The covariance is
+    computed once, on first use, and may be passed when the caller already has it.
+    """
+
+    def __init__(self, log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
+                 mask: torch.Tensor, global_ids: torch.Tensor, stats: ScopeStats, *, hp: Any, step: int,
+                 entropy: torch.Tensor | None = None, cov: torch.Tensor | None = None,
+                 ppo_clipped: torch.Tensor | None = None) -> None:
+        self.log_prob, self.old_log_prob, self.advantages = log_prob, old_log_prob, advantages
+        self.mask, self.global_ids, self.stats = mask.bool(), global_ids.to(torch.int64), stats
+        self.hp, self.step, self.entropy = hp, step, entropy
+        self._cov, self._ppo_clipped = cov, ppo_clipped
+
+    @property
+    def cov(self) -> torch.Tensor:
+        if self._cov is None:
+            self._cov = covariance(self.log_prob, self.advantages, self.mask, self.stats.mean_logp,
+                                   self.stats.mean_adv)
+        return self._cov
+
+    @property
+    def ppo_clipped(self) -> torch.Tensor:
+        if self._ppo_clipped is None:
+            self._ppo_clipped = ppo_clipped_mask(self.log_prob, self.old_log_prob, self.advantages, self.mask,
+                                                 self.hp.clip_ratio_low, self.hp.clip_ratio_high)
+        return self._ppo_clipped
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """A token-selecting rule: the ``count(n_valid, hp)`` eligible tokens best by ``score``.
+
+    ``eligible(inputs)`` is a [B, T] bool mask; ``score(inputs, flat_positions)`` returns the 1-D
+    scores of the eligible tokens only (so a costly score, such as a hash, is evaluated on few
+    tokens). Ties in the score go to the smaller global id. The score of a token must depend only on
+    that token and the scope statistics, never on where the token lives: then every shard's best
+    ``count`` contain its share of the scope's best, and the parallel layer's gather-and-merge
+    chooses exactly what one process would. ``uses`` names the current-policy inputs the rule
+    reads ("log_prob", "entropy"): they decide what the pre-pass of ``cov_scope=global`` computes.
+    """
+
+    name: str
+    count: Callable[[int, Any], int]
+    eligible: Callable[[SelectionInputs], torch.Tensor]
+    score: Callable[[SelectionInputs, torch.Tensor], torch.Tensor]
+    largest: bool
+    uses: frozenset[str] = frozenset({"log_prob"})
+    uses_covariance: bool = True
+    """The rule reads the scope's covariance (its statistics must then be global)."""
+
+
+_RULES: Registry[SelectionRule] = Registry("token selection")
+get_selection_rule = _RULES.get
+list_selection_rules = _RULES.names
+
+
+def register_selection_rule(rule: SelectionRule) -> SelectionRule:
+    """Make ``rule`` available by its name to every loss and to the parallel layer."""
+    return _RULES.register(rule.name)(rule)
+
+
+def rule_candidates(rule: SelectionRule, inp: SelectionInputs, n: int) -> tuple[torch.Tensor, ...]:
+    """(flat positions, global ids, scores) of this shard's <= n best eligible tokens, and the
+    number of eligible tokens (0-dim int64)."""
+    eligible = rule.eligible(inp) & inp.mask
+    where = eligible.reshape(-1).nonzero().squeeze(1)
+    ids = inp.global_ids.reshape(-1)[where]
+    scores = rule.score(inp, where)
+    keep = _select(scores, torch.ones_like(ids, dtype=torch.bool), ids, n, rule.largest)
+    return where[keep], ids[keep], scores[keep], torch.tensor(where.numel(), dtype=torch.int64)
+
+
+def select_in_scope(rule: SelectionRule, inp: SelectionInputs) -> torch.Tensor:
+    """The rule's chosen tokens [B, T] when ``inp`` holds the whole scope."""
+    pos, _, _, _ = rule_candidates(rule, inp, rule.count(inp.stats.n_valid, inp.hp))
+    out = torch.zeros(inp.mask.numel(), dtype=torch.bool, device=inp.mask.device)
+    out[pos] = True
+    return out.reshape(inp.mask.shape)
+
+
+def high_entropy_count(n_valid: int, ratio: float) -> int:
+    """Tokens at or above the scope's (1 - ratio) entropy quantile (linear interpolation, as
+    ``torch.quantile``) when no entropies tie: ``n - ceil((1 - ratio) (n - 1))``; 0 when empty.
+
+    Fixing the count (ties at the cut going to the smaller global id) makes the choice exact and
+    independent of the layout even when entropies tie."""
+    if n_valid <= 0:
+        return 0
+    pos = round((1.0 - ratio) * (n_valid - 1), 9)  # 0.8 * 100 must not become 80.00000000000001
+    return n_valid - math.ceil(pos)
+
+
+def _flat(t: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1)[where]
+
+
+def _entropy_scores(inp: SelectionInputs, where: torch.Tensor) -> torch.Tensor:
+    if inp.entropy is None:
+        raise ValueError("the high_entropy selection needs the token entropies of the scope")
+    return _flat(inp.entropy.detach().to(_compute_dtype(inp.entropy)), where)
+
+
+register_selection_rule(SelectionRule(
+    name="clip_cov", count=lambda n, hp: clip_cov_count(n, hp.clip_cov_ratio),
+    eligible=lambda i: clip_cov_eligible(i.cov, i.ppo_clipped, i.mask, i.hp.clip_cov_lb, i.hp.clip_cov_ub),
+    score=lambda i, where: token_keys(i.hp.seed, i.step, _flat(i.global_ids, where)), largest=False))
+"""Clip-Cov: random (seeded hash keys) among the valid, not PPO-clipped tokens with lb < cov < ub."""
+
+register_selection_rule(SelectionRule(
+    name="kl_cov", count=lambda n, hp: kl_cov_count(n, hp.kl_cov_ratio), eligible=lambda i: i.mask,
+    score=lambda i, where: _flat(i.cov, where), largest=True))
+"""KL-Cov: the largest covariances."""
+
+register_selection_rule(SelectionRule(
+    name="high_entropy", count=lambda n, hp: high_entropy_count(n, hp.entropy_top_ratio),
+    eligible=lambda i: i.mask, score=_entropy_scores, largest=True, uses=frozenset({"entropy"}),
+    uses_covariance=False))
+"""High-entropy "forking" tokens (Wang et al. 2025, arXiv 2506.01939): the top-rho fraction of
+the scope's tokens by entropy keep their gradient (``algorithm.entropy_top_ratio``)."""

@@ -191,7 +191,22 @@ COMPARISON_ROWS = (
     ("mean cov, selected tokens", lambda r: _get(r.cov, "selected_mean_mean_over_steps")),
     ("selected / all", lambda r: _get(r.cov, "selected_over_all")),
     ("tokens touched (total)", lambda r: _get(r.cov, "tokens_touched")),
+    *((label, (lambda key: lambda r: _mean_over_steps(r, key))(key)) for label, key in (
+        ("clip fraction (mean)", "actor/clipfrac"),
+        ("GSPO sequence ratio (mean)", "actor/seq_ratio"),
+        ("high-entropy tokens kept (share)", "high_entropy/frac"),
+        ("high-entropy threshold (mean)", "high_entropy/threshold"),
+        ("entropy-advantage bonus (mean)", "actor/entropy_adv_bonus"),
+        ("rollout IS weights truncated (share)", "rollout_corr/truncated_frac"),
+        ("rollout tokens masked (share)", "rollout_corr/masked_frac"),
+    )),
 )
+
+
+def _mean_over_steps(r, key: str) -> float | None:
+    """Mean of a per-step method metric (None when the run does not log it)."""
+    _, values = r.run.series(key)
+    return float(values.mean()) if values.size else None
 
 
 def _arrow(a, b) -> str | None:

@@ -105,7 +105,7 @@ class AlgorithmConfig:
     norm_adv_by_std: bool = True
     """GRPO: divide by the group std (False gives Dr.GRPO)."""
     policy_loss: str = "ppo"
-    """Policy loss, registered by name: ppo, clip_cov, kl_cov."""
+    """Policy loss, registered by name: ppo, clip_cov, kl_cov, gspo, cispo."""
     loss_agg_mode: str = "token-mean"
     """token-mean, seq-mean-token-sum, seq-mean-token-mean or seq-mean-token-sum-norm."""
     clip_ratio_low: float = 0.2
@@ -124,6 +124,39 @@ class AlgorithmConfig:
     """KL-Cov: fraction of valid tokens (largest covariance) that get the |logp - old_logp| penalty."""
     kl_cov_coef: float = 1.0
     """KL-Cov: coefficient beta of the |logp - old_logp| penalty."""
+    gspo_clip_ratio_low: float = 3e-4
+    """GSPO: the sequence ratio is clipped below at 1 - this (the paper's 3e-4)."""
+    gspo_clip_ratio_high: float = 4e-4
+    """GSPO: the sequence ratio is clipped above at 1 + this (the paper's 4e-4)."""
+    cispo_clip_ratio_low: float = 1.0
+    """CISPO: the IS weight is clipped below at 1 - this; 1 = no lower bound, as the paper."""
+    cispo_clip_ratio_high: float = 0.28
+    """CISPO: the IS weight is clipped above at 1 + this (the paper tunes it without publishing a
+    value; 0.28 is the clip-higher default of ``clip_ratio_high``)."""
+    entropy_top_ratio: Optional[float] = None
+    """High-entropy tokens (Wang et al. 2025): keep the gradient only on this fraction of each
+    mini-batch's tokens, those of highest entropy (the paper: 0.2), chosen exactly over the whole
+    mini-batch; combines with any policy_loss. None disables."""
+    entropy_advantage_coef: float = 0.0
+    """Entropy-based advantage (Cheng et al. 2025): A + min(coef * H, |A| / kappa) per token, H
+    the old policy's entropy (the paper: 0.4). 0 disables."""
+    entropy_advantage_kappa: float = 2.0
+    """Entropy-based advantage: the bonus never exceeds |A| / kappa (the paper: 2)."""
+    rollout_correction: str = "none"
+    """Train-rollout mismatch correction with the engines' log-probs: ``none``, ``tis`` (weight
+    each token's loss by min(pi_old / pi_rollout, rollout_is_cap)) or ``mis`` (drop tokens or
+    sequences whose ratio leaves [rollout_mis_low, rollout_mis_high] from the loss)."""
+    rollout_correction_level: str = "token"
+    """``token`` (per-token ratio) or ``sequence`` (product of the sequence's token ratios)."""
+    rollout_is_cap: float = 2.0
+    """TIS: cap C of the importance weight."""
+    rollout_mis_low: float = 0.5
+    """MIS: lower end of the kept ratio band."""
+    rollout_mis_high: float = 2.0
+    """MIS: upper end of the kept ratio band."""
+    cov_metrics: bool = False
+    """Log cov/* for losses that do not select by covariance too (costs a pass over the tokens per
+    micro-batch); Clip-Cov and KL-Cov always log them."""
     cov_scope: str = "global"
     """Where the covariance statistics come from: ``global`` (exact, extra forward pass),
     ``global_old`` (old log-probs, no extra pass) or ``micro_batch`` (per micro-batch and rank, as

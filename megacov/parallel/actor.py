@@ -14,15 +14,17 @@ How the gradients come out equal to the single-device gradient of the mini-batch
 * Over DP, megatron's ``DistributedDataParallel`` *averages* gradients; the share is then also
   multiplied by the DP size. Raw (unwrapped) modules get their gradients *summed* over DP here.
 
-The Clip-Cov / KL-Cov choice is made before the training pass, from the whole mini-batch (see
-:mod:`megacov.parallel.selection` and ``algorithm.cov_scope``), and every micro-batch's loss uses
-its slice of that choice.
+Every token choice of the step (the policy loss's registered rule -- Clip-Cov, KL-Cov, ... -- and
+the high-entropy tokens of ``algorithm.entropy_top_ratio``) is made before the training pass, from
+the whole mini-batch (see :mod:`megacov.parallel.selection` and ``algorithm.cov_scope``), and
+every micro-batch's loss uses its slice of that choice.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,11 +34,14 @@ from megacov.algorithms.losses import METRIC_REDUCTIONS, LossNormalizer
 from megacov.algorithms.objective import actor_loss
 from megacov.parallel.batch import ActorBatch
 from megacov.parallel.layout import ParallelLayout
+from megacov.algorithms import selection as sel
+from megacov.algorithms.losses import loss_selection
 from megacov.parallel.selection import (
-    SELECTION_LOSSES,
     GlobalSelection,
     global_normalizer,
+    global_scope_stats,
     select_global,
+    step_rules,
 )
 from megacov.parallel.vocab_parallel import compute_dtype, group_size_rank, token_logprob_entropy
 
@@ -179,38 +184,70 @@ def _sum_grads_over_dp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout
         g.copy_(synced)
 
 
+@dataclass(frozen=True)
+class StepSelection:
+    """Every global choice of one mini-batch: the scope statistics and one selection per rule."""
+
+    stats: sel.ScopeStats
+    by_rule: dict[str, GlobalSelection]
+    prepass_forwards: int
+    """Forward-only passes run to get current-policy inputs (0 or 1)."""
+
+    def mask_for(self, rule: str | None, global_token_ids: torch.Tensor) -> torch.Tensor | None:
+        """The micro-batch's mask of ``rule`` (None when the step does not apply that rule)."""
+        if rule is None or rule not in self.by_rule:
+            return None
+        return self.by_rule[rule].mask_for(global_token_ids)
+
+
+def _needs(rules: Sequence[str]) -> set[str]:
+    return {u for r in rules for u in sel.get_selection_rule(r).uses}
+
+
 def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any,
                       step: int, temperature: float, chunk_size: int, real_vocab_size: int,
-                      micro_batch_size: int, current_log_prob: torch.Tensor | None = None
-                      ) -> GlobalSelection | None:
-    """The global token choice of ``algo_cfg.cov_scope`` (None for ``micro_batch``).
+                      micro_batch_size: int, current_log_prob: torch.Tensor | None = None,
+                      current_entropy: torch.Tensor | None = None) -> StepSelection | None:
+    """The global token choices of ``algo_cfg.cov_scope`` (None for ``micro_batch``).
 
-    ``global`` runs the forward-only pre-pass with the current weights (only for the losses that
-    select tokens) unless ``current_log_prob`` already holds them; ``global_old`` and the other
-    losses use ``old_log_prob``.
+    ``global`` runs one forward-only pre-pass with the current weights when a rule of the step
+    reads current-policy inputs (log-probs, entropies) that the caller did not pass in
+    ``current_log_prob`` / ``current_entropy``; ``global_old`` scores on ``old_log_prob``.
     """
     scope = algo_cfg.cov_scope
     if scope not in COV_SCOPES:
         raise ValueError(f"unknown algorithm.cov_scope '{scope}'; expected one of {', '.join(COV_SCOPES)}")
     if scope == "micro_batch":
         return None
-    log_prob = batch.old_log_prob
-    if scope == "global" and algo_cfg.policy_loss in SELECTION_LOSSES and current_log_prob is not None:
-        log_prob = current_log_prob
-    elif scope == "global" and algo_cfg.policy_loss in SELECTION_LOSSES:
-        log_prob, _ = compute_log_probs(model_chunks, layout, batch, temperature=temperature,
-                                        chunk_size=chunk_size, real_vocab_size=real_vocab_size,
-                                        with_entropy=False, micro_batch_size=micro_batch_size)
-    return select_global(log_prob, batch.old_log_prob, batch.advantages, batch.mask,
-                         batch.global_token_ids, hp=algo_cfg, step=step, dp_group=layout.dp_group)
+    rules = step_rules(algo_cfg)
+    needs = _needs(rules)
+    log_prob, entropy, forwards = batch.old_log_prob, None, 0
+    if scope == "global_old" and "entropy" in needs:
+        raise ValueError("algorithm.entropy_top_ratio needs cov_scope global or micro_batch: the batch "
+                         "carries no old-policy entropies")
+    if scope == "global" and needs:
+        log_prob, entropy = current_log_prob, current_entropy
+        missing = ("log_prob" in needs and log_prob is None) or ("entropy" in needs and entropy is None)
+        if missing:
+            log_prob, entropy = compute_log_probs(model_chunks, layout, batch, temperature=temperature,
+                                                  chunk_size=chunk_size, real_vocab_size=real_vocab_size,
+                                                  with_entropy="entropy" in needs,
+                                                  micro_batch_size=micro_batch_size)
+            forwards = 1
+        log_prob = log_prob if log_prob is not None else batch.old_log_prob
+    stats = global_scope_stats(log_prob, batch.advantages, batch.mask, layout.dp_group)
+    by_rule = {r: select_global(log_prob, batch.old_log_prob, batch.advantages, batch.mask,
+                                batch.global_token_ids, hp=algo_cfg, step=step, dp_group=layout.dp_group,
+                                stats=stats, entropy=entropy, rule=r) for r in rules}
+    return StepSelection(stats=stats, by_rule=by_rule, prepass_forwards=forwards)
 
 
 def _loss_metrics(metrics: dict[str, Any], mb: ActorBatch) -> dict[str, Any]:
     """Detached scalars of one micro-batch plus the global ids it selected."""
     out: dict[str, Any] = {}
     for key, value in metrics.items():
-        if key == "selected":
-            out["selected_ids"] = mb.global_token_ids[value.bool()].detach()
+        if key.endswith("selected") and torch.is_tensor(value) and value.dim() > 0:
+            out[f"{key}_ids"] = mb.global_token_ids[value.bool()].detach()
         elif METRIC_REDUCTIONS.get(key) != "local" and torch.is_tensor(value) and value.dim() == 0:
             out[key] = value.detach().to(torch.float64)
     return out
@@ -219,7 +256,8 @@ def _loss_metrics(metrics: dict[str, Any], mb: ActorBatch) -> dict[str, Any]:
 def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any, step: int,
                temperature: float, chunk_size: int, real_vocab_size: int, micro_batch_size: int,
                zero_grad_fn: Callable[[], None] | None = None, controls: Any = None,
-               max_len: int | None = None, current_log_prob: torch.Tensor | None = None) -> dict[str, Any]:
+               max_len: int | None = None, current_log_prob: torch.Tensor | None = None,
+               current_entropy: torch.Tensor | None = None) -> dict[str, Any]:
     """Forward and backward of one mini-batch (``batch`` = this DP rank's share of it).
 
     Gradients equal those of the single-device mini-batch loss (summed over DP for raw modules,
@@ -229,8 +267,9 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     controller's output (None: ``algo_cfg.entropy_coef``); ``max_len`` is the constant of
     ``seq-mean-token-sum-norm`` (default L). ``current_log_prob`` [B, L]: log-probs of ``batch``
     under the current weights when the caller has them (the old log-probs, on the first mini-batch
-    of the first epoch), which saves the pre-pass of ``cov_scope=global``. Returns metrics reduced
-    over DP, identical on every rank.
+    of the first epoch), which saves the pre-pass of ``cov_scope=global`` (``current_entropy``
+    likewise, for the high-entropy tokens). Returns metrics reduced over DP, identical on every
+    rank.
     """
     chunks = _chunks(model_chunks)
     t0 = time.perf_counter()
@@ -238,7 +277,7 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     selection = prepare_selection(chunks, layout, batch, algo_cfg=algo_cfg, step=step,
                                   temperature=temperature, chunk_size=chunk_size,
                                   real_vocab_size=real_vocab_size, micro_batch_size=micro_batch_size,
-                                  current_log_prob=current_log_prob)
+                                  current_log_prob=current_log_prob, current_entropy=current_entropy)
     t1 = time.perf_counter()
     averaged = _grad_averaged_over_dp(chunks)
     if zero_grad_fn is not None:
@@ -251,7 +290,7 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
                 p.grad = None
     micro = batch.micro_batches(micro_batch_size, pad_last=layout.pp > 1)
     scale = float(len(micro) * (layout.dp if averaged else 1))
-    uses_selection = selection is not None and algo_cfg.policy_loss in SELECTION_LOSSES
+    own_rule = loss_selection(algo_cfg.policy_loss)
 
     def forward_step(data: Iterator[ActorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
         mb = next(data)
@@ -261,11 +300,13 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
             lp, ent = token_logprob_entropy(logits, mb.input_ids, tp_group=layout.tp_group,
                                             real_vocab_size=real_vocab_size, temperature=temperature,
                                             chunk_size=chunk_size, inplace_backward=True)
+            ids = mb.global_token_ids
             loss, metrics = actor_loss(
                 lp, mb.old_log_prob, mb.advantages, mb.mask, hp=algo_cfg, norm=norm,
-                selected=selection.mask_for(mb.global_token_ids) if uses_selection else None,
-                controls=controls, entropy=ent, ref_log_prob=mb.ref_log_prob,
-                global_ids=mb.global_token_ids, stats=selection.stats if selection else None, step=step)
+                selected=selection.mask_for(own_rule, ids) if selection else None,
+                entropy_keep=selection.mask_for("high_entropy", ids) if selection else None,
+                controls=controls, entropy=ent, ref_log_prob=mb.ref_log_prob, loss_weight=mb.loss_weight,
+                global_ids=ids, stats=selection.stats if selection else None, step=step)
             return loss * scale, _loss_metrics(metrics, mb)
 
         return output, loss_fn
@@ -274,24 +315,25 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     if not averaged:
         _sum_grads_over_dp(chunks, layout)
     t2 = time.perf_counter()
-    metrics = _reduce_metrics(store, layout, selection, norm) if layout.is_last_stage else None
+    metrics = _reduce_metrics(store, layout, selection, norm, own_rule) if layout.is_last_stage else None
     metrics = _broadcast_object_from_last_stage(metrics, layout)
     metrics["timing/prepass_s"] = t1 - t0
+    metrics["prepass_forwards"] = selection.prepass_forwards if selection else 0
     metrics["timing/update_s"] = t2 - t1
     return metrics
 
 
 def _reduce_metrics(store: list[dict[str, Any]], layout: ParallelLayout,
-                    selection: GlobalSelection | None, norm: LossNormalizer) -> dict[str, Any]:
+                    selection: StepSelection | None, norm: LossNormalizer, own_rule: str | None) -> dict[str, Any]:
     """Combine the micro-batch metrics of this rank, then over DP (sum / max / min by key)."""
     device = layout.device
     reductions: dict[str, str] = {}
     values: dict[str, torch.Tensor] = {}
-    local_ids = []
+    local_ids: dict[str, list[torch.Tensor]] = {"selected_ids": [], "he_selected_ids": []}
     for entry in store:
         for key, v in entry.items():
-            if key == "selected_ids":
-                local_ids.append(v)
+            if key.endswith("selected_ids"):
+                local_ids.setdefault(key, []).append(v)
                 continue
             how = METRIC_REDUCTIONS.get(key, "sum")
             reductions[key] = how
@@ -311,13 +353,15 @@ def _reduce_metrics(store: list[dict[str, Any]], layout: ParallelLayout,
             if group_size_rank(layout.dp_group)[0] > 1:
                 dist.all_reduce(packed, op=op, group=layout.dp_group)
             out.update({k: float(v) for k, v in zip(keys, packed.tolist())})
-    return _name_metrics(out, _selected_ids(local_ids, layout, selection), selection, norm)
+    ids = _selected_ids(local_ids["selected_ids"], layout, selection, own_rule)
+    he_ids = _selected_ids(local_ids["he_selected_ids"], layout, selection, "high_entropy")
+    return _name_metrics(out, ids, he_ids, selection, norm, own_rule)
 
 
-def _selected_ids(local_ids: list[torch.Tensor], layout: ParallelLayout,
-                  selection: GlobalSelection | None) -> list[int]:
-    if selection is not None:
-        return [int(i) for i in selection.selected_ids.tolist()]
+def _selected_ids(local_ids: list[torch.Tensor], layout: ParallelLayout, selection: StepSelection | None,
+                  rule: str | None) -> list[int]:
+    if selection is not None and rule in selection.by_rule:
+        return [int(i) for i in selection.by_rule[rule].selected_ids.tolist()]
     mine = sorted(int(i) for t in local_ids for i in t.tolist())
     if group_size_rank(layout.dp_group)[0] == 1:
         return mine
@@ -326,21 +370,28 @@ def _selected_ids(local_ids: list[torch.Tensor], layout: ParallelLayout,
     return sorted(i for p in parts for i in p)
 
 
-def _name_metrics(raw: dict[str, float], ids: list[int], selection: GlobalSelection | None,
-                  norm: LossNormalizer) -> dict[str, Any]:
+def _name_metrics(raw: dict[str, float], ids: list[int], he_ids: list[int], selection: StepSelection | None,
+                  norm: LossNormalizer, own_rule: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     renamed = {"cov_mean": "cov/mean", "cov_max": "cov/max", "cov_min": "cov/min",
-               "selected_count": "num_selected"}
+               "selected_count": "num_selected", "he_frac": "high_entropy/frac",
+               "he_entropy_min": "high_entropy/threshold"}
     for key, v in raw.items():
-        if key != "cov_sq_mean":
+        if key not in ("cov_sq_mean", "selected_cov_sum", "he_count", "he_entropy_sum"):
             out[renamed.get(key, key)] = v
     if "cov_mean" in raw and "cov_sq_mean" in raw:
         out["cov/std"] = max(raw["cov_sq_mean"] - raw["cov_mean"] ** 2, 0.0) ** 0.5
+    if raw.get("selected_count"):
+        out["cov/selected_mean"] = raw["selected_cov_sum"] / raw["selected_count"]
     out["num_selected"] = len(ids)
     out["selected_ids"] = ids
+    if "he_count" in raw:
+        out["high_entropy/num_selected"] = len(he_ids)
+        out["he_selected_ids"] = he_ids
+        out["high_entropy/entropy_mean"] = raw["he_entropy_sum"] / raw["he_count"] if raw["he_count"] else 0.0
     out["num_tokens"] = norm.num_tokens
     out["num_seqs"] = norm.num_seqs
-    if selection is not None:
-        out["cov/n_target"] = selection.n_target
-        out["cov/n_candidates"] = selection.n_candidates
+    if selection is not None and own_rule in selection.by_rule:
+        out["cov/n_target"] = selection.by_rule[own_rule].n_target
+        out["cov/n_candidates"] = selection.by_rule[own_rule].n_candidates
     return out

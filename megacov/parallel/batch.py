@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 _TENSOR_FIELDS = ("input_ids", "position_ids", "response_mask", "old_log_prob", "advantages",
-                  "ref_log_prob")
+                  "ref_log_prob", "loss_weight")
 
 
 @dataclass
@@ -39,6 +39,8 @@ class ActorBatch:
     """L, identical for the whole global batch (global token id = global_seq_id * L + t)."""
     ref_log_prob: torch.Tensor | None = None
     """[B, L] log-probs of the reference policy (needed only for a KL-to-reference loss)."""
+    loss_weight: torch.Tensor | None = None
+    """[B, L] detached per-token multipliers of the policy loss (rollout correction: TIS)."""
 
     def __post_init__(self) -> None:
         if self.input_ids.dim() != 2:

@@ -1,16 +1,16 @@
-"""Global Clip-Cov / KL-Cov token selection over data-parallel ranks and micro-batches.
+"""Global token selection over data-parallel ranks and micro-batches, for every registered rule.
 
-The pure rules live in :mod:`megacov.algorithms.selection`; this module feeds them *global* inputs
-so that every layout chooses what one device holding the whole mini-batch would choose:
+The pure rules live in :mod:`megacov.algorithms.selection` (a registry: Clip-Cov, KL-Cov, the
+high-entropy tokens, and whatever is registered next); this module feeds them *global* inputs so
+that every layout chooses what one device holding the whole mini-batch would choose, without
+naming any rule:
 
-1. Scope statistics: valid-token count, sequence count, sum of advantages and of log-probs over the
-   DP rank's whole share of the mini-batch (all micro-batches at once), summed in float64 and
-   all-reduced over the DP group; the means follow.
-2. Clip-Cov: every rank ranks its eligible tokens by the hash key of their global id and keeps its
-   ``n`` smallest (``n`` from the *global* count); the ``dp * n`` candidates are all-gathered and
-   merged by the same pure rule. A token in the global top-n is necessarily in its own rank's
-   top-n, so the merge is exact.
-3. KL-Cov: the same with the ``k`` largest covariances, ties to the smaller global id.
+1. Scope statistics: valid-token count, sum of advantages and of log-probs over the DP rank's whole
+   share of the mini-batch (all micro-batches at once), summed in float64 and all-reduced over the
+   DP group; the means follow.
+2. Every rank keeps its ``n`` best eligible tokens by the rule's score (``n`` from the *global*
+   count); the ``dp * n`` candidates are all-gathered and merged by the same pure rule. A token in
+   the global best n is necessarily among its own rank's best n, so the merge is exact.
 
 All ranks of the DP group end with the same sorted list of selected global token ids; a
 micro-batch turns it into its own mask with :meth:`GlobalSelection.mask_for`. The inputs need
@@ -26,11 +26,8 @@ import torch
 import torch.distributed as dist
 
 from megacov.algorithms import selection as sel
-from megacov.algorithms.losses import LossNormalizer
+from megacov.algorithms.losses import LossNormalizer, loss_selection
 from megacov.parallel.vocab_parallel import all_gather_stacked, group_size_rank
-
-#: Policy losses whose tokens are chosen by covariance (the others need no selection pass).
-SELECTION_LOSSES = ("clip_cov", "kl_cov")
 
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -42,11 +39,11 @@ class GlobalSelection:
     stats: sel.ScopeStats
     """Global valid-token count and float64 means of log-prob and advantage."""
     selected_ids: torch.Tensor
-    """Sorted int64 global token ids chosen by Clip-Cov / KL-Cov (empty for other losses)."""
+    """Sorted int64 global token ids chosen by the rule (empty when there is no rule)."""
     n_target: int
-    """How many tokens the rule asked for: n (Clip-Cov) or k (KL-Cov)."""
+    """How many tokens the rule asked for."""
     n_candidates: int
-    """Global number of candidates: eligible tokens (Clip-Cov) or valid tokens (KL-Cov)."""
+    """Global number of eligible tokens."""
 
     def mask_for(self, global_token_ids: torch.Tensor) -> torch.Tensor:
         """Boolean [B, L] mask of the selected tokens among ``global_token_ids`` [B, L]."""
@@ -100,33 +97,38 @@ def _merge_candidates(values: torch.Tensor, ids: torch.Tensor, n: int, dp_group:
     return torch.sort(all_ids[pick]).values
 
 
+def step_rules(hp: Any) -> list[str]:
+    """The selection rules a step of ``hp`` (AlgorithmConfig) applies: the policy loss's own (if it
+    selects tokens) and the high-entropy tokens when ``hp.entropy_top_ratio`` is set."""
+    rules = [r for r in (loss_selection(hp.policy_loss),) if r is not None]
+    if getattr(hp, "entropy_top_ratio", None) is not None:
+        rules.append("high_entropy")
+    return rules
+
+
 def select_global(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
                   mask: torch.Tensor, global_ids: torch.Tensor, *, hp: Any, step: int, dp_group: Any,
-                  stats: sel.ScopeStats | None = None) -> GlobalSelection:
-    """The Clip-Cov / KL-Cov choice for the mini-batch whose DP-local share is passed ([B, L] each).
+                  stats: sel.ScopeStats | None = None, entropy: torch.Tensor | None = None,
+                  rule: str | None = None) -> GlobalSelection:
+    """The choice of selection ``rule`` (default: the policy loss's) for the mini-batch whose
+    DP-local share is passed ([B, L] each).
 
-    ``log_prob`` are the log-probs the covariance uses (current weights for ``cov_scope=global``,
-    ``old_log_prob`` for ``global_old``); ``hp`` is the AlgorithmConfig. Every rank of ``dp_group``
+    ``log_prob`` / ``entropy`` are those the rule scores (current weights for ``cov_scope=global``,
+    the old policy's for ``global_old``); ``hp`` is the AlgorithmConfig. Every rank of ``dp_group``
     must call this with its own share; all receive the same result.
     """
     m = mask.bool()
     if stats is None:
         stats = global_scope_stats(log_prob, advantages, m, dp_group)
     empty = torch.zeros(0, dtype=torch.int64, device=mask.device)
-    if hp.policy_loss not in SELECTION_LOSSES:
+    name = rule if rule is not None else loss_selection(hp.policy_loss)
+    if name is None:
         return GlobalSelection(stats=stats, selected_ids=empty, n_target=0, n_candidates=0)
-    ids = global_ids.to(torch.int64)
-    if hp.policy_loss == "clip_cov":
-        n = sel.clip_cov_count(stats.n_valid, hp.clip_cov_ratio)
-        vids, vals = sel.clip_cov_candidates(log_prob, old_log_prob, advantages, m, ids, stats, hp=hp, step=step)
-        cov = sel.covariance(log_prob, advantages, m, stats.mean_logp, stats.mean_adv)
-        clipped = sel.ppo_clipped_mask(log_prob, old_log_prob, advantages, m, hp.clip_ratio_low,
-                                       hp.clip_ratio_high)
-        largest, n_cand = False, int(sel.clip_cov_eligible(cov, clipped, m, hp.clip_cov_lb, hp.clip_cov_ub).sum())
-    else:
-        n = sel.kl_cov_count(stats.n_valid, hp.kl_cov_ratio)
-        vids, vals = sel.kl_cov_candidates(log_prob, advantages, m, ids, stats, kl_cov_ratio=hp.kl_cov_ratio)
-        largest, n_cand = True, int(m.sum())
-    count = _all_reduce(torch.tensor([n_cand], dtype=torch.int64, device=mask.device), dp_group)
-    chosen = _merge_candidates(vals, vids, n, dp_group, largest) if n > 0 else empty
+    spec = sel.get_selection_rule(name)
+    n = spec.count(stats.n_valid, hp)
+    inp = sel.SelectionInputs(log_prob, old_log_prob, advantages, m, global_ids, stats, hp=hp, step=step,
+                              entropy=entropy)
+    _, ids, scores, n_eligible = sel.rule_candidates(spec, inp, n)
+    count = _all_reduce(n_eligible.reshape(1).to(mask.device), dp_group)
+    chosen = _merge_candidates(scores, ids, n, dp_group, spec.largest) if n > 0 else empty
     return GlobalSelection(stats=stats, selected_ids=chosen, n_target=n, n_candidates=int(count))

@@ -157,12 +157,17 @@ class ActorWorker:
         results = []
         for chunk in self.model:
             chunk.train()
-        for _ in range(epochs or self.cfg.algorithm.ppo_epochs):
-            for part in self._my_parts(batch, mini_batch_seqs):
-                metrics = train_step(self.model, self.layout, part.to(self.layout.device), algo_cfg=hp, step=step,
+        for epoch in range(epochs or self.cfg.algorithm.ppo_epochs):
+            for j, part in enumerate(self._my_parts(batch, mini_batch_seqs)):
+                part = part.to(self.layout.device)
+                # Before the first optimiser step the old log-probs ARE the current ones (computed on
+                # these very micro-batches): the global selection needs no pre-pass forward.
+                current = part.old_log_prob if epoch == 0 and j == 0 else None
+                metrics = train_step(self.model, self.layout, part, algo_cfg=hp, step=step,
                                      micro_batch_size=self.cfg.parallel.micro_batch_size,
                                      zero_grad_fn=self.optim.zero_grad, controls=controls,
-                                     max_len=self.cfg.rollout.max_response_len, **self._kernel_args())
+                                     max_len=self.cfg.rollout.max_response_len, current_log_prob=current,
+                                     **self._kernel_args())
                 finite_loss = all(torch.isfinite(torch.tensor(float(v))) for k, v in metrics.items()
                                   if isinstance(v, (int, float)) and ("loss" in k or k == "entropy"))
                 if finite_loss and self._grads_finite():

@@ -1,9 +1,10 @@
 """The RL loop, written to read like the algorithm.
 
 Per step: sample prompts -> n rollouts each (vLLM) -> rewards -> old log-probs (actor) and reference
-log-probs (reference policy, same Megatron layout, forward-only) -> advantages -> optional DAPO
-dynamic sampling / overlong filtering -> mini-batch updates with ``algorithm.policy_loss`` (ppo,
-clip_cov or kl_cov; the Clip-Cov / KL-Cov tokens are chosen over the whole mini-batch, exactly) ->
+log-probs (reference policy, same Megatron layout, forward-only) -> advantages (optionally
+entropy-shaped) -> optional train-rollout mismatch correction (TIS / MIS) -> mini-batch updates with
+``algorithm.policy_loss`` (ppo, clip_cov, kl_cov, gspo, cispo; selected tokens -- Clip-Cov / KL-Cov,
+high-entropy -- are chosen over the whole mini-batch, exactly) ->
 weight sync into the engines -> periodic eval and checkpoint.
 
 Everything that is not the algorithm -- starting Ray, worker groups and engines, resuming, sinks --
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from megacov.algorithms import compute_advantages, kl_reward_penalty
+from megacov.algorithms.rollout_correction import rollout_correction
+from megacov.algorithms.shaping import entropy_advantage
 from megacov.analysis.diversity import diversity_metrics
 from megacov.rollout.mismatch import logprob_mismatch, mismatch_sample
 from megacov.trainer import step_metrics as sm
@@ -61,6 +64,11 @@ def rl_step(ctx: Any, step: int) -> dict[str, float]:
         extra.update({f"actor/{k}": float(v) for k, v in kl_m.items()})
     groups = torch.as_tensor(group_ids_for(len(ro.groups), ro.n))
     batch.advantages = compute_advantages(algo.advantage, rewards, groups, mask, algo)
+    batch.advantages, shaped = entropy_advantage(batch.advantages, entropy, mask, coef=algo.entropy_advantage_coef,
+                                                 kappa=algo.entropy_advantage_kappa)
+    corr = rollout_correction(old_lp, rollout_lp, mask, algo)  # TIS weights / MIS mask, or nothing
+    batch.response_mask, batch.loss_weight = corr.mask, corr.weight
+    extra.update(**shaped, **corr.metrics)
     batch.old_log_prob = old_lp
     batch.ref_log_prob = ref_lp if (algo.kl_coef > 0 and not algo.use_kl_in_reward) else None
 
@@ -78,7 +86,6 @@ def rl_step(ctx: Any, step: int) -> dict[str, float]:
     positions = response_positions(ro.prompt_ids, ro.flat("response_ids"), batch.seq_len)
     metrics = {"actor/entropy": mean_entropy, **sm.rollout_metrics(ro, cfg.rollout.max_response_len),
                **sm.update_metrics(outs), **extra, **ro_mismatch(ctx, old_lp, rollout_lp, positions, step),
-               "cov/selected_mean": sm.selected_cov_mean(outs, old_lp, batch.advantages, mask, ctx.mini_batch_seqs),
                "actor/entropy_coef": controls.entropy_coef, "actor/positive_weight": controls.positive_weight}
     metrics.update(diversity_metrics(ro, entropy, positions))
     if ref_lp is not None:

@@ -2,7 +2,9 @@
 KL to the reference, the train/rollout mismatch and the timing breakdown.
 
 Names are the ones ``megacov analyze`` and the plot read (see the module docstring of
-:mod:`megacov.trainer.loop`). Everything is computed on the driver from tensors it already holds.
+:mod:`megacov.trainer.loop`). The statistics of the selected tokens (``cov/selected_mean``,
+``high_entropy/*``) are computed on the ranks, with the scope each mini-batch was selected in;
+here they are only combined over mini-batches.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ _RENAME = {"pg_loss": "actor/pg_loss", "clipfrac": "actor/clipfrac", "ppo_kl": "
            "num_selected": "cov/num_selected", "entropy_bonus": "actor/entropy_bonus",
            "total_loss": "actor/loss"}
 #: Update metrics that add up over mini-batches (the rest are averaged).
-_SUMMED = ("num_selected", "num_tokens", "num_seqs")
+_SUMMED = ("num_selected", "num_tokens", "num_seqs", "high_entropy/num_selected", "prepass_forwards")
+#: Means over selected tokens, weighted by the count of each optimiser step (mean key -> count key).
+_COUNT_WEIGHTED = {"cov/selected_mean": "num_selected", "high_entropy/entropy_mean": "high_entropy/num_selected"}
 #: Timing phases; "other" is the step time none of them covers.
 PHASES = ("rollout", "reward", "logprob", "update", "sync")
 
@@ -49,10 +53,15 @@ def update_metrics(outs: Sequence[dict[str, Any]]) -> dict[str, float]:
             value = float(sum(vals))
         elif key == "cov/max":
             value = max(vals)
-        elif key == "cov/min":
+        elif key in ("cov/min", "high_entropy/threshold"):
             value = min(vals)
         elif key == "lr":
             value = vals[-1]
+        elif key in _COUNT_WEIGHTED:
+            pairs = [(float(o[key]), float(o.get(_COUNT_WEIGHTED[key], 0))) for o in outs
+                     if isinstance(o.get(key), (int, float))]
+            total = sum(c for _, c in pairs)
+            value = sum(v * c for v, c in pairs) / total if total else float("nan")
         elif key == "grad_norm":
             finite = [v for v in vals if math.isfinite(v)]
             value = float(np.mean(finite)) if finite else float("nan")
@@ -66,27 +75,6 @@ def update_metrics(outs: Sequence[dict[str, Any]]) -> dict[str, float]:
     out["actor/updates"] = float(len(outs))
     out.pop("actor/applied", None)
     return out
-
-
-def selected_cov_mean(outs: Sequence[dict[str, Any]], old_lp: torch.Tensor, adv: torch.Tensor,
-                      mask: torch.Tensor, mini_batch_seqs: int) -> float:
-    """Mean covariance of the tokens Clip-Cov / KL-Cov chose, over all mini-batches of the first
-    epoch, each with its own scope means (computed with the old log-probs: exact for the first
-    mini-batch, where the current and old policies coincide)."""
-    length = old_lp.shape[1]
-    total, count = 0.0, 0
-    n_mb = -(-old_lp.shape[0] // mini_batch_seqs)
-    for j, o in enumerate(outs[:n_mb]):
-        ids = o.get("selected_ids") or []
-        if not ids:
-            continue
-        rows = slice(j * mini_batch_seqs, (j + 1) * mini_batch_seqs)
-        lp, a, m = old_lp[rows].double(), adv[rows].double(), mask[rows].bool()
-        cov = (a - a[m].mean()) * (lp - lp[m].mean())
-        flat = torch.tensor(ids, dtype=torch.int64) - j * mini_batch_seqs * length
-        total += float(cov.reshape(-1)[flat].sum())
-        count += len(ids)
-    return total / count if count else float("nan")
 
 
 def kl_to_ref(old_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor, estimator: str) -> float:

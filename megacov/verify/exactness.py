@@ -176,10 +176,18 @@ def reference_logprobs(w: dict[str, torch.Tensor], spec: TinySpec, input_ids: to
     return (torch.cat([zero, lp.view(b, length)[:, :-1]], 1), torch.cat([zero, ent.view(b, length)[:, :-1]], 1))
 
 
+OLD_NOISE = 0.5
+"""Noise of the old log-probs around the current ones (the scopes must disagree on the batch)."""
+ADV_DRIFT = 1.0
+"""Advantage offset from the first to the last sequence (the shards' means must differ)."""
+
+
 def make_batch(spec: TinySpec, w: dict[str, torch.Tensor], *, batch_size: int, seq_len: int, seed: int,
-               temperature: float, old_noise: float = 0.15) -> ActorBatch:
+               temperature: float, old_noise: float = OLD_NOISE) -> ActorBatch:
     """A right-padded global batch; old log-probs = reference log-probs + noise (so some tokens are
-    PPO-clipped), advantages = a per-sequence value plus a little per-token noise."""
+    PPO-clipped, and choosing by old instead of current log-probs picks other tokens), advantages
+    = a per-sequence value, a little per-token noise and a drift along the batch (so the DP shards'
+    own means differ from the batch's: rank-local centring picks other tokens)."""
     g = torch.Generator().manual_seed(seed + 1)
     ids = torch.randint(3, spec.vocab, (batch_size, seq_len), generator=g)
     mask = torch.zeros(batch_size, seq_len)
@@ -190,7 +198,8 @@ def make_batch(spec: TinySpec, w: dict[str, torch.Tensor], *, batch_size: int, s
         ids[r, prompt + resp:] = 0
     lp, _ = reference_logprobs(w, spec, ids, temperature)
     old = (lp + old_noise * torch.randn(lp.shape, generator=g, dtype=torch.float64)) * mask
-    adv = (torch.randn(batch_size, 1, generator=g) + 0.1 * torch.randn(batch_size, seq_len, generator=g)) * mask
+    drift = torch.linspace(-ADV_DRIFT, ADV_DRIFT, batch_size).unsqueeze(1)
+    adv = (torch.randn(batch_size, 1, generator=g) + drift + 0.1 * torch.randn(batch_size, seq_len, generator=g)) * mask
     return ActorBatch(input_ids=ids, position_ids=torch.arange(seq_len).expand(batch_size, seq_len).clone(),
                       response_mask=mask, old_log_prob=old.float(), advantages=adv.float(),
                       global_seq_ids=torch.arange(batch_size), seq_len=seq_len)
@@ -219,7 +228,7 @@ def reference_step(w: dict[str, torch.Tensor], spec: TinySpec, batch: ActorBatch
     norm = LossNormalizer.from_mask(batch.mask, batch.seq_len)
     old, adv, m, ids = batch.old_log_prob.double(), batch.advantages.double(), batch.mask, batch.global_token_ids
     if hp.cov_scope == "micro_batch":
-        loss, chosen = lp.new_zeros(()), torch.zeros_like(m)
+        loss, chosen, he_chosen = lp.new_zeros(()), torch.zeros_like(m), torch.zeros_like(m)
         for r in range(dp):
             shard = batch.shard(r, dp)
             lo = int(_row_offset(batch, r, dp))
@@ -231,16 +240,20 @@ def reference_step(w: dict[str, torch.Tensor], spec: TinySpec, batch: ActorBatch
                 loss = loss + part
                 if "selected" in met:
                     chosen[sl] = met["selected"]
+                if "he_selected" in met:
+                    he_chosen[sl] = met["he_selected"]
     else:
         selected, stats = _scope_selection(hp, lp, batch, step) if hp.cov_scope == "global_old" else (None, None)
         loss, met = actor_loss(lp, old, adv, m, hp=hp, norm=norm, selected=selected, entropy=ent,
                                global_ids=ids, stats=stats, step=step)
         chosen = met.get("selected", torch.zeros_like(m))
+        he_chosen = met.get("he_selected", torch.zeros_like(m))
     loss.backward()
     # The policy loss is -mean(A * ratio): when the advantages nearly cancel, mean |A| is its scale.
     scale = float(adv.abs()[m.bool()].mean()) if bool(m.any()) else 1.0
     return {"loss": float(loss.detach()), "loss_scale": scale, "grads": {k: p.grad.detach() for k, p in params.items()},
             "selected_ids": sorted(int(i) for i in ids[chosen.bool()].tolist()),
+            "he_selected_ids": sorted(int(i) for i in ids[he_chosen.bool()].tolist()),
             "log_prob": lp.detach(), "entropy": ent.detach()}
 
 
@@ -263,18 +276,150 @@ class Case:
     loss: str
     micro_batches: int
     scope: str = "global"
+    entropy_top: float | None = None
+    """``algorithm.entropy_top_ratio`` of the case (None: no high-entropy token selection)."""
 
     def label(self) -> str:
-        return f"{self.loss}/{self.scope}/mb{self.micro_batches}"
+        he = f"+he{self.entropy_top:g}" if self.entropy_top is not None else ""
+        return f"{self.loss}{he}/{self.scope}/mb{self.micro_batches}"
 
 
-TEST_HPARAMS = {"clip_cov_ratio": 0.05, "clip_cov_lb": 0.05, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.05,
+TEST_HPARAMS = {"clip_cov_ratio": 0.1, "clip_cov_lb": 0.05, "clip_cov_ub": 5.0, "kl_cov_ratio": 0.1,
                 "kl_cov_coef": 1.0, "clip_ratio_low": 0.2, "clip_ratio_high": 0.28}
 """Small ratios and a low Clip-Cov bound so that a tiny batch has several eligible tokens."""
 
 
 def case_hparams(case: Case, step_seed: int = 0) -> Any:
-    return algorithm_hparams(policy_loss=case.loss, cov_scope=case.scope, seed=step_seed, **TEST_HPARAMS)
+    # GSPO's published clip range (4e-4) would clip nothing measurable on one step of a tiny
+    # model; PPO's range exercises the clipped branch of its gradient too.
+    return algorithm_hparams(policy_loss=case.loss, cov_scope=case.scope, seed=step_seed,
+                             entropy_top_ratio=case.entropy_top, gspo_clip_ratio_low=0.2,
+                             gspo_clip_ratio_high=0.28, **TEST_HPARAMS)
+
+
+def case_rules(case: Case) -> list[str]:
+    """The selection rules a case exercises."""
+    from megacov.parallel.selection import step_rules
+
+    return step_rules(case_hparams(case))
+
+
+# ----------------------------------------------------------------------------------------------
+# teeth: the batch must tell the scopes apart, or a broken pre-pass / centring would pass unseen
+# ----------------------------------------------------------------------------------------------
+
+
+def reference_choice(rule: str, hp: Any, batch: ActorBatch, lp: torch.Tensor, ent: torch.Tensor, step: int, *,
+                     scope: str = "global", dp: int = 1, micro_batches: int = 1,
+                     rank_centring: bool = False) -> list[int]:
+    """The global ids ``rule`` picks on ``batch`` (float64 ``lp`` / ``ent`` of the current policy):
+    over the whole batch (``global``), scored on the old log-probs (``global_old``), per DP shard
+    and micro-batch (``micro_batch``), or -- ``rank_centring`` -- globally but with every DP shard
+    centring the covariance on its own means (a broken all-reduce)."""
+    spec = sel.get_selection_rule(rule)
+    m, ids, adv, old = batch.mask, batch.global_token_ids, batch.advantages.double(), batch.old_log_prob.double()
+    if scope == "global_old":
+        lp = old
+
+    def inputs(rows: slice, stats: sel.ScopeStats) -> sel.SelectionInputs:
+        return sel.SelectionInputs(lp[rows], old[rows], adv[rows], m[rows], ids[rows], stats, hp=hp, step=step,
+                                   entropy=ent[rows])
+
+    shards = [slice(_row_offset(batch, r, dp), _row_offset(batch, r, dp) + batch.shard(r, dp).batch_size)
+              for r in range(dp)]
+    if scope == "micro_batch":
+        out: list[int] = []
+        for sh in shards:
+            size = micro_batch_size(sh.stop - sh.start, micro_batches)
+            for lo in range(sh.start, sh.stop, size):
+                rows = slice(lo, min(lo + size, sh.stop))
+                chosen = sel.select_in_scope(spec, inputs(rows, sel.scope_stats(lp[rows], adv[rows], m[rows])))
+                out += ids[rows][chosen].tolist()
+        return sorted(out)
+    whole = sel.scope_stats(lp, adv, m)
+    n = spec.count(whole.n_valid, hp)
+    got_ids, got_scores = [], []
+    for rows in (shards if rank_centring else [slice(None)]):
+        local = sel.scope_stats(lp[rows], adv[rows], m[rows])
+        stats = sel.ScopeStats(whole.n_valid, local.mean_logp, local.mean_adv) if rank_centring else whole
+        _, i, sc, _ = sel.rule_candidates(spec, inputs(rows, stats), n)
+        got_ids.append(i)
+        got_scores.append(sc)
+    all_ids, scores = torch.cat(got_ids), torch.cat(got_scores)
+    pick = (sel.select_largest if spec.largest else sel.select_smallest)(
+        scores, torch.ones_like(all_ids, dtype=torch.bool), all_ids, n)
+    return sorted(all_ids[pick].tolist())
+
+
+def teeth_problems(w: dict[str, torch.Tensor], spec: TinySpec, batch: ActorBatch, cases: Sequence[Case], *,
+                   step: int, temperature: float) -> list[str]:
+    """Why ``batch`` could not catch a broken scope, one line per weakness (empty: it can).
+
+    For every rule the cases exercise, the whole-batch choice must differ from the choice per
+    micro-batch (3 per rank) and per DP shard (2 ranks); for covariance rules also from the choice
+    on old log-probs and from the choice with rank-local centring (2 ranks).
+    """
+    lp, ent = reference_logprobs(w, spec, batch.input_ids, temperature)
+    problems, seen = [], set()
+    for case in cases:
+        hp = case_hparams(dataclasses.replace(case, scope="global"))
+        for rule in case_rules(case):
+            key = (rule, case.loss if rule != "high_entropy" else "", case.entropy_top)
+            if key in seen:
+                continue
+            seen.add(key)
+            want = reference_choice(rule, hp, batch, lp, ent, step)
+            others = {"micro_batch (3 per rank)": dict(scope="micro_batch", micro_batches=3),
+                      "micro_batch (2 ranks)": dict(scope="micro_batch", dp=2)}
+            if sel.get_selection_rule(rule).uses_covariance:
+                others["global_old"] = dict(scope="global_old")
+                others["rank-local centring (2 ranks)"] = dict(rank_centring=True, dp=2)
+            for what, kw in others.items():
+                if reference_choice(rule, hp, batch, lp, ent, step, **kw) == want:
+                    problems.append(f"vocab {spec.vocab}, {rule} ({case.label()}): the whole-batch choice equals "
+                                    f"the {what} choice, so a layout that used it would pass")
+    return problems
+
+
+def _mutate_old_log_probs() -> None:
+    """Broken on purpose: ``cov_scope=global`` scores on the old log-probs (no pre-pass)."""
+    import megacov.parallel.actor as actor
+
+    original = actor.prepare_selection
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        kwargs["current_log_prob"] = args[2].old_log_prob
+        return original(*args, **kwargs)
+
+    actor.prepare_selection = broken
+
+
+def _mutate_rank_centring() -> None:
+    """Broken on purpose: each DP rank centres the covariance on its own means."""
+    import megacov.parallel.actor as actor
+
+    original = actor.global_scope_stats
+
+    def broken(log_prob: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, group: Any) -> Any:
+        whole = original(log_prob, advantages, mask, group)
+        local = sel.scope_stats(log_prob.double(), advantages.double(), mask)
+        return sel.ScopeStats(whole.n_valid, local.mean_logp, local.mean_adv)
+
+    actor.global_scope_stats = broken
+
+
+def _mutate_micro_batch_quantile() -> None:
+    """Broken on purpose: the high-entropy tokens are chosen per micro-batch."""
+    import megacov.parallel.actor as actor
+
+    original = actor.step_rules
+    actor.step_rules = lambda hp: [r for r in original(hp) if r != "high_entropy"]
+
+
+MUTATIONS = {"old_log_probs_in_global": _mutate_old_log_probs, "rank_local_centring": _mutate_rank_centring,
+             "micro_batch_quantile": _mutate_micro_batch_quantile}
+"""Deliberately broken variants (``--mutate``): each must make the check fail, which shows the
+check can see that kind of error on this batch."""
 
 
 @dataclass(frozen=True)
@@ -286,6 +431,8 @@ class RunOptions:
     ddp: bool = False
     """Wrap the model in megatron's DistributedDataParallel (as training does) and compare the
     finalised ``main_grad`` instead of the raw ``.grad`` summed over DP by ``train_step``."""
+    mutation: str | None = None
+    """Name in :data:`MUTATIONS` applied in every rank before the cases (None: the real code)."""
 
 
 def _build(spec: TinySpec, layout: Any, opts: RunOptions, seq_len: int, w: dict) -> tuple[Any, Any]:
@@ -321,6 +468,8 @@ def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinyS
     from megacov.parallel.actor import compute_log_probs, prepare_selection, train_step
     from megacov.parallel.layout import ParallelLayout
 
+    if opts.mutation is not None:
+        MUTATIONS[opts.mutation]()
     layout = ParallelLayout.initialize(tp, pp, seed=opts.seed)
     results = []
     try:
@@ -337,9 +486,11 @@ def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinyS
                 metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5, **kw)
                 # the same choice when the caller supplies current log-probs instead of the pre-pass
                 reused = prepare_selection([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5,
-                                           current_log_prob=lp, **kw)
+                                           current_log_prob=lp, current_entropy=ent, **kw)
                 if reused is not None:
-                    metrics["reused_selected_ids"] = reused.selected_ids.tolist()
+                    for rule, choice in reused.by_rule.items():
+                        key = "he_selected_ids" if rule == "high_entropy" else "selected_ids"
+                        metrics[f"reused_{key}"] = choice.selected_ids.tolist()
                 results.append({"spec": spec, "case": case, "metrics": metrics,
                                 "grads": _grads(model, chunk, layout, opts), "tp_rank": layout.tp_rank,
                                 "dp_rank": layout.dp_rank, "log_prob": lp.double(), "entropy": ent.double(),
@@ -363,10 +514,27 @@ class Row:
     grad_rel: float
     logp_abs: float
     entropy_abs: float
+    he_equal: bool = True
+    """The high-entropy tokens equal the reference's (True when the case selects none)."""
+    n_he: int = 0
+
+    def failed_checks(self, tol: Tolerances) -> list[str]:
+        """The checks this row fails: selected ids, high-entropy ids, loss, grads, log-probs."""
+        out = []
+        if not self.selected_equal:
+            out.append("selected")
+        if not self.he_equal:
+            out.append("he_selected")
+        if not self.loss_rel <= tol.loss:
+            out.append("loss")
+        if not self.grad_rel <= tol.grad:
+            out.append("grad")
+        if not (self.logp_abs <= tol.logp and self.entropy_abs <= tol.logp):
+            out.append("logp")
+        return out
 
     def ok(self, tol: Tolerances) -> bool:
-        return (self.selected_equal and self.loss_rel <= tol.loss and self.grad_rel <= tol.grad
-                and self.logp_abs <= tol.logp and self.entropy_abs <= tol.logp)
+        return not self.failed_checks(tol)
 
 
 @dataclass(frozen=True)
@@ -403,15 +571,22 @@ def compare(results: list[list[dict[str, Any]]], refs: dict[tuple, dict[str, Any
             shard_rows = _shard_rows(ref["log_prob"].shape[0], res["dp_rank"], dp)
             logp_abs = max(logp_abs, _masked_max(res["log_prob"] - ref["log_prob"][shard_rows], ref["mask"][shard_rows]))
             ent_abs = max(ent_abs, _masked_max(res["entropy"] - ref["entropy"][shard_rows], ref["mask"][shard_rows]))
-        ids = [r[i]["metrics"]["selected_ids"] for r in results]
-        ids += [r[i]["metrics"]["reused_selected_ids"] for r in results if "reused_selected_ids" in r[i]["metrics"]]
-        same = all(x == ref["selected_ids"] for x in ids)
+        same = _ids_equal(results, i, ref, "selected_ids")
+        he_same = _ids_equal(results, i, ref, "he_selected_ids")
         loss = first["metrics"]["pg_loss" if "total_loss" not in first["metrics"] else "total_loss"]
         rows.append(Row(layout=label, vocab=spec.vocab, case=case.label(), selected_equal=same,
-                        n_selected=len(ref["selected_ids"]),
+                        n_selected=len(ref["selected_ids"]), he_equal=he_same, n_he=len(ref["he_selected_ids"]),
                         loss_rel=abs(loss - ref["loss"]) / max(abs(ref["loss"]), ref["loss_scale"], 1e-30),
                         grad_rel=grad_rel, logp_abs=logp_abs, entropy_abs=ent_abs))
     return rows
+
+
+def _ids_equal(results: list[list[dict[str, Any]]], i: int, ref: dict[str, Any], key: str) -> bool:
+    """Every rank's choice (from the pre-pass and from supplied current log-probs) is the
+    reference's; a rank that reports no such choice reports an empty one."""
+    got = [r[i]["metrics"].get(key, []) for r in results]
+    got += [r[i]["metrics"][f"reused_{key}"] for r in results if f"reused_{key}" in r[i]["metrics"]]
+    return all(list(x) == ref[key] for x in got)
 
 
 def _shard_rows(batch_size: int, dp_rank: int, dp: int) -> slice:
@@ -442,17 +617,30 @@ def _grad_error(res: dict[str, Any], ref_grads: dict[str, torch.Tensor], tp: int
     return worst
 
 
+class WeakBatchError(ValueError):
+    """The test batch cannot tell a scope from another: the comparison would prove nothing."""
+
+
 def run_exactness(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[str],
                   vocab_sizes: Sequence[int], *, opts: RunOptions = RunOptions(),
                   scopes: Sequence[str] = ("global",), extra_cases: Sequence[Case] = (),
-                  batch_size: int = 7, seq_len: int = 32, timeout_s: float = 600.0) -> list[Row]:
-    """Every layout x vocab size x (loss x micro-batch count x scope, plus ``extra_cases``); one
-    spawned world per layout runs all of them. The odd default batch size gives DP ranks unequal
-    shares and pipelines a padded last micro-batch."""
+                  entropy_top: float | None = None, batch_size: int = 7, seq_len: int = 32,
+                  timeout_s: float = 600.0) -> list[Row]:
+    """Every layout x vocab size x (loss x micro-batch count x scope, with and -- ``entropy_top``
+    set -- without the high-entropy tokens, plus ``extra_cases``); one spawned world per layout
+    runs all of them. The odd default batch size gives DP ranks unequal shares and pipelines a
+    padded last micro-batch.
+
+    Before any layout runs, the batch must tell the scopes apart for every rule the cases
+    exercise (:func:`teeth_problems`); otherwise :class:`WeakBatchError` is raised.
+    """
     from megacov.parallel.spawn import run_distributed
 
     specs = [TinySpec(vocab=v) for v in vocab_sizes]
     cases = [Case(loss=lo, micro_batches=m, scope=s) for lo in losses for m in micro_batches for s in scopes]
+    if entropy_top is not None:
+        cases += [Case(loss=lo, micro_batches=m, scope=s, entropy_top=entropy_top) for lo in losses
+                  for m in micro_batches for s in scopes if s != "global_old"]
     cases += [c for c in extra_cases if c not in cases]
     dtype = getattr(torch, opts.dtype_name)
     weights = [full_weights(spec, opts.seed, dtype) for spec in specs]
@@ -460,6 +648,10 @@ def run_exactness(layouts: Sequence[str], micro_batches: Sequence[int], losses: 
                           temperature=opts.temperature) for spec, w in zip(specs, weights)]
     batches = [dataclasses.replace(b, old_log_prob=b.old_log_prob.to(dtype), advantages=b.advantages.to(dtype))
                for b in batches]
+    weak = [p for spec, w, batch in zip(specs, weights, batches)
+            for p in teeth_problems(w, spec, batch, cases, step=opts.step, temperature=opts.temperature)]
+    if weak:
+        raise WeakBatchError("\n".join(weak))
     rows: list[Row] = []
     for text in layouts:
         tp, pp, dp = parse_layout(text)
@@ -477,13 +669,15 @@ def run_exactness(layouts: Sequence[str], micro_batches: Sequence[int], losses: 
 
 
 def format_table(rows: Sequence[Row], tol: Tolerances) -> str:
-    head = (f"{'layout':<8} {'vocab':>5} {'case':<26} {'sel==':>5} {'n_sel':>5} {'|dloss|rel':>10} "
-            f"{'dgrad rel':>10} {'|dlogp|':>10} {'|dH|':>10} ok")
+    head = (f"{'layout':<8} {'vocab':>5} {'case':<30} {'sel==':>5} {'n_sel':>5} {'he==':>5} {'n_he':>4} "
+            f"{'|dloss|rel':>10} {'dgrad rel':>10} {'|dlogp|':>10} {'|dH|':>10} ok")
     lines = [head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.layout:<8} {r.vocab:>5} {r.case:<26} {r.selected_equal!s:>5} {r.n_selected:>5} "
+        failed = r.failed_checks(tol)
+        lines.append(f"{r.layout:<8} {r.vocab:>5} {r.case:<30} {r.selected_equal!s:>5} {r.n_selected:>5} "
+                     f"{r.he_equal!s:>5} {r.n_he:>4} "
                      f"{r.loss_rel:>10.2e} {r.grad_rel:>10.2e} {r.logp_abs:>10.2e} {r.entropy_abs:>10.2e} "
-                     f"{'yes' if r.ok(tol) else 'NO'}")
+                     f"{'yes' if not failed else 'NO (' + ', '.join(failed) + ')'}")
     return "\n".join(lines)
 
 
@@ -493,14 +687,19 @@ def parse_list(text: str, kind: type = str) -> list[Any]:
 
 def main(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[str], vocab_sizes: Sequence[int],
          *, seed: int, dtype_name: str, scopes: Sequence[str], ddp: bool = False,
-         out: Any | None = None) -> int:
-    """Run, print the table, return 0 when every row matches (1 otherwise)."""
+         entropy_top: float | None = None, mutation: str | None = None, out: Any | None = None) -> int:
+    """Run, print the table, return 0 when every row matches (1 otherwise, or when the batch
+    cannot tell the scopes apart)."""
     import sys
 
     stream = out or sys.stdout
     tol = Tolerances.for_dtype(dtype_name)
-    rows = run_exactness(layouts, micro_batches, losses, vocab_sizes, scopes=scopes,
-                         opts=RunOptions(seed=seed, dtype_name=dtype_name, ddp=ddp))
+    try:
+        rows = run_exactness(layouts, micro_batches, losses, vocab_sizes, scopes=scopes, entropy_top=entropy_top,
+                             opts=RunOptions(seed=seed, dtype_name=dtype_name, ddp=ddp, mutation=mutation))
+    except WeakBatchError as exc:
+        print(f"the test batch is too weak to check anything:\n{exc}", file=sys.stderr)
+        return 1
     print(format_table(rows, tol), file=stream)
     bad = [r for r in rows if not r.ok(tol)]
     print(f"{len(rows) - len(bad)}/{len(rows)} cases match the float64 reference "
@@ -518,7 +717,9 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--layouts", default="1x1x1,2x1x1,1x2x1,2x2x1,1x1x2",
                         help="comma-separated TPxPPxDP layouts, one spawned gloo world each")
     parser.add_argument("--micro-batches", default="1,4", help="micro-batches per DP rank, comma-separated")
-    parser.add_argument("--loss", default="ppo,clip_cov,kl_cov", help="policy losses, comma-separated")
+    parser.add_argument("--loss", default=None, help="policy losses, comma-separated (default: every registered one)")
+    parser.add_argument("--entropy-top-ratio", type=float, default=0.2,
+                        help="also run every loss with the high-entropy tokens of this ratio (0 disables)")
     parser.add_argument("--vocab-size", default="67,64",
                         help="real vocabulary sizes, comma-separated (67 needs padding at any TP > 1)")
     parser.add_argument("--scopes", default="global", help="algorithm.cov_scope values, comma-separated")
@@ -527,6 +728,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ddp", action="store_true",
                         help="wrap the model in megatron DistributedDataParallel, as training does")
+    parser.add_argument("--mutate", default=None, choices=sorted(MUTATIONS),
+                        help="break one component on purpose; the check must then fail (shows it has teeth)")
 
 
 def run(args: Any) -> int:
@@ -542,7 +745,8 @@ def run(args: Any) -> int:
         vocab = parse_list(args.vocab_size, int)
     except ValueError as exc:
         return fail(str(exc), 2)
-    losses, scopes = parse_list(args.loss), parse_list(args.scopes)
+    losses = parse_list(args.loss) if args.loss is not None else list_policy_losses()
+    scopes = parse_list(args.scopes)
     unknown = [x for x in losses if x not in list_policy_losses()]
     if unknown:
         return fail(f"unknown --loss {', '.join(unknown)} (choose from {', '.join(list_policy_losses())})", 2)
@@ -554,4 +758,7 @@ def run(args: Any) -> int:
                     ">= 1 and vocab sizes >= 2", 2)
     if args.ddp and args.dtype != "float32":
         return fail("--ddp reduces gradients in float32; use it with --dtype float32", 2)
-    return main(layouts, micro, losses, vocab, seed=args.seed, dtype_name=args.dtype, scopes=scopes, ddp=args.ddp)
+    if not 0 <= args.entropy_top_ratio <= 1:
+        return fail(f"--entropy-top-ratio {args.entropy_top_ratio} must be in [0, 1]", 2)
+    return main(layouts, micro, losses, vocab, seed=args.seed, dtype_name=args.dtype, scopes=scopes, ddp=args.ddp,
+                entropy_top=args.entropy_top_ratio or None, mutation=args.mutate)
