@@ -14,6 +14,7 @@ import torch
 from megacov.parallel.batch import ActorBatch
 from megacov.parallel.spawn import run_distributed
 from megacov.parallel.vocab_parallel import (
+    chunk_rows,
     reference_logprob_entropy,
     token_logprob_entropy,
     vocab_parallel_logprob_entropy,
@@ -69,6 +70,18 @@ def test_float32_within_1e6_of_float64(inplace):
     assert (lp - ref[0]).abs().max() < 1e-6
     assert (h - ref[1]).abs().max() < 1e-6
     assert (grad - ref[2]).abs().max() < 1e-6 * ref[2].abs().max() * 10
+
+
+def test_float32_log_prob_error_is_its_own_rounding_at_large_logits():
+    """Logits of +-80: |log p| reaches ~120, where one fp32 ulp is 7.6e-6. The kernel's log-prob is
+    the float64 value rounded once (relative error <= 6e-8), its entropy within 1e-6."""
+    logits, target, w_lp, w_h = _problem(256, 4096, 4096, seed=8, scale=20.0)
+    logits = (logits / logits.abs().max() * 80).float().double()
+    ref = _reference(logits, target, 4096, 1.0, w_lp, w_h)
+    lp, h, _ = _ours(logits, target, 4096, 1.0, w_lp, w_h, dtype=torch.float32, chunk=None, inplace=True)
+    assert ref[0].abs().max() > 64  # the regime where absolute 1e-6 is below fp32 resolution
+    assert ((lp - ref[0]).abs() / ref[0].abs().clamp(min=1)).max() < 1e-7
+    assert (h - ref[1]).abs().max() < 1e-6
 
 
 def test_bf16_logits_use_fp32_statistics():
@@ -163,6 +176,93 @@ def test_tensor_parallel_matches_reference(world, real, padded, dtype, tol):
     for lp, h, d_lp, d_h, d_grad in results:
         assert d_lp < tol and d_h < tol and d_grad < tol * 10
         # every TP rank holds bit-identical results
+        assert torch.equal(lp, results[0][0]) and torch.equal(h, results[0][1])
+
+
+def _masked_problem(n: int, v: int, seed: int, scale: float = 2.0):
+    """Logits with scattered -inf entries (never on a target) and some rows whose second half is
+    entirely -inf (a whole TP shard masked)."""
+    logits, target, w_lp, w_h = _problem(n, v, v, seed=seed, scale=scale)
+    target = target % (v // 2)  # targets in the first half, so masking the second half keeps them
+    g = torch.Generator().manual_seed(seed + 1)
+    mask = torch.rand(n, v, generator=g) < 0.3
+    mask[torch.arange(n), target] = False
+    mask[::4, v // 2:] = True
+    logits[mask] = float("-inf")
+    return logits, target, w_lp, w_h, mask
+
+
+def _masked_reference(logits, target, temperature, w_lp, w_h):
+    """float64 reference with -inf replaced by -1e4: exp underflows to exactly 0 there in float64,
+    so values and gradients equal those of the masked distribution without 0 * inf."""
+    finite = logits.masked_fill(torch.isneginf(logits), -1e4)
+    return _reference(finite, target, logits.shape[1], temperature, w_lp, w_h)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("chunk,inplace", [(1, False), (5, True), (None, True)])
+def test_masked_logits_give_finite_entropy_and_zero_gradient(dtype, tol, chunk, inplace):
+    logits, target, w_lp, w_h, mask = _masked_problem(24, 40, seed=13)
+    ref = _masked_reference(logits.to(dtype).double(), target, 0.9, w_lp, w_h)
+    lp, h, grad = _ours(logits, target, 40, 0.9, w_lp, w_h, dtype=dtype, chunk=chunk, inplace=inplace)
+    for got in (lp, h, grad):
+        assert torch.isfinite(got).all()
+    assert (lp - ref[0]).abs().max() < tol and (h - ref[1]).abs().max() < tol
+    assert (grad - ref[2]).abs().max() < tol * 10 * ref[2].abs().max()
+    assert torch.count_nonzero(grad[mask]) == 0
+
+
+def test_masked_target_has_log_prob_minus_inf():
+    logits, target, _, _ = _problem(3, 10, 10, seed=2)
+    logits[0, target[0]] = float("-inf")
+    x = logits.clone().requires_grad_()
+    lp, h = vocab_parallel_logprob_entropy(x, target, tp_group=None, real_vocab_size=10)
+    assert lp[0] == float("-inf") and torch.isfinite(lp[1:]).all() and torch.isfinite(h).all()
+    h.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0, target[0]] == 0
+
+
+def test_chunk_is_sized_by_bytes():
+    assert chunk_rows(10_000, 1024, torch.float32, 1.0) == 128  # 2 buffers x 1024 x 4 bytes per row
+    assert chunk_rows(10_000, 1024, torch.bfloat16, 1.0) == 128  # bf16 is worked on in fp32
+    assert chunk_rows(10_000, 1024, torch.float64, 1.0) == 64
+    assert chunk_rows(10_000, 152064, torch.float32, 16.0) == 13
+    assert chunk_rows(10_000, 10**7, torch.float32, 1.0) == 1  # at least one row
+    assert chunk_rows(100, 1024, torch.float32, 1.0) == 100 and chunk_rows(10_000, 1024, torch.float32, 1.0, 7) == 7
+    logits, target, w_lp, w_h = _problem(50, 64, 64, seed=4)
+    one = vocab_parallel_logprob_entropy(logits, target, tp_group=None, real_vocab_size=64, workspace_mib=1e-6)
+    all_rows = vocab_parallel_logprob_entropy(logits, target, tp_group=None, real_vocab_size=64)
+    assert all(torch.allclose(a, b, atol=1e-13, rtol=0) for a, b in zip(one, all_rows))
+    with pytest.raises(ValueError, match="workspace_mib"):
+        vocab_parallel_logprob_entropy(logits, target, tp_group=None, real_vocab_size=64, workspace_mib=0)
+
+
+def _tp_masked_worker(rank: int, world: int, dtype_name: str) -> list:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        logits, target, w_lp, w_h, mask = _masked_problem(21, 48, seed=17)
+        dtype = getattr(torch, dtype_name)
+        got = _ours(logits, target, 48, 1.0, w_lp, w_h, dtype=dtype, chunk=4, inplace=True,
+                    group=dist.group.WORLD, rank=rank, tp=world)
+        ref = _masked_reference(logits.to(dtype).double(), target, 1.0, w_lp, w_h)
+        v_local = 48 // world
+        cols = slice(rank * v_local, (rank + 1) * v_local)
+        return [got[0], got[1], (got[0] - ref[0]).abs().max().item(), (got[1] - ref[1]).abs().max().item(),
+                ((got[2] - ref[2][:, cols]).abs().max() / ref[2].abs().max()).item(),
+                torch.count_nonzero(got[2][mask[:, cols]]).item()]
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype,tol", [("float64", 1e-12), ("float32", 1e-6)])
+def test_tensor_parallel_masked_logits(dtype, tol):
+    """Rows 0, 4, ... have rank 1's whole shard at -inf: it must count as an empty shard."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    results = run_distributed(_tp_masked_worker, 2, dtype, timeout_s=300)
+    for lp, h, d_lp, d_h, d_grad, nonzero_masked in results:
+        assert d_lp < tol and d_h < tol and d_grad < tol * 10 and nonzero_masked == 0
         assert torch.equal(lp, results[0][0]) and torch.equal(h, results[0][1])
 
 

@@ -54,8 +54,10 @@ class ParallelConfig:
     """Shard optimizer state across DP ranks (megatron's distributed optimizer) when dp > 1."""
     num_gpus: Optional[int] = None
     """GPUs available to the job; ``None`` counts them (0 on CPU machines). Used by --dry-run."""
-    logprob_chunk_size: int = 1024
-    """Tokens per chunk in the vocab-parallel log-prob/entropy kernel (memory ~ chunk * vocab/tp)."""
+    logprob_workspace_mib: float = 16.0
+    """Memory budget (MiB) of the vocab-parallel log-prob/entropy kernel's two work buffers; it takes
+    the largest token chunk that fits (rows of vocab/tp fp32 columns). Raise it on GPUs (e.g. 256),
+    where small chunks cost kernel launches."""
 
 
 @dataclass

@@ -168,6 +168,8 @@ def _check_positive(cfg: MegacovConfig) -> None:
         _require(value >= 1, f"{key}={value} must be >= 1")
     if cfg.parallel.dp is not None:
         _require(cfg.parallel.dp >= 1, f"parallel.dp={cfg.parallel.dp} must be >= 1")
+    _require(cfg.parallel.logprob_workspace_mib > 0,
+             f"parallel.logprob_workspace_mib={cfg.parallel.logprob_workspace_mib} must be > 0")
 
 
 def _world_and_dp(cfg: MegacovConfig) -> tuple[int, int]:

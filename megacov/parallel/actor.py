@@ -43,7 +43,12 @@ from megacov.parallel.selection import (
     select_global,
     step_rules,
 )
-from megacov.parallel.vocab_parallel import compute_dtype, group_size_rank, token_logprob_entropy
+from megacov.parallel.vocab_parallel import (
+    DEFAULT_WORKSPACE_MIB,
+    compute_dtype,
+    group_size_rank,
+    token_logprob_entropy,
+)
 
 COV_SCOPES = ("global", "global_old", "micro_batch")
 
@@ -121,7 +126,8 @@ def _run_schedule(chunks: list[torch.nn.Module], layout: ParallelLayout, micro: 
 
 
 def compute_log_probs(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *,
-                      temperature: float, chunk_size: int, real_vocab_size: int,
+                      temperature: float, real_vocab_size: int,
+                      workspace_mib: float = DEFAULT_WORKSPACE_MIB, chunk_size: int | None = None,
                       with_entropy: bool = True, micro_batch_size: int | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward-only log-probs (and entropies) of this DP rank's ``batch``: two [B, L] tensors.
@@ -142,7 +148,8 @@ def compute_log_probs(model_chunks: Any, layout: ParallelLayout, batch: ActorBat
         def collect(logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
             lp, ent = token_logprob_entropy(logits, mb.input_ids, tp_group=layout.tp_group,
                                             real_vocab_size=real_vocab_size, temperature=temperature,
-                                            chunk_size=chunk_size, with_entropy=with_entropy)
+                                            workspace_mib=workspace_mib, chunk_size=chunk_size,
+                                            with_entropy=with_entropy)
             return torch.stack([lp, ent])
 
         return output, collect
@@ -205,8 +212,9 @@ def _needs(rules: Sequence[str]) -> set[str]:
 
 
 def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any,
-                      step: int, temperature: float, chunk_size: int, real_vocab_size: int,
-                      micro_batch_size: int, current_log_prob: torch.Tensor | None = None,
+                      step: int, temperature: float, real_vocab_size: int, micro_batch_size: int,
+                      workspace_mib: float = DEFAULT_WORKSPACE_MIB, chunk_size: int | None = None,
+                      current_log_prob: torch.Tensor | None = None,
                       current_entropy: torch.Tensor | None = None) -> StepSelection | None:
     """The global token choices of ``algo_cfg.cov_scope`` (None for ``micro_batch``).
 
@@ -230,7 +238,8 @@ def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBat
         missing = ("log_prob" in needs and log_prob is None) or ("entropy" in needs and entropy is None)
         if missing:
             log_prob, entropy = compute_log_probs(model_chunks, layout, batch, temperature=temperature,
-                                                  chunk_size=chunk_size, real_vocab_size=real_vocab_size,
+                                                  workspace_mib=workspace_mib, chunk_size=chunk_size,
+                                                  real_vocab_size=real_vocab_size,
                                                   with_entropy="entropy" in needs,
                                                   micro_batch_size=micro_batch_size)
             forwards = 1
@@ -254,7 +263,8 @@ def _loss_metrics(metrics: dict[str, Any], mb: ActorBatch) -> dict[str, Any]:
 
 
 def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any, step: int,
-               temperature: float, chunk_size: int, real_vocab_size: int, micro_batch_size: int,
+               temperature: float, real_vocab_size: int, micro_batch_size: int,
+               workspace_mib: float = DEFAULT_WORKSPACE_MIB, chunk_size: int | None = None,
                zero_grad_fn: Callable[[], None] | None = None, controls: Any = None,
                max_len: int | None = None, current_log_prob: torch.Tensor | None = None,
                current_entropy: torch.Tensor | None = None) -> dict[str, Any]:
@@ -275,7 +285,8 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     t0 = time.perf_counter()
     norm = global_normalizer(batch.mask, layout.dp_group, max_len or batch.seq_len)
     selection = prepare_selection(chunks, layout, batch, algo_cfg=algo_cfg, step=step,
-                                  temperature=temperature, chunk_size=chunk_size,
+                                  temperature=temperature, workspace_mib=workspace_mib,
+                                  chunk_size=chunk_size,
                                   real_vocab_size=real_vocab_size, micro_batch_size=micro_batch_size,
                                   current_log_prob=current_log_prob, current_entropy=current_entropy)
     t1 = time.perf_counter()
@@ -299,7 +310,8 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
         def loss_fn(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             lp, ent = token_logprob_entropy(logits, mb.input_ids, tp_group=layout.tp_group,
                                             real_vocab_size=real_vocab_size, temperature=temperature,
-                                            chunk_size=chunk_size, inplace_backward=True)
+                                            workspace_mib=workspace_mib, chunk_size=chunk_size,
+                                            inplace_backward=True)
             ids = mb.global_token_ids
             loss, metrics = actor_loss(
                 lp, mb.old_log_prob, mb.advantages, mb.mask, hp=algo_cfg, norm=norm,

@@ -94,7 +94,8 @@ class ActorWorker:
         return self.layout.describe()
 
     def _kernel_args(self) -> dict[str, Any]:
-        return dict(temperature=self.cfg.rollout.temperature, chunk_size=self.cfg.parallel.logprob_chunk_size,
+        return dict(temperature=self.cfg.rollout.temperature,
+                    workspace_mib=self.cfg.parallel.logprob_workspace_mib,
                     real_vocab_size=self.info.vocab_size)
 
     def _returns(self) -> bool:
