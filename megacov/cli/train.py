@@ -24,10 +24,27 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_example(cfg)  # the embedded example's model and data are generated on first use
     plan = validate(cfg, check_inputs=True)  # ranges, layout, reward resolved, data files read
+    memory = _memory_plan(cfg, plan)
     if args.dry_run:
         print(plan.table())
+        if memory is not None:
+            print(memory.table())
+        if memory is not None and not memory.fits:
+            print("config, layout, reward and data OK, but the memory plan does not fit (dry run: nothing started)")
+            return 1
         print("config, layout, reward and data OK (dry run: nothing started)")
         return 0
+    if memory is not None and not memory.fits:
+        import logging
+
+        logging.getLogger("megacov").warning("memory plan: does not fit: %s (see --dry-run)", memory.failure)
     from megacov.trainer import train
 
     return train(cfg, plan)
+
+
+def _memory_plan(cfg, plan):
+    """The per-GPU memory plan of a GPU run (None on CPU)."""
+    from megacov.config.validate import memory_plan
+
+    return memory_plan(cfg, plan)

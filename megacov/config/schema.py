@@ -19,6 +19,10 @@ class ModelConfig:
     path: str = "examples/tiny/model"
     """Hugging Face model directory (config.json, safetensors, tokenizer). Relative paths are
     resolved against the current directory."""
+    config: Optional[str] = None
+    """Architecture for ``--dry-run`` and the memory plan instead of ``model.path``'s config.json: a
+    preset name (``qwen2.5-32b``, ``llama-3.1-70b`` ...; see :mod:`megacov.config.presets`), a
+    ``config.json`` file or a directory holding one. Lets a layout be checked before downloading."""
     mcore_checkpoint: Optional[str] = None
     """Optional megatron dist_checkpointing directory to initialise the actor from instead of the HF
     weights (produced by ``megacov convert hf-to-mcore``)."""
@@ -58,6 +62,12 @@ class ParallelConfig:
     """Memory budget (MiB) of the vocab-parallel log-prob/entropy kernel's two work buffers; it takes
     the largest token chunk that fits (rows of vocab/tp fp32 columns). Raise it on GPUs (e.g. 256),
     where small chunks cost kernel launches."""
+    gpu_memory_gib: Optional[float] = None
+    """Memory of one GPU for the dry run's memory plan; ``None`` reads GPU 0, or assumes an 80 GB
+    card (79.2 GiB) where no GPU is visible."""
+    fp16_loss_scale: Optional[float] = None
+    """``model.dtype=fp16`` only: a static loss scale; ``None`` uses megatron's dynamic loss scaler
+    (fp32 main weights either way)."""
 
 
 @dataclass
@@ -85,6 +95,10 @@ class RolloutConfig:
     placement: str = "colocated"
     """``colocated`` (actor and engines share devices, vLLM sleeps during training) or
     ``disaggregated`` (engines on their own devices)."""
+    offload_actor: Optional[bool] = None
+    """Move the actor's parameters, gradients and optimizer states (and the reference model) to CPU
+    while the engines generate, and free the allocator cache between phases. ``None``: on for
+    colocated runs on GPU, off otherwise (on CPU the same round trip runs when set true)."""
     sync_bucket_mb: int = 512
     """Size of the buckets in which weights are pushed to the engines after each update."""
     sync_transport: str = "auto"

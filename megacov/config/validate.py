@@ -34,7 +34,10 @@ class ModelShape:
         if not os.path.isfile(cfg_file):
             raise ConfigError(f"model.path: no config.json in '{path}'")
         with open(cfg_file) as fh:
-            hf = json.load(fh)
+            return cls.from_hf(json.load(fh))
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelShape":
         heads = int(hf["num_attention_heads"])
         return cls(
             num_layers=int(hf["num_hidden_layers"]),
@@ -106,7 +109,7 @@ _ANY: tuple[str, Callable[[Any], bool]] = ("finite", lambda v: True)
 RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "model.vocab_divisible_by": _ge(1),
     "parallel.tp": _ge(1), "parallel.pp": _ge(1), "parallel.dp": _ge(1), "parallel.world_size": _ge(1),
-    "parallel.micro_batch_size": _ge(1), "parallel.num_gpus": _ge(0), "parallel.logprob_chunk_size": _ge(1),
+    "parallel.micro_batch_size": _ge(1), "parallel.num_gpus": _ge(0), "parallel.logprob_workspace_mib": _gt(0),
     "rollout.engines": _ge(1), "rollout.tp": _ge(1), "rollout.n": _ge(1), "rollout.temperature": _gt(0),
     "rollout.top_p": _between(0, 1, low_open=True), "rollout.top_k": ("-1 (off) or >= 1", lambda v: v == -1 or v >= 1),
     "rollout.max_response_len": _ge(1), "rollout.gpu_memory_utilization": _between(0, 1, low_open=True),
@@ -251,7 +254,7 @@ def validate(cfg: MegacovConfig, check_model: bool = True, check_inputs: bool = 
     ``check_inputs`` also resolves the reward function and reads every data file (what ``--dry-run``
     and ``megacov train`` do before starting anything)."""
     check_ranges(cfg)
-    shape = ModelShape.from_hf_dir(cfg.model.path) if check_model else None
+    shape = ModelShape.from_hf(model_hf_config(cfg)[0]) if check_model else None
     plan = plan_layout(cfg, shape)
     _check_choices(cfg)
     from megacov.algorithms.checks import warn_algorithm_config  # lazy: pulls in torch
@@ -312,3 +315,58 @@ def _check_choices(cfg: MegacovConfig) -> None:
     }
     for key, (value, allowed) in choices.items():
         _require(value in allowed, f"{key}='{value}' must be one of {', '.join(allowed)}")
+
+
+# ---- the model's architecture and the memory plan (``--dry-run``) ------------------------------
+
+def model_hf_config(cfg: MegacovConfig) -> tuple[dict, str]:
+    """``(hf_config, source)``: ``model.config`` (preset, file or directory) when set, else
+    ``model.path/config.json``. A missing one is a one-line error listing the presets."""
+    from megacov.config.presets import load_model_config, preset_names
+
+    presets = ", ".join(preset_names())
+    key, ref = ("model.config", cfg.model.config) if cfg.model.config else ("model.path", cfg.model.path)
+    try:
+        return load_model_config(ref)
+    except FileNotFoundError:
+        hint = "" if key == "model.config" else "; set model.config to a config.json or a preset to plan without it"
+        raise ConfigError(f"{key}='{ref}': no such preset or config.json (presets: {presets}){hint}") from None
+    except ValueError as exc:  # json.JSONDecodeError included
+        raise ConfigError(f"{key}='{ref}': unreadable config.json ({str(exc).splitlines()[0]})") from None
+
+
+def _gpu_memory_bytes(cfg: MegacovConfig) -> float:
+    from megacov.config.memory import GIB, NO_GPU_MEMORY_GIB
+
+    if cfg.parallel.gpu_memory_gib is not None:
+        _require(cfg.parallel.gpu_memory_gib > 0, "parallel.gpu_memory_gib must be > 0")
+        return cfg.parallel.gpu_memory_gib * GIB
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    return NO_GPU_MEMORY_GIB * GIB
+
+
+def offload_enabled(cfg: MegacovConfig, on_gpu: bool) -> bool:
+    """``rollout.offload_actor`` resolved: None means on exactly for colocated GPU runs."""
+    if cfg.rollout.offload_actor is not None:
+        return bool(cfg.rollout.offload_actor)
+    return on_gpu and cfg.rollout.placement == "colocated"
+
+
+def memory_plan(cfg: MegacovConfig, plan: LayoutPlan):  # -> megacov.config.memory.MemoryPlan
+    """The per-GPU memory plan of a GPU run (``None`` for a CPU run: nothing to plan)."""
+    if plan.num_gpus <= 0:
+        return None
+    from megacov.config.memory import plan_memory
+    from megacov.models.arch import arch_from_hf
+    from megacov.models.family import UnsupportedModelError
+
+    hf, source = model_hf_config(cfg)
+    try:
+        arch = arch_from_hf(hf, vocab_divisible_by=cfg.model.vocab_divisible_by, tp=plan.tp)
+    except (UnsupportedModelError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return plan_memory(cfg, arch, dp=plan.dp, micro_batches=plan.micro_batches_per_mini_batch,
+                       gpu_bytes=_gpu_memory_bytes(cfg), offload=offload_enabled(cfg, on_gpu=True))
