@@ -98,6 +98,56 @@ def build_model(
     return out_dir
 
 
+def build_moe_model(
+    out_dir: str,
+    *,
+    num_layers: int = 3,
+    hidden_size: int = 64,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    intermediate_size: int = 96,
+    moe_intermediate_size: int = 32,
+    num_experts: int = 8,
+    top_k: int = 2,
+    norm_topk_prob: bool = True,
+    mlp_only_layers: tuple[int, ...] = (1,),
+    decoder_sparse_step: int = 1,
+    tie_word_embeddings: bool = False,
+    seed: int = 0,
+    vocab_size: Optional[int] = None,
+) -> str:
+    """Write a randomly initialised HF ``Qwen3MoeForCausalLM`` + the char tokenizer (fp32 safetensors).
+
+    Built with transformers' own ``Qwen3MoeConfig``; by default layer 1 keeps a dense MLP
+    (``mlp_only_layers``), so both kinds of layer are exercised. head_dim stays 32 for vLLM's CPU
+    attention. The router weights get the same larger-than-default init as the rest, so that tokens
+    really spread over the experts. Returns ``out_dir``.
+    """
+    import torch
+    import transformers
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(seed)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=vocab_size or len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        moe_intermediate_size=moe_intermediate_size, num_hidden_layers=num_layers, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, head_dim=hidden_size // num_heads, num_experts=num_experts,
+        num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers),
+        decoder_sparse_step=decoder_sparse_step, max_position_embeddings=512, rms_norm_eps=1e-6,
+        tie_word_embeddings=tie_word_embeddings, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, torch_dtype="float32",
+    )
+    model = transformers.Qwen3MoeForCausalLM(config).to(torch.float32)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
 # --------------------------------------------------------------------------------------------
 # The tiny reasoning task: two-digit addition with an exact answer.
 # --------------------------------------------------------------------------------------------

@@ -23,6 +23,23 @@ _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_
 
 
 @dataclass(frozen=True)
+class MoeArch:
+    """The mixture-of-experts facts of a model (``None`` on :class:`Arch` for dense models)."""
+
+    num_experts: int
+    top_k: int
+    ffn_hidden_size: int
+    """Hidden size of one expert MLP (HF ``moe_intermediate_size``)."""
+    norm_topk_prob: bool
+    """Renormalise the top-k routing weights to sum to 1 (megatron: softmax over the top-k logits)."""
+    layers: tuple[bool, ...]
+    """Per decoder layer: True where the MLP is the expert block, False for a dense MLP."""
+
+    def is_moe(self, layer: int) -> bool:
+        return self.layers[layer]
+
+
+@dataclass(frozen=True)
 class Arch:
     family: str
     num_layers: int
@@ -43,6 +60,8 @@ class Arch:
     qk_norm: bool
     hf_dtype: str
     """dtype recorded in the HF config (``float32``, ``bfloat16`` ...)."""
+    moe: MoeArch | None = None
+    """Expert layout of a mixture-of-experts family (from the family's ``moe`` reader)."""
 
     @property
     def dims(self) -> Dims:
@@ -108,11 +127,22 @@ def arch_from_hf(hf: Mapping[str, Any], *, vocab_divisible_by: int, tp: int = 1,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_type=rope_type, rope_factor=factor,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=fam.qkv_bias,
         qk_norm=fam.qk_norm, hf_dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "float32"),
+        moe=fam.moe(hf) if fam.moe is not None else None,
     )
 
 
-def check_layout(arch: Arch, tp: int, pp: int) -> None:
+def check_layout(arch: Arch, tp: int, pp: int, ep: int = 1) -> None:
     """Refuse layouts megatron cannot build for this model, with the reason."""
+    if ep > 1 and arch.moe is None:
+        raise UnsupportedModelError(f"expert-parallel size {ep} needs a mixture-of-experts model "
+                                    f"({arch.family} is dense); use ep=1")
+    if arch.moe is not None:
+        if arch.moe.num_experts % ep:
+            raise UnsupportedModelError(f"expert-parallel size {ep} does not divide num_experts="
+                                        f"{arch.moe.num_experts}")
+        if arch.moe.ffn_hidden_size % tp:
+            raise UnsupportedModelError(f"tensor-parallel size {tp} does not divide moe_intermediate_size="
+                                        f"{arch.moe.ffn_hidden_size}")
     if arch.num_kv_heads % tp:
         raise UnsupportedModelError(
             f"tensor-parallel size {tp} does not divide num_key_value_heads={arch.num_kv_heads} "
@@ -142,10 +172,34 @@ def torch_dtype(name: Any) -> Any:
     return table[name]
 
 
+def moe_config(arch: Arch, ep: int) -> dict[str, Any]:
+    """``TransformerConfig`` arguments of the expert layers (empty for dense models).
+
+    HF routes with softmax over all experts, then top-k, then (``norm_topk_prob``) renormalises;
+    megatron's ``moe_router_pre_softmax=False`` takes top-k of the logits and softmaxes those, which
+    is the same distribution, and ``pre_softmax=True`` is the unnormalised variant. No capacity
+    factor: no token is dropped, as in HF and vLLM. The router runs in fp32 like HF's. Experts are
+    per-expert MLPs (``SequentialMLP``), whose names map one-to-one onto HF's per-expert tensors.
+    The all-gather token dispatcher runs on gloo; GPUs use all-to-all.
+    """
+    import torch
+
+    moe = arch.moe
+    if moe is None:
+        return {}
+    return dict(
+        num_moe_experts=moe.num_experts, moe_router_topk=moe.top_k, moe_ffn_hidden_size=moe.ffn_hidden_size,
+        moe_layer_freq=[int(x) for x in moe.layers], moe_router_pre_softmax=not moe.norm_topk_prob,
+        moe_router_score_function="softmax", moe_router_dtype="fp32", moe_grouped_gemm=False,
+        moe_token_dispatcher_type="alltoall" if torch.cuda.is_available() else "allgather",
+        expert_model_parallel_size=ep, moe_aux_loss_coeff=0.0, moe_z_loss_coeff=None,
+    )
+
+
 def megatron_config(arch: Arch, *, tp: int, pp: int, dtype: Any, perform_initialization: bool = True,
-                    **overrides: Any) -> Any:
+                    ep: int = 1, **overrides: Any) -> Any:
     """The ``TransformerConfig`` reproducing the HF model; ``overrides`` pass through to it
-    (recompute, sequence parallelism ... chosen by the trainer)."""
+    (recompute, sequence parallelism, router loss coefficients ... chosen by the trainer)."""
     import torch
     import torch.nn.functional as F
     from megatron.core.transformer.transformer_config import TransformerConfig
@@ -161,6 +215,7 @@ def megatron_config(arch: Arch, *, tp: int, pp: int, dtype: Any, perform_initial
         pipeline_model_parallel_size=pp, use_cpu_initialization=not torch.cuda.is_available(),
         perform_initialization=perform_initialization,
     )
+    kwargs.update(moe_config(arch, ep))
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
@@ -179,7 +234,10 @@ def gpt_model_kwargs(arch: Arch) -> dict[str, Any]:
 
 def hf_tensor_shapes(arch: Arch, layer_rules: Any) -> dict[str, tuple[int, ...]]:
     """Every HF tensor the model has, with its shape, in export order (known before any weight is read)."""
+    from megacov.models.mapping import expand_layer_rules
+
     h, f, hd = arch.hidden_size, arch.ffn_hidden_size, arch.head_dim
+    mf, experts = (arch.moe.ffn_hidden_size, arch.moe.num_experts) if arch.moe else (0, 0)
     q, kv = arch.num_heads * hd, arch.num_kv_heads * hd
     per_layer = {
         "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,),
@@ -187,12 +245,15 @@ def hf_tensor_shapes(arch: Arch, layer_rules: Any) -> dict[str, tuple[int, ...]]
         "self_attn.q_proj.bias": (q,), "self_attn.k_proj.bias": (kv,), "self_attn.v_proj.bias": (kv,),
         "self_attn.o_proj.weight": (h, q), "self_attn.q_norm.weight": (hd,), "self_attn.k_norm.weight": (hd,),
         "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f),
+        "mlp.gate.weight": (experts, h), "mlp.experts.{e}.gate_proj.weight": (mf, h),
+        "mlp.experts.{e}.up_proj.weight": (mf, h), "mlp.experts.{e}.down_proj.weight": (h, mf),
     }
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (arch.vocab_size, h)}
     for i in range(arch.num_layers):
-        for rule in layer_rules:
-            for name in rule.hf:
-                out[f"model.layers.{i}.{name}"] = per_layer[name]
+        moe_layer = arch.moe is not None and arch.moe.is_moe(i)
+        for _, rule, hf_names, template in expand_layer_rules(layer_rules, moe_layer, experts):
+            for name, tmpl in zip(hf_names, template):
+                out[f"model.layers.{i}.{name}"] = per_layer[tmpl]
     out["model.norm.weight"] = (h,)
     if not arch.tie_word_embeddings:
         out["lm_head.weight"] = (arch.vocab_size, h)

@@ -62,11 +62,11 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 def _hf_to_mcore_rank(rank: int, world_size: int, hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str,
-                      progress: bool) -> dict:
+                      progress: bool, ep: int = 1) -> dict:
     from megacov.models.mcore_writer import save_from_hf
     from megacov.parallel.layout import ParallelLayout
 
-    layout = ParallelLayout.initialize(tp, pp)
+    layout = ParallelLayout.initialize(tp, pp, ep=ep)
     try:
         src = resolve_source(hf_dir, tp=tp)
         start = time.perf_counter()
@@ -80,8 +80,8 @@ def _hf_to_mcore_rank(rank: int, world_size: int, hf_dir: str, out_dir: str, tp:
 
 
 def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: str | None = None,
-                overwrite: bool = False, progress: bool = True, timeout_s: float = 3600.0) -> dict:
-    """Convert an HF directory into a megacov mcore checkpoint (saved with ``tp`` x ``pp`` processes).
+                overwrite: bool = False, progress: bool = True, timeout_s: float = 3600.0, ep: int = 1) -> dict:
+    """Convert an HF directory into a megacov mcore checkpoint (saved with ``tp`` x ``pp`` x ``ep`` processes).
 
     ``dtype`` defaults to the HF config's dtype. Returns statistics (seconds, bytes, peak RSS per rank).
     """
@@ -90,17 +90,17 @@ def hf_to_mcore(hf_dir: str, out_dir: str, *, tp: int = 1, pp: int = 1, dtype: s
     src = resolve_source(hf_dir, tp=tp)
     if src.kind != "hf":
         raise CheckpointError(f"{hf_dir} is already a megacov mcore checkpoint")
-    check_layout(src.arch, tp, pp)
+    check_layout(src.arch, tp, pp, ep)
     hf_bytes = check_hf_weights(hf_dir, src.arch).total_bytes()
     dt = torch_dtype(dtype or src.arch.hf_dtype)
     start = time.perf_counter()
     with atomic_dir(out_dir, overwrite) as tmp:
-        ranks = run_distributed(_hf_to_mcore_rank, tp * pp, os.path.abspath(hf_dir), tmp, tp, pp,
-                                _dtype_name(dt), progress, timeout_s=timeout_s)
+        ranks = run_distributed(_hf_to_mcore_rank, tp * pp * ep, os.path.abspath(hf_dir), tmp, tp, pp,
+                                _dtype_name(dt), progress, ep, timeout_s=timeout_s)
         meta = {
             "format": MCORE_FORMAT, "version": 1, "family": src.arch.family, "dtype": _dtype_name(dt),
             "vocab_size": src.arch.vocab_size, "padded_vocab_size": ranks[0]["padded_vocab_size"],
-            "saved_with": {"tp": tp, "pp": pp}, "megatron_core": _megatron_version(),
+            "saved_with": {"tp": tp, "pp": pp, "ep": ep}, "megatron_core": _megatron_version(),
             "hf_source": os.path.abspath(hf_dir), "hf_config": src.hf_config,
         }
         copy_side_files(hf_dir, tmp)
@@ -144,8 +144,9 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
     order = _rule_order(arch)
     prefix = "decoder.layers."
     layer_keys = sorted((k for k in meta if k.startswith(prefix)), key=lambda k: order.get(k[len(prefix):], 1 << 30))
-    for key in layer_keys:
-        mapping.resolve(f"{prefix}0.{key[len(prefix):]}", rules, dims)  # unknown tensors fail before any work
+    where = {}
+    for key in layer_keys:  # unknown tensors fail before any work
+        where[key] = mapping.resolve(mapping.model_name_of_checkpoint_key(key, 0, 0), rules, dims).rule.where
         if meta[key][0][0] != arch.num_layers:
             raise CheckpointError(f"{ckpt_dir}: {key} stacks {meta[key][0][0]} layers, the config "
                                   f"says {arch.num_layers}")
@@ -162,10 +163,16 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
 
         layers = tqdm(layers, desc="exporting layers", unit="layer", file=sys.stderr)
     for i in layers:
-        boxes = {k: ((i,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1]) for k in layer_keys}
+        skip = "dense" if arch.moe is not None and arch.moe.is_moe(i) else "moe"  # MoE: layer-type tensors only
+        keys = [k for k in layer_keys if where[k] != skip]
+        boxes = {k: ((i,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1]) for k in keys}
         tensors = load_slices(ckpt_dir, boxes)
-        for k in layer_keys:
-            yield f"{prefix}{i}.{k[len(prefix):]}", tensors[k][0]
+        for k in keys:
+            if mapping.is_expert_checkpoint_key(k):  # [1, experts, ...]: one tensor per expert
+                for e in range(tensors[k].shape[1]):
+                    yield mapping.model_name_of_checkpoint_key(k, i, e), tensors[k][0, e]
+            else:
+                yield f"{prefix}{i}.{k[len(prefix):]}", tensors[k][0]
         del tensors
     yield from whole(["decoder.final_layernorm.weight", "output_layer.weight"]).items()
 

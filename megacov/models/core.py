@@ -35,6 +35,17 @@ def layer_spec(normalization: str = "RMSNorm", qk_layernorm: bool = False, use_t
     return specs.get_gpt_layer_local_spec(normalization=normalization, qk_layernorm=qk_layernorm)
 
 
+def moe_block_spec(config: Any, pp_rank: int, use_te: Optional[bool] = None) -> Any:
+    """Per-layer specs of this pipeline stage for a mixture-of-experts config: megatron picks the
+    expert or dense layer spec from ``config.moe_layer_freq``. Experts are per-expert MLPs
+    (``moe_grouped_gemm=False``), with TE linears when TE is used."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    use_te = transformer_engine_available() if use_te is None else use_te
+    return get_gpt_decoder_block_spec(config, use_transformer_engine=use_te, normalization=config.normalization,
+                                      pp_rank=pp_rank)
+
+
 def build_gpt_model(
     config: Any,
     layout: ParallelLayout,

@@ -1,21 +1,24 @@
 """The registry of model families and the detection of a family from an HF ``config.json``.
 
 A family is data, not code: which HF architectures it covers, which optional parts its layers have
-(QKV bias, q/k layer norms) and its weight table. Every family is a dense pre-norm decoder with
-RMSNorm, RoPE and a SwiGLU MLP, so one generic config mapping (:mod:`megacov.models.arch`) and one
-generic weight mapping (:mod:`megacov.models.mapping`) serve them all; the per-family packages hold
-only what differs.
+(QKV bias, q/k layer norms, experts) and its weight table. Every family is a pre-norm decoder with
+RMSNorm, RoPE and SwiGLU MLPs (dense, or a routed mixture of SwiGLU experts), so one generic config
+mapping (:mod:`megacov.models.arch`) and one generic weight mapping (:mod:`megacov.models.mapping`)
+serve them all; the per-family packages hold only what differs.
 """
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Optional
 
 from megacov.models.mapping import Rule
 
-FAMILY_PACKAGES = ("llama", "qwen2", "qwen3", "mistral")
+if TYPE_CHECKING:
+    from megacov.models.arch import MoeArch
+
+FAMILY_PACKAGES = ("llama", "qwen2", "qwen3", "mistral", "qwen3_moe")
 
 
 class UnsupportedModelError(ValueError):
@@ -35,6 +38,8 @@ class Family:
     qk_norm: bool
     check: Callable[[Mapping[str, Any]], None]
     """Raise :class:`UnsupportedModelError` for family features megacov cannot reproduce exactly."""
+    moe: Optional[Callable[[Mapping[str, Any]], "MoeArch"]] = None
+    """Reads the expert layout from the HF config (mixture-of-experts families only)."""
 
 
 def families() -> dict[str, Family]:

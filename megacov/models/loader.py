@@ -33,6 +33,7 @@ from megacov.models.hf_io import CheckpointError, SafetensorsReader, read_hf_con
 MCORE_META_FILE = "megacov.json"
 MCORE_FORMAT = "megacov-mcore"
 _LOCAL_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
+_LOCAL_EXPERT_RE = re.compile(r"\.local_experts\.(\d+)\.")
 
 
 @dataclass
@@ -52,6 +53,18 @@ class ModelInfo:
     layer_offset: int
     """Global index of this stage's first decoder layer."""
     num_local_layers: int
+    ep: int = 1
+    """Expert-parallel size the chunk was built with."""
+    ep_rank: int = 0
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.arch.moe.num_experts // self.ep if self.arch.moe else 0
+
+    @property
+    def expert_offset(self) -> int:
+        """Global index of this rank's first expert (megatron numbers local experts from 0)."""
+        return self.ep_rank * self.num_local_experts
 
     @property
     def vocab_size(self) -> int:
@@ -149,9 +162,13 @@ def layer_offset(model: torch.nn.Module) -> int:
     return int(layers[0].layer_number) - 1
 
 
-def global_name(local_name: str, offset: int) -> str:
-    """``decoder.layers.<local>.x`` -> ``decoder.layers.<local + offset>.x``; other names unchanged."""
-    return _LOCAL_LAYER_RE.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name, count=1)
+def global_name(local_name: str, offset: int, expert_offset: int = 0) -> str:
+    """``decoder.layers.<local>.x`` -> ``decoder.layers.<local + offset>.x`` and, for experts,
+    ``local_experts.<l>`` -> ``local_experts.<l + expert_offset>``; other names unchanged."""
+    name = _LOCAL_LAYER_RE.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", local_name, count=1)
+    if expert_offset:
+        name = _LOCAL_EXPERT_RE.sub(lambda m: f".local_experts.{int(m.group(1)) + expert_offset}.", name, count=1)
+    return name
 
 
 def build_model(path: str, layout: Any, *, load_weights: bool = True, dtype: Any = "auto",
@@ -163,26 +180,36 @@ def build_model(path: str, layout: Any, *, load_weights: bool = True, dtype: Any
     GPU, fp32 on CPU), ``fp32``, ``bf16``, ``fp16`` or a torch dtype. ``config_overrides`` go to the
     megatron ``TransformerConfig``. Returns ``(model_chunk, info)``.
     """
-    from megacov.models import core
-
     src = resolve_source(path, tp=layout.tp, vocab_divisible_by=vocab_divisible_by)
     arch = src.arch
-    check_layout(arch, layout.tp, layout.pp)
+    ep = getattr(layout, "ep", 1)
+    check_layout(arch, layout.tp, layout.pp, ep)
     dt = torch_dtype(dtype)
     cfg = megatron_config(arch, tp=layout.tp, pp=layout.pp, dtype=dt, perform_initialization=not load_weights,
-                          **config_overrides)
-    spec = core.layer_spec(cfg.normalization, arch.qk_norm, use_te)
-    model = core.build_gpt_model(cfg, layout, spec=spec, **gpt_model_kwargs(arch))
+                          ep=ep, **config_overrides)
+    model = build_chunk(cfg, arch, layout, use_te)
     _cast_params(model, dt)
     info = ModelInfo(family=arch.family, arch=arch, hf_config=src.hf_config, source=src.kind, path=path,
                      dtype=str(dt).replace("torch.", ""), tp=layout.tp, pp=layout.pp, pp_rank=layout.pp_rank,
-                     layer_offset=layer_offset(model), num_local_layers=len(model.decoder.layers))
+                     layer_offset=layer_offset(model), num_local_layers=len(model.decoder.layers),
+                     ep=ep, ep_rank=getattr(layout, "ep_rank", 0))
     if load_weights:
         if src.kind == "hf":
             load_hf_weights(model, layout, info, progress=progress)
         else:
             load_mcore_checkpoint(model, path)
     return model, info
+
+
+def build_chunk(cfg: Any, arch: Arch, layout: Any, use_te: bool | None = None) -> torch.nn.Module:
+    """The GPTModel chunk of ``layout`` for a ``TransformerConfig`` (dense or mixture-of-experts)."""
+    from megacov.models import core
+
+    if arch.moe is not None:
+        spec = core.moe_block_spec(cfg, layout.pp_rank, use_te)
+    else:
+        spec = core.layer_spec(cfg.normalization, arch.qk_norm, use_te)
+    return core.build_gpt_model(cfg, layout, spec=spec, **gpt_model_kwargs(arch))
 
 
 def _cast_params(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -208,7 +235,7 @@ def load_hf_weights(model: Any, layout: Any, info: ModelInfo, *, progress: bool 
                         file=sys.stderr, disable=layout.tp_rank != 0)
     with torch.no_grad():
         for name, param in iterator:
-            gname = global_name(name, info.layer_offset)
+            gname = global_name(name, info.layer_offset, info.expert_offset)
             shard = mapping.hf_to_mcore_shard(gname, reader, info.layer_rules, info.dims, layout.tp_rank, layout.tp)
             if tuple(shard.shape) != tuple(param.shape):
                 raise CheckpointError(f"{info.path}: {gname} built from HF has shape {tuple(shard.shape)}, the "

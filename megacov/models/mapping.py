@@ -2,7 +2,12 @@
 
 One table of :class:`Rule` objects per family (``megacov/models/<family>/weights.py``) says which HF
 tensors make up each megatron parameter and how the parameter is split across tensor-parallel ranks.
-Everything else here is generic and follows from the rule's ``kind``:
+Everything else here is generic and follows from the rule's ``kind``, and from its ``where``:
+``dense`` rules belong to layers with a dense MLP only, ``moe`` rules (router, experts) to
+mixture-of-experts layers only. Expert rules are templates over the expert index ``{e}``
+(``mlp.experts.local_experts.{e}.linear_fc1.weight`` <-> ``mlp.experts.{e}.gate_proj.weight``, ...);
+names carry the *global* expert index, and an expert's TP shards split like a dense MLP's.
+
 
 ``replicated``  norms and row-parallel biases: identical on every TP rank.
 ``row``         row-parallel weights (``linear_proj``, ``linear_fc2``): split along the input dim 1.
@@ -30,6 +35,8 @@ from typing import Any, Protocol
 import torch
 
 KINDS = ("replicated", "row", "qkv", "fc1", "vocab")
+WHERE = ("any", "dense", "moe")
+EXPERT = "{e}"
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 HF_LAYER_PREFIX = "model.layers.{i}."
@@ -48,17 +55,22 @@ class Rule:
 
     ``mcore`` is the local-spec name (relative to ``decoder.layers.{i}.`` for layer rules),
     ``te`` the TransformerEngine-spec alias when it differs, ``hf`` the HF names (relative to
-    ``model.layers.{i}.`` for layer rules) in fusion order.
+    ``model.layers.{i}.`` for layer rules) in fusion order. ``where`` says which layers have the
+    parameter (``any``, ``dense``-MLP layers, ``moe`` layers); names containing ``{e}`` are
+    per-expert templates.
     """
 
     mcore: str
     hf: tuple[str, ...]
     kind: str
     te: str | None = None
+    where: str = "any"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown rule kind {self.kind!r} (one of {KINDS})")
+        if self.where not in WHERE:
+            raise ValueError(f"rule {self.mcore}: unknown where {self.where!r} (one of {WHERE})")
         expected = {"qkv": 3, "fc1": 2}.get(self.kind, 1)
         if len(self.hf) != expected:
             raise ValueError(f"rule {self.mcore}: kind {self.kind} needs {expected} HF tensors")
@@ -94,8 +106,16 @@ BASE_LAYER_RULES: tuple[Rule, ...] = (
     Rule("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "row"),
     Rule("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated",
          te="mlp.linear_fc1.layer_norm_weight"),
-    Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
-    Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "row"),
+    Rule("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1", where="dense"),
+    Rule("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "row", where="dense"),
+)
+# Mixture-of-experts layers: the router and one SwiGLU MLP per expert (megatron's SequentialMLP).
+MOE_RULES: tuple[Rule, ...] = (
+    Rule("mlp.router.weight", ("mlp.gate.weight",), "replicated", where="moe"),
+    Rule("mlp.experts.local_experts.{e}.linear_fc1.weight",
+         ("mlp.experts.{e}.gate_proj.weight", "mlp.experts.{e}.up_proj.weight"), "fc1", where="moe"),
+    Rule("mlp.experts.local_experts.{e}.linear_fc2.weight", ("mlp.experts.{e}.down_proj.weight",), "row",
+         where="moe"),
 )
 QKV_BIAS_RULES: tuple[Rule, ...] = (
     Rule("self_attention.linear_qkv.bias",
@@ -122,15 +142,46 @@ class Resolved:
     layer: int | None
 
 
+_EXPERT_RE = re.compile(r"(?<=\.local_experts\.)(\d+)(?=\.)")
+
+
+def split_expert(suffix: str) -> tuple[str, int | None]:
+    """``mlp.experts.local_experts.5.linear_fc1.weight`` -> (the ``{e}`` template, 5); others unchanged."""
+    m = _EXPERT_RE.search(suffix)
+    if m is None:
+        return suffix, None
+    return suffix[:m.start()] + EXPERT + suffix[m.end():], int(m.group(1))
+
+
+def expand_layer_rules(layer_rules: Sequence[Rule], moe_layer: bool, num_experts: int
+                       ) -> list[tuple[str, Rule, tuple[str, ...], tuple[str, ...]]]:
+    """The parameters of one layer: ``(mcore suffix, rule, hf suffixes, hf templates)`` per parameter,
+    with expert templates expanded over ``range(num_experts)`` in expert order."""
+    out = []
+    for rule in layer_rules:
+        if rule.where == ("dense" if moe_layer else "moe"):
+            continue
+        if EXPERT not in rule.mcore:
+            out.append((rule.mcore, rule, rule.hf, rule.hf))
+            continue
+        for e in range(num_experts):
+            out.append((rule.mcore.replace(EXPERT, str(e)), rule, tuple(h.replace(EXPERT, str(e)) for h in rule.hf),
+                        rule.hf))
+    return out
+
+
 def resolve(name: str, layer_rules: Sequence[Rule], dims: Dims) -> Resolved:
-    """Find the rule for a *global* megatron name (``decoder.layers.<global index>.…``)."""
+    """Find the rule for a *global* megatron name (``decoder.layers.<global index>.…``, global
+    expert index for experts)."""
     m = _LAYER_RE.match(name)
     if m:
         layer, suffix = int(m.group(1)), m.group(2)
+        template, expert = split_expert(suffix)
         for rule in layer_rules:
-            if suffix in (rule.mcore, rule.te):
+            if template in (rule.mcore, rule.te):
                 prefix = HF_LAYER_PREFIX.format(i=layer)
-                return Resolved(rule, tuple(prefix + h for h in rule.hf), layer)
+                hf = rule.hf if expert is None else tuple(h.replace(EXPERT, str(expert)) for h in rule.hf)
+                return Resolved(rule, tuple(prefix + h for h in hf), layer)
         known = ", ".join(r.mcore for r in layer_rules)
         raise MappingError(f"no mapping for megatron parameter '{name}' (layer parameters known: {known})")
     if name == "output_layer.weight" and dims.tie_word_embeddings:
@@ -139,6 +190,27 @@ def resolve(name: str, layer_rules: Sequence[Rule], dims: Dims) -> Resolved:
         if name == rule.mcore:
             return Resolved(rule, rule.hf, None)
     raise MappingError(f"no mapping for megatron parameter '{name}'")
+
+
+# Megatron's sharded (checkpoint) keys stack the decoder layers along a leading axis, and the experts
+# of a SequentialMLP along a second one under ``mlp.experts.experts.`` (no local index).
+CKPT_LAYER_PREFIX = "decoder.layers."
+CKPT_EXPERT_INFIX = "mlp.experts.experts."
+MODEL_EXPERT_INFIX = "mlp.experts.local_experts.{e}."
+
+
+def is_expert_checkpoint_key(key: str) -> bool:
+    return key.startswith(CKPT_LAYER_PREFIX + CKPT_EXPERT_INFIX)
+
+
+def model_name_of_checkpoint_key(key: str, layer: int, expert: int | None = None) -> str:
+    """The global model name of layer ``layer`` (and expert ``expert``) of a stacked checkpoint key."""
+    suffix = key[len(CKPT_LAYER_PREFIX):]
+    if suffix.startswith(CKPT_EXPERT_INFIX):
+        if expert is None:
+            raise ValueError(f"{key} is an expert tensor: an expert index is needed")
+        suffix = MODEL_EXPERT_INFIX.format(e=expert) + suffix[len(CKPT_EXPERT_INFIX):]
+    return f"{CKPT_LAYER_PREFIX}{layer}.{suffix}"
 
 
 def mcore_names(num_layers: int, layer_rules: Sequence[Rule], dims: Dims) -> list[str]:

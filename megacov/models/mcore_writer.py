@@ -23,20 +23,19 @@ from megacov.models import mapping
 from megacov.models.family import families
 from megacov.models.loader import Source
 
-_LAYER_PREFIX = "decoder.layers."
+_LAYER_PREFIX = mapping.CKPT_LAYER_PREFIX
 
 
 def build_meta_chunk(src: Source, layout: Any, dtype: torch.dtype) -> torch.nn.Module:
     """This rank's GPTModel chunk with every parameter on the meta device (no memory, no init)."""
-    from megacov.models import core
-    from megacov.models.arch import gpt_model_kwargs, megatron_config
+    from megacov.models.arch import megatron_config
+    from megacov.models.loader import build_chunk
 
     cfg = megatron_config(src.arch, tp=layout.tp, pp=layout.pp, dtype=dtype, perform_initialization=False,
-                          use_cpu_initialization=True)
-    spec = core.layer_spec(cfg.normalization, src.arch.qk_norm, use_te=False)
+                          use_cpu_initialization=True, ep=getattr(layout, "ep", 1))
     meta_layout = dataclasses.replace(layout, device=torch.device("meta"))
     with torch.device("meta"):
-        return core.build_gpt_model(cfg, meta_layout, spec=spec, **gpt_model_kwargs(src.arch))
+        return build_chunk(cfg, src.arch, meta_layout, use_te=False)
 
 
 class BoxReader:
@@ -53,10 +52,11 @@ class BoxReader:
 
     def __call__(self, key: str, offsets: Sequence[int], sizes: Sequence[int], full: Sequence[int]) -> torch.Tensor:
         if key.startswith(_LAYER_PREFIX):  # stacked per-layer tensor: leading layer axis of size 1
-            if sizes[0] != 1:
-                raise ValueError(f"{key}: write item spans {sizes[0]} layers")
-            name = f"{_LAYER_PREFIX}{offsets[0]}.{key[len(_LAYER_PREFIX):]}"
-            box = self._box(name, list(offsets[1:]), list(sizes[1:]), list(full[1:]))
+            lead = 2 if mapping.is_expert_checkpoint_key(key) else 1  # experts: then an expert axis
+            if any(s != 1 for s in sizes[:lead]):
+                raise ValueError(f"{key}: write item spans {tuple(sizes[:lead])} layers/experts")
+            name = mapping.model_name_of_checkpoint_key(key, *offsets[:lead])
+            box = self._box(name, list(offsets[lead:]), list(sizes[lead:]), list(full[lead:]))
             out = box.reshape(tuple(sizes))
         else:
             out = self._box(key, list(offsets), list(sizes), list(full))

@@ -16,6 +16,9 @@ stand-in, this layer bends exactly those places while it is active, and only whe
    regions; on CPU there is no CUDA generator, so ``add``/``fork`` keep the CPU generator's state per
    name, which keeps dropout reproducible per TP region exactly like the CUDA path.
 4. **GlobalMemoryBuffer** allocates its scratch tensors on CPU.
+5. **MoE without TransformerEngine.** ``moe_utils`` imports ``te_general_gemm`` only when TE is
+   installed but the router tests ``te_general_gemm is not None`` unconditionally; the name is
+   defined as ``None`` (megatron's own "no TE" value) so the router takes its torch path.
 
 Everything is undone on exit (:func:`cpu_compat` is a context manager; :func:`enable` /
 :func:`disable` are the explicit pair used by long-lived worker processes). With CUDA present the
@@ -119,6 +122,18 @@ def _memory_buffer_patch() -> None:
     _patch(mutils.GlobalMemoryBuffer, "get_tensor", get_tensor)
 
 
+_MISSING = object()
+
+
+def _moe_patches() -> None:
+    """Define the TE-only names megatron's MoE router reads when TE is absent (see the docstring)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if getattr(moe_utils, "te_general_gemm", _MISSING) is _MISSING:
+        _State.saved.append((moe_utils, "te_general_gemm", _MISSING))
+        moe_utils.te_general_gemm = None
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -136,6 +151,7 @@ def enable() -> bool:
     _patch(torch.cuda, "set_device", lambda *a, **k: None)
     _rng_tracker_patches()
     _memory_buffer_patch()
+    _moe_patches()
     _State.mode = _CpuDeviceMode()
     _State.mode.__enter__()
     return True
@@ -153,7 +169,10 @@ def disable() -> None:
         _State.mode = None
     while _State.saved:
         obj, name, value = _State.saved.pop()
-        setattr(obj, name, value)
+        if value is _MISSING:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, value)
 
 
 def is_enabled() -> bool:

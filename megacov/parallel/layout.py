@@ -9,6 +9,12 @@ group and never depends on hidden global state.
 
 Megatron orders ranks ``tp-cp-ep-dp-pp``: TP ranks are adjacent, then DP, then PP. The global rank is
 ``pp_rank * (dp * tp) + dp_rank * tp + tp_rank``.
+
+Expert parallelism (``ep``) is carved out of data parallelism, as in megatron: the experts of a MoE
+layer are split over ``ep`` consecutive DP ranks, which see different tokens for the dense layers
+and exchange tokens for the experts. So ``ep`` must divide ``dp``. Expert layers keep megatron's
+default expert-tensor-parallel size (= ``tp``), so an expert's TP shards live on the same ranks, in
+the same group, as every other TP shard.
 """
 from __future__ import annotations
 
@@ -22,7 +28,17 @@ import torch.distributed as dist
 
 
 class LayoutError(ValueError):
-    """The requested TP x PP does not fit the world size."""
+    """The requested TP x PP (x EP) does not fit the world size."""
+
+
+def check_ep(world: int, tp: int, pp: int, ep: int) -> None:
+    """Refuse an expert-parallel size megatron cannot build (EP splits the DP ranks)."""
+    if ep < 1:
+        raise LayoutError(f"expert-parallel size {ep} must be >= 1")
+    dp = world // (tp * pp)
+    if dp % ep:
+        raise LayoutError(f"expert-parallel size {ep} does not divide the data-parallel size {dp} "
+                          f"(world {world} / (tp {tp} * pp {pp})); experts are split over DP ranks")
 
 
 @dataclass
@@ -45,6 +61,11 @@ class ParallelLayout:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     cpu_compat: bool = False
     """True when :mod:`megacov.parallel.cpu_compat` is active for this process."""
+    ep: int = 1
+    """Expert-parallel size (divides ``dp``)."""
+    ep_rank: int = 0
+    ep_group: Any = field(default=None, repr=False)
+    """The ranks that hold the different experts of one MoE layer (megatron's expert-model-parallel group)."""
 
     @property
     def is_first_stage(self) -> bool:
@@ -65,6 +86,7 @@ class ParallelLayout:
         tp: int = 1,
         pp: int = 1,
         *,
+        ep: int = 1,
         backend: str = "auto",
         seed: int = 0,
         rank: Optional[int] = None,
@@ -96,9 +118,10 @@ class ParallelLayout:
         world = dist.get_world_size()
         if world % (tp * pp) != 0:
             raise LayoutError(f"world size {world} is not a multiple of tp*pp = {tp}*{pp}")
+        check_ep(world, tp, pp, ep)
         compat = cpu_compat.enable() if not use_cuda else False
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                     create_gloo_process_groups=not use_cuda)
+                                     expert_model_parallel_size=ep, create_gloo_process_groups=not use_cuda)
         model_parallel_cuda_manual_seed(seed)
         torch.manual_seed(seed)
         pgs = ProcessGroupCollection.use_mpu_process_groups()
@@ -109,7 +132,8 @@ class ParallelLayout:
             pp_group=ps.get_pipeline_model_parallel_group(), dp_group=ps.get_data_parallel_group(),
             mp_group=ps.get_model_parallel_group(), pg_collection=pgs,
             device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
-            cpu_compat=compat,
+            cpu_compat=compat, ep=ep, ep_rank=ps.get_expert_model_parallel_rank(),
+            ep_group=ps.get_expert_model_parallel_group(),
         )
 
     def destroy(self) -> None:
@@ -125,5 +149,6 @@ class ParallelLayout:
             cpu_compat.disable()
 
     def describe(self) -> str:
+        ep = f" ep {self.ep_rank}/{self.ep}" if self.ep > 1 else ""
         return (f"rank {self.rank}/{self.world_size}: tp {self.tp_rank}/{self.tp} "
-                f"pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp}")
+                f"pp {self.pp_rank}/{self.pp} dp {self.dp_rank}/{self.dp}{ep}")
