@@ -23,10 +23,25 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_example(cfg)  # the embedded example's model and data are generated on first use
     plan = validate(cfg)
+    from megacov.runtime.layout import check_colocation
+
+    check_colocation(cfg, plan.world_size)
     if args.dry_run:
         print(plan.table())
+        print(_runtime_plan(cfg, plan))
         print("config and layout OK (dry run: nothing started)")
         return 0
     from megacov.trainer import train
 
     return train(cfg, plan)
+
+
+def _runtime_plan(cfg, plan) -> str:
+    """Devices, bundles, reference and per-engine weight transfer, as the runtime will start them.
+
+    Without a running cluster the dry run decides GPU or CPU from ``parallel.num_gpus`` (or this
+    machine's GPUs, as the layout plan does); a run decides from the cluster's resources."""
+    from megacov.runtime.layout import plan_table
+
+    source = "parallel.num_gpus" if cfg.parallel.num_gpus is not None else "this machine"
+    return plan_table(cfg, plan.world_size, plan.num_gpus > 0, source)

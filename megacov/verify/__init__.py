@@ -1,0 +1,5 @@
+"""``megacov verify <what>``: checks a user runs on their own model and layout.
+
+They sit above the library layers (models, parallel, rollout, runtime) and may use all of them;
+nothing in those layers imports this package.
+"""
