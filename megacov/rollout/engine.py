@@ -132,8 +132,10 @@ class EngineActor:
         self.consistent = True
 
     def info(self) -> dict[str, Any]:
+        from megacov.workers.cluster import node_ip
+
         return {"index": self.index, "pid": os.getpid(), "start_s": self.start_s, "version": self.version,
-                "tp": self.spec.tp, "consistent": self.consistent}
+                "tp": self.spec.tp, "consistent": self.consistent, "node_ip": node_ip()}
 
     def _check_usable(self) -> None:
         if not self.consistent:

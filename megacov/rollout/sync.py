@@ -64,6 +64,8 @@ class WeightSync:
         self.timeout_s = timeout_s
         self.version = 0
         self._connected: Any = None
+        self.routes: list[Any] = []
+        """Per engine: node and backend, decided at :meth:`connect` from where things actually run."""
 
     def connect(self, actor: Any) -> None:
         """Rendezvous every actor rank's trainer-side engine with every engine worker (once)."""
@@ -78,6 +80,14 @@ class WeightSync:
         info = {"backend": self.transport, "endpoints": [[host, port] for _, host, port in stages],
                 "world_size": 1 + self.engines.count * self.engines.spec.tp, "bucket_bytes": self.bucket_bytes,
                 "groups": self.engines.weight_groups(), "timeout_s": self.timeout_s}
+        from megacov.rollout.plan import route_engines, routes_table
+
+        self.routes = route_engines("auto" if self.transport == "megacov_gloo" and not self.engines.spec.use_gpu
+                                    else self.transport, use_gpu=self.engines.spec.use_gpu,
+                                    exporter_nodes=[host for _, host, _ in stages],
+                                    engine_nodes=[i["node_ip"] for i in self.engines.infos], pp=len(stages))
+        log.info("weight sync per engine (exporters on %s):\n%s", sorted({h for _, h, _ in stages}),
+                 routes_table(self.routes))
         actor.init_weight_transfer(info, self.engines.weight_client())
         self._connected = actor
         self.version = max([s["version"] for s in self.engines.weight_states()] + [self.version])
