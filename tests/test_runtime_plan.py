@@ -82,3 +82,13 @@ def test_gpu_check_skips_in_one_line_without_a_gpu():
     out = subprocess.run(["bash", os.path.join(root, "tools", "gpu_check.sh")], capture_output=True, text=True,
                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
     assert out.returncode == 0 and out.stdout.strip().splitlines() == ["gpu_check: skipped (no CUDA GPU visible)"]
+
+
+def test_vllm_engines_implement_the_rollout_backend_protocol():
+    import inspect
+
+    from megacov.rollout.backend import RolloutBackend
+    from megacov.rollout.engine import RolloutEngines
+
+    wanted = {n for n, v in vars(RolloutBackend).items() if inspect.isfunction(v) and not n.startswith("_")}
+    assert wanted <= {n for n in dir(RolloutEngines) if callable(getattr(RolloutEngines, n))}

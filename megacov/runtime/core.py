@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from megacov.runtime.layout import BundleLayout, ClusterView, decide_gpu, needs_reference, reference_note
+
+if TYPE_CHECKING:
+    from megacov.rollout.backend import RolloutBackend
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class Runtime:
         self.layout: Optional[BundleLayout] = None
         self.placement: Any = None
         self.actor: Any = None
-        self.engines: Any = None
+        self.engines: Optional[RolloutBackend] = None
         self.weight_sync: Any = None
         self.with_reference = needs_reference(cfg)
         self.started: list[str] = []
