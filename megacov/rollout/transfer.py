@@ -427,6 +427,10 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
         try:
             if future is not None:
                 future.result()
+        except Exception as engine_exc:  # noqa: BLE001 - the exporter's own error says more
+            if error is None:
+                raise
+            log.debug("the engines refused the aborted update: %s", engine_exc)
         finally:
             if pool is not None:
                 pool.shutdown(wait=False)
