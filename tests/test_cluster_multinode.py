@@ -145,6 +145,8 @@ class TwoNodeCluster:
     port: int
     workdir: str
     cpus_per_node: int = 1
+    gpus_per_node: int = 0
+    """Fake GPUs each node declares to Ray (``--num-gpus``); nothing here uses CUDA."""
 
     @property
     def address(self) -> str:
@@ -234,6 +236,8 @@ def _start_node(cluster: TwoNodeCluster, node: Node, head: bool) -> None:
              f"--temp-dir={temp_dir}"]
     if head:
         extra.append("--include-dashboard=false")
+    if cluster.gpus_per_node:
+        extra.append(f"--num-gpus={cluster.gpus_per_node}")
     if cluster.mode == "loopback":  # the default ports would collide with other local clusters
         extra.append(f"--dashboard-agent-listen-port={_free_loopback_port()}")
         if head:
@@ -293,7 +297,8 @@ def _leftover_pids(marker: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def two_node_cluster(prefer_netns: bool = True, cpus_per_node: int = 1) -> Iterator[TwoNodeCluster]:
+def two_node_cluster(prefer_netns: bool = True, cpus_per_node: int = 1,
+                     gpus_per_node: int = 0) -> Iterator[TwoNodeCluster]:
     """Start a head and a worker Ray node; always tear both (and any namespaces) down.
 
     ``cpus_per_node`` is the logical CPU count each node offers Ray (a training payload that places
@@ -308,11 +313,12 @@ def two_node_cluster(prefer_netns: bool = True, cpus_per_node: int = 1) -> Itera
             subnet = f"10.213.{int(tag[:2], 16)}"
             ns_a, ns_b, namespaces = _make_netns_pair(tag, subnet)
             head, worker = Node("head", f"{subnet}.1", ns_a), Node("worker", f"{subnet}.2", ns_b)
-            cluster = TwoNodeCluster("netns", head, worker, 6379, workdir, cpus_per_node)
+            cluster = TwoNodeCluster("netns", head, worker, 6379, workdir, cpus_per_node, gpus_per_node)
         else:
             print(f"network namespaces unavailable ({why}): two Ray nodes on loopback instead")
             head, worker = Node("head", "127.0.0.2", None), Node("worker", "127.0.0.3", None)
-            cluster = TwoNodeCluster("loopback", head, worker, _free_loopback_port(), workdir, cpus_per_node)
+            cluster = TwoNodeCluster("loopback", head, worker, _free_loopback_port(), workdir, cpus_per_node,
+                                     gpus_per_node)
         print(f"two-node Ray cluster, mode={cluster.mode}: head {head.ip}, worker {worker.ip}")
         for node, is_head in ((head, True), (worker, False)):
             started.append(node)
@@ -331,11 +337,11 @@ def two_node_cluster(prefer_netns: bool = True, cpus_per_node: int = 1) -> Itera
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def run_payload_on_two_nodes(payload: str, prefer_netns: bool = True,
-                             cpus_per_node: int = 1) -> tuple[str, dict[str, Any]]:
+def run_payload_on_two_nodes(payload: str, prefer_netns: bool = True, cpus_per_node: int = 1,
+                             gpus_per_node: int = 0, timeout_s: float = 300) -> tuple[str, dict[str, Any]]:
     """Start the cluster, run ``payload`` (``module:function`` / ``file.py:function``), tear down."""
-    with two_node_cluster(prefer_netns, cpus_per_node) as cluster:
-        return cluster.mode, cluster.run_driver(payload)
+    with two_node_cluster(prefer_netns, cpus_per_node, gpus_per_node) as cluster:
+        return cluster.mode, cluster.run_driver(payload, timeout_s=timeout_s)
 
 
 # ----------------------------------------------------------------------------------------------

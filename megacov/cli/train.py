@@ -24,9 +24,13 @@ def run(args: argparse.Namespace) -> int:
 
     prepare_example(cfg)  # the embedded example's model and data are generated on first use
     plan = validate(cfg, check_inputs=True)  # ranges, layout, reward resolved, data files read
+    from megacov.runtime.layout import check_colocation
+
+    check_colocation(cfg, plan.world_size)
     memory = _memory_plan(cfg, plan)
     if args.dry_run:
         print(plan.table())
+        print(_runtime_plan(cfg, plan))
         if memory is not None:
             print(memory.table())
         if memory is not None and not memory.fits:
@@ -48,3 +52,14 @@ def _memory_plan(cfg, plan):
     from megacov.config.validate import memory_plan
 
     return memory_plan(cfg, plan)
+
+
+def _runtime_plan(cfg, plan) -> str:
+    """Devices, bundles, reference and per-engine weight transfer, as the runtime will start them.
+
+    Without a running cluster the dry run decides GPU or CPU from ``parallel.num_gpus`` (or this
+    machine's GPUs, as the layout plan does); a run decides from the cluster's resources."""
+    from megacov.runtime.layout import plan_table
+
+    source = "parallel.num_gpus" if cfg.parallel.num_gpus is not None else "this machine"
+    return plan_table(cfg, plan.world_size, plan.num_gpus > 0, source)

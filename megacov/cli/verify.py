@@ -11,10 +11,10 @@ import importlib
 
 # name -> (module, one-line help)
 CHECKS = {
-    "conversion": ("megacov.models.verify", "HF vs megatron logits on a random batch at a given TP x PP"),
+    "conversion": ("megacov.verify.conversion", "HF vs megatron logits on a random batch at a given TP x PP"),
     "exactness": ("megacov.verify.exactness",
                   "one update step under several TP x PP x DP layouts vs a float64 single-process reference"),
-    "sync": ("megacov.rollout.verify", "weights synced from the Megatron actor give vLLM the actor's log-probs"),
+    "sync": ("megacov.verify.sync", "weights synced from the Megatron actor give vLLM the actor's log-probs"),
 }
 
 

@@ -7,7 +7,7 @@
   ``mcore_to_hf``, ``merge_tp_shards``, ``split_tp``) driven by each family's table in
   ``megacov/models/<family>/weights.py``.
 * :mod:`megacov.models.checkpoint` -- ``megacov convert`` (hf-to-mcore, mcore-to-hf).
-* :mod:`megacov.models.verify` -- ``megacov verify conversion``.
+* :mod:`megacov.verify.conversion` -- ``megacov verify conversion`` (above this package).
 
 Nothing here imports megatron, vLLM or Ray at import time.
 """

@@ -1,5 +1,6 @@
 """Rollout side of megacov: vLLM engines in Ray actors, weight sync from Megatron, mismatch metric.
 
-Only :mod:`megacov.rollout.buckets`, :mod:`megacov.rollout.memory` and :mod:`megacov.rollout.mismatch`
-are pure; the engine, sync and verification modules import vLLM and Ray inside their functions.
+Only :mod:`megacov.rollout.buckets`, :mod:`megacov.rollout.memory`, :mod:`megacov.rollout.mismatch`
+and :mod:`megacov.rollout.plan` are pure; the engine, transfer and sync modules import vLLM and Ray
+(the transfer and source modules at import, the others inside their functions).
 """

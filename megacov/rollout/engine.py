@@ -64,14 +64,16 @@ class EngineSpec:
     cpus_per_worker: float
     use_gpu: bool
     colocated: bool
+    transfer_backend: str = "megacov_gloo"
+    """vLLM weight-transfer backend of this engine's workers (chosen by :mod:`megacov.rollout.plan`)."""
     env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, cfg: Any, model_path: str | None = None, use_gpu: bool | None = None) -> EngineSpec:
-        """From a :class:`~megacov.config.schema.MegacovConfig` (rollout, model and data sections)."""
-        import torch
+    def from_config(cls, cfg: Any, model_path: str | None = None, use_gpu: bool = False) -> EngineSpec:
+        """From a :class:`~megacov.config.schema.MegacovConfig` (rollout, model and data sections).
 
-        use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
+        ``use_gpu`` comes from the cluster's resources (:mod:`megacov.runtime`), never from this
+        process's CUDA: a driver on a CPU-only head node still plans GPU engines."""
         ro = cfg.rollout
         dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(cfg.model.dtype, cfg.model.dtype)
         return cls(model_path=model_path or cfg.model.path, tp=ro.tp, seed=ro.seed, dtype=dtype,
@@ -101,6 +103,9 @@ class EngineActor:
 
     def __init__(self, spec: EngineSpec, index: int):
         os.environ.update(spec.actor_env())
+        from megacov.rollout.transfer import register
+
+        register()  # the in-process worker (TP=1) builds its transfer engine in this process
         if spec.use_gpu and spec.colocated and spec.tp == 1:
             _expose_node_gpus_own_first()
         from vllm import LLM
@@ -112,6 +117,7 @@ class EngineActor:
             "dtype": spec.resolved_dtype(), "enforce_eager": spec.enforce_eager, "seed": spec.seed,
             "max_model_len": spec.max_model_len, "worker_extension_cls": EXTENSION_CLS,
             "logprobs_mode": "processed_logprobs", "disable_log_stats": True,
+            "weight_transfer_config": {"backend": spec.transfer_backend},
         }
         if spec.use_gpu:
             kwargs.update(gpu_memory_utilization=spec.gpu_memory_utilization, enable_sleep_mode=spec.colocated)
@@ -126,8 +132,10 @@ class EngineActor:
         self.consistent = True
 
     def info(self) -> dict[str, Any]:
+        from megacov.workers.cluster import node_ip
+
         return {"index": self.index, "pid": os.getpid(), "start_s": self.start_s, "version": self.version,
-                "tp": self.spec.tp, "consistent": self.consistent}
+                "tp": self.spec.tp, "consistent": self.consistent, "node_ip": node_ip()}
 
     def _check_usable(self) -> None:
         if not self.consistent:
@@ -165,46 +173,50 @@ class EngineActor:
             result.append([out.prompt_logprobs[i][seq[i]].logprob for i in range(1, len(seq))])
         return result
 
-    # -- weight updates --------------------------------------------------------------------------
+    # -- weight updates: vLLM's lifecycle (the calls of vLLM's RayVLLMWeightSyncClient) -----------
 
     def weight_groups(self) -> dict[str, list[str]]:
         return self.llm.collective_rpc("megacov_weight_groups")[0]
 
-    def begin_update(self) -> None:
+    def init_weight_transfer_engine(self, request: Any) -> None:
+        """Join the trainer's transfer groups; this engine's ranks follow those of engines before it."""
+        info = dict(request.init_info if hasattr(request, "init_info") else request["init_info"])
+        if "rank_offset" in info:
+            info["rank_offset"] = int(info["rank_offset"]) + self.index * self.spec.tp
+        self.llm.init_weight_transfer_engine({"init_info": info})
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.shutdown_weight_transfer_engine()
+
+    def start_weight_update(self) -> None:
         self.consistent = False
-        self.llm.collective_rpc("megacov_begin_update")
+        self.llm.start_weight_update()
 
-    def load(self, payload: tuple[list[Any], list[Any]]) -> int:
-        """One bucket from the object store: ``(metas, buffers)``; buffers are read without a copy."""
-        metas, buffers = payload
-        if not self.in_process:  # worker processes: ship plain bytes through vLLM's message queue
-            buffers = [bytes(memoryview(b)) for b in buffers]
-        return self.llm.collective_rpc("megacov_load", args=(metas, buffers))[0]
+    def update_weights(self, request: Any) -> None:
+        self.llm.update_weights(request)
 
-    def load_ipc(self, metas: list[Any], handles: dict[str, tuple], offsets: list[int]) -> int:
-        return self.llm.collective_rpc("megacov_load_ipc", args=(metas, handles, offsets))[0]
-
-    def init_nccl(self, group: str, host: str, port: int, world_size: int, rank_offset: int) -> None:
-        self.llm.collective_rpc("megacov_init_nccl", args=(group, host, port, world_size, rank_offset))
-
-    def load_nccl(self, group: str, metas: list[Any], offsets: list[int], total: int) -> int:
-        return self.llm.collective_rpc("megacov_load_nccl", args=(group, metas, offsets, total))[0]
-
-    def finish_update(self, expected: list[str] | None) -> dict[str, Any]:
-        stats = self.llm.collective_rpc("megacov_finish_update", args=(expected,))
+    def finish_weight_update(self) -> dict[str, Any]:
+        """vLLM finalises the reload; then every worker's completeness report is checked and the
+        prefix cache is reset (KV blocks of the old weights must not be reused)."""
+        self.llm.finish_weight_update()
+        reports = self.llm.collective_rpc("megacov_update_report")
         self.llm.reset_prefix_cache()
-        self.version += 1
+        problems = [r["problem"] for r in reports if r.get("problem")]
+        if problems:
+            raise RuntimeError(f"engine {self.index}: weight update incomplete, engine weights are inconsistent: "
+                               f"{problems[0]}")
         self.consistent = True
-        return {"index": self.index, "version": self.version, "workers": stats}
+        self.last_report = reports
+        return {"index": self.index, "workers": reports}
 
-    def abort_update(self) -> None:
-        """Close a failed update (restores vLLM's module structure); the engine stays unusable."""
-        try:
-            self.llm.collective_rpc("megacov_finish_update", args=(None,))
-        except Exception as exc:  # noqa: BLE001 - incomplete by definition
-            log.debug("engine %d: closing a failed update: %s", self.index, exc)
-        self.llm.reset_prefix_cache()
-        self.consistent = False
+    def update_weight_version(self, version: str) -> None:
+        self.llm.update_weight_version(version)
+        self.version = int(version)
+
+    def weight_state(self) -> dict[str, Any]:
+        """Version vLLM reports, whether the last update completed, and the workers' last reports."""
+        return {"index": self.index, "version": self.version, "vllm_version": self.llm.get_weight_version(),
+                "consistent": self.consistent, "workers": getattr(self, "last_report", [])}
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -247,6 +259,35 @@ def _chunks(n_items: int, n_parts: int) -> list[range]:
     return out
 
 
+def own_placement(spec: EngineSpec, index: int) -> Placement:
+    """A placement of the engine's own: ``tp`` GPU bundles, or on CPU one bundle for all its workers
+    (they are processes of the engine actor)."""
+    if spec.use_gpu:
+        return Placement(spec.tp, BundleSpec(spec.cpus_per_worker, 1.0), name=f"megacov-engine-{index}")
+    return Placement(1, BundleSpec(spec.cpus_per_worker * spec.tp), name=f"megacov-engine-{index}")
+
+
+def engine_actor_options(spec: EngineSpec, placement: Placement, first: int, *, shared: bool) -> dict[str, Any]:
+    """Ray options of one engine actor whose workers use bundles ``first .. first + tp - 1``.
+
+    ``shared``: the bundles are the training ranks' (colocated), so the engine books a GPU fraction
+    and ``rollout.cpus_per_engine`` CPUs that the bundle holds next to the rank's.
+    """
+    env = spec.actor_env()
+    if not spec.use_gpu:
+        return {"num_cpus": spec.cpus_per_worker * spec.tp, "num_gpus": 0,
+                "scheduling_strategy": placement.strategy(first), "runtime_env": {"env_vars": env}}
+    share = GPU_FRACTION_COLOCATED if shared else 1.0
+    if spec.tp == 1:
+        return {"num_cpus": spec.cpus_per_worker, "num_gpus": share,
+                "scheduling_strategy": placement.strategy(first), "runtime_env": {"env_vars": env}}
+    # TP > 1 on GPU: vLLM's Ray executor starts one worker per bundle in the captured placement.
+    env.update(VLLM_RAY_PER_WORKER_GPUS=str(share),
+               VLLM_RAY_BUNDLE_INDICES=",".join(str(first + i) for i in range(spec.tp)))
+    return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": placement.strategy(first, capture_child_tasks=True),
+            "runtime_env": {"env_vars": env}}
+
+
 class RolloutEngines:
     """``count`` engines of ``spec``; prompts are split into contiguous chunks, one per engine.
 
@@ -256,12 +297,14 @@ class RolloutEngines:
     """
 
     def __init__(self, spec: EngineSpec, count: int, *, placement: Placement | None = None,
-                 bundle_offset: int = 0, start_timeout_s: float = 900.0):
+                 bundle_offset: int = 0, start_timeout_s: float = 900.0, call_timeout_s: float | None = None):
         if count < 1:
             raise ValueError(f"rollout needs at least one engine, got {count}")
         self.spec, self.count = spec, count
         self.shared_placement, self.bundle_offset = placement, bundle_offset
         self.start_timeout_s = start_timeout_s
+        self.call_timeout_s = call_timeout_s
+        """Default per-call timeout of control calls (None: wait); a wedged engine then raises."""
         self.actors: list[Any] = []
         self._placements: list[Placement] = []
         self._groups: Any | None = None
@@ -270,30 +313,14 @@ class RolloutEngines:
     # -- lifetime --------------------------------------------------------------------------------
 
     def _actor_options(self, index: int) -> dict[str, Any]:
-        spec = self.spec
-        env = spec.actor_env()
-        if self.shared_placement is not None:
-            placement, first = self.shared_placement, self.bundle_offset + index * spec.tp
-        elif spec.use_gpu:
-            placement = Placement(spec.tp, BundleSpec(spec.cpus_per_worker, 1.0), name=f"megacov-engine-{index}")
+        placement = self.shared_placement
+        if placement is None:  # disaggregated, or CPU: every engine gets its own placement
+            placement = own_placement(self.spec, index)
             self._placements.append(placement)
             first = 0
-        else:  # CPU: the engine's TP workers are processes of the actor itself, so one bundle holds them
-            placement = Placement(1, BundleSpec(spec.cpus_per_worker * spec.tp), name=f"megacov-engine-{index}")
-            self._placements.append(placement)
-            first = 0
-        if not spec.use_gpu:
-            return {"num_cpus": spec.cpus_per_worker * spec.tp, "num_gpus": 0,
-                        "scheduling_strategy": placement.strategy(first), "runtime_env": {"env_vars": env}}
-        share = GPU_FRACTION_COLOCATED if self.shared_placement is not None else 1.0
-        if spec.tp == 1:
-            return {"num_cpus": spec.cpus_per_worker, "num_gpus": share,
-                        "scheduling_strategy": placement.strategy(first), "runtime_env": {"env_vars": env}}
-        # TP > 1 on GPU: vLLM's Ray executor starts one worker per bundle in the captured placement.
-        env.update(VLLM_RAY_PER_WORKER_GPUS=str(share),
-                   VLLM_RAY_BUNDLE_INDICES=",".join(str(first + i) for i in range(spec.tp)))
-        return {"num_cpus": 0, "num_gpus": 0, "scheduling_strategy": placement.strategy(first, capture_child_tasks=True),
-                    "runtime_env": {"env_vars": env}}
+        else:
+            first = self.bundle_offset + index * self.spec.tp
+        return engine_actor_options(self.spec, placement, first, shared=self.shared_placement is not None)
 
     def start(self) -> None:
         import ray
@@ -356,16 +383,32 @@ class RolloutEngines:
         import ray
 
         if self._groups is None:
-            self._groups = ray.get(self.actors[0].weight_groups.remote())
+            self._groups = ray.get(self.actors[0].weight_groups.remote(), timeout=self.call_timeout_s)
         return self._groups
 
-    def call(self, method: str, *args: Any) -> list[Any]:
+    def weight_client(self) -> Any:
+        """vLLM's Ray client over every engine actor: what the trainer-side transfer engine drives."""
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+
+        return RayVLLMWeightSyncClient(list(self.actors))
+
+    def weight_states(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         import ray
 
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return ray.get([a.weight_state.remote() for a in self.actors], timeout=timeout_s or self.call_timeout_s)
 
-    def sleep(self, level: int = 1) -> None:
-        self.call("sleep", level)
+    def set_weight_version(self, version: int, timeout_s: float | None = None) -> None:
+        import ray
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
-        self.call("wake_up", tags)
+        ray.get([a.update_weight_version.remote(str(version)) for a in self.actors],
+                timeout=timeout_s or self.call_timeout_s)
+
+    def sleep(self, level: int = 1, timeout_s: float | None = None) -> None:
+        import ray
+
+        ray.get([a.sleep.remote(level) for a in self.actors], timeout=timeout_s or self.call_timeout_s)
+
+    def wake_up(self, tags: list[str] | None = None, timeout_s: float | None = None) -> None:
+        import ray
+
+        ray.get([a.wake_up.remote(tags) for a in self.actors], timeout=timeout_s or self.call_timeout_s)

@@ -22,7 +22,8 @@ import torch
 import torch.distributed as dist
 
 from megacov.parallel.batch import ActorBatch
-from megacov.trainer import sft  # noqa: F401  (registers the warm-start loss in this process)
+from megacov.rollout.sender import WeightSenderMixin
+from megacov.trainer import sft_loss  # noqa: F401  (registers the warm-start loss in this process)
 
 
 def _dtype_name(cfg: Any) -> str:
@@ -37,8 +38,8 @@ def _resolve(batch: Any) -> ActorBatch:
     return ray.get(batch) if isinstance(batch, ray.ObjectRef) else batch
 
 
-class ActorWorker:
-    """One Megatron rank of the actor (and of the reference policy)."""
+class ActorWorker(WeightSenderMixin):
+    """One Megatron rank of the actor (and of the reference policy when a KL term needs it)."""
 
     def __init__(self, cfg: Any, model_path: str, *, total_updates: int, with_reference: bool,
                  reference_path: Optional[str] = None, mcore_checkpoint: Optional[str] = None) -> None:
@@ -183,12 +184,15 @@ class ActorWorker:
 
     # -- weights out -----------------------------------------------------------------------------------
 
-    def push_weights(self, plan: Any) -> dict[str, Any]:
-        """Stream the actor's weights into the rollout engines (see :mod:`megacov.rollout.sync`)."""
-        from megacov.models import iter_hf_weights
-        from megacov.rollout.sync import push_weights
+    def weight_source(self) -> Any:
+        """This stage's weights in HF names, for the weight-transfer engine (see :mod:`megacov.rollout.sync`)."""
+        from megacov.rollout.source import MegatronSource
 
-        return push_weights(iter_hf_weights(self.model[0], self.layout, self.info), plan, dp_rank=self.layout.dp_rank)
+        return MegatronSource(self.model[0], self.layout, self.info)
+
+    def built(self) -> dict[str, Any]:
+        """What this rank holds: the runtime's accounting (a skipped reference is never built)."""
+        return {"actor": True, "reference": self.ref is not None}
 
     def export_hf_shard(self, out_dir: str) -> Optional[dict[str, str]]:
         """Write this stage's HF tensors to ``model-<stage>-of-<pp>.safetensors`` (TP rank 0 of DP
@@ -223,4 +227,5 @@ class ActorWorker:
         load_actor(self, ckpt_dir)
 
     def close(self) -> None:
+        self.close_weight_transfer()
         self.layout.destroy()

@@ -8,7 +8,7 @@ high-entropy -- are chosen over the whole mini-batch, exactly) ->
 weight sync into the engines -> periodic eval and checkpoint.
 
 Everything that is not the algorithm -- starting Ray, worker groups and engines, resuming, sinks --
-is in :mod:`megacov.trainer.run`; the per-step numbers are in :mod:`megacov.trainer.step_metrics`.
+is in :mod:`megacov.trainer.run` (processes: :mod:`megacov.runtime`); the per-step numbers are in :mod:`megacov.trainer.step_metrics`.
 
 Metric names (what ``megacov analyze`` reads): step, actor/entropy, reward/{mean,std,acc},
 val/acc, val/<dataset>/{avg,pass}@<k>, cov/{mean,std,max,selected_mean,num_selected},
@@ -19,7 +19,7 @@ perf/tokens_per_s.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -32,10 +32,13 @@ from megacov.trainer import step_metrics as sm
 from megacov.trainer.batching import build_actor_batch, group_ids_for, masked_mean, response_positions
 from megacov.trainer.rollout import Timer, collect
 
+if TYPE_CHECKING:
+    from megacov.trainer.run import RunContext
+
 log = logging.getLogger(__name__)
 
 
-def rl_step(ctx: Any, step: int) -> dict[str, float]:
+def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
     """One RL step; returns its metrics (the weights in the engines are already the new policy)."""
     cfg, algo = ctx.cfg, ctx.cfg.algorithm
     timer = Timer()
@@ -97,7 +100,7 @@ def rl_step(ctx: Any, step: int) -> dict[str, float]:
     return metrics
 
 
-def ro_mismatch(ctx: Any, old_lp: torch.Tensor, rollout_lp: torch.Tensor, positions: torch.Tensor,
+def ro_mismatch(ctx: RunContext, old_lp: torch.Tensor, rollout_lp: torch.Tensor, positions: torch.Tensor,
                 step: int) -> dict[str, float]:
     """Train / rollout log-prob gap on ``rollout.mismatch_sample`` sequences of the step."""
     idx = mismatch_sample(old_lp.shape[0], ctx.cfg.rollout.mismatch_sample, step, ctx.cfg.rollout.seed)
@@ -108,7 +111,7 @@ def ro_mismatch(ctx: Any, old_lp: torch.Tensor, rollout_lp: torch.Tensor, positi
             "rollout/k3": m["mismatch/k3"]}
 
 
-def rl_loop(ctx: Any) -> int:
+def rl_loop(ctx: RunContext) -> int:
     """Steps ``start_step + 1 .. trainer.total_steps`` (or until ``trainer.total_epochs``)."""
     cfg = ctx.cfg
     if ctx.start_step == 0 and cfg.trainer.eval_every > 0 and ctx.eval_sets:

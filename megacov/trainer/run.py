@@ -1,8 +1,10 @@
-"""Everything around the loop: the run folder, data, rewards, warm-start, Ray workers and engines,
-resume, evaluation, checkpoints, metrics sinks and the final export.
+"""Everything around the loop: the run folder, data, rewards, warm-start, resume, evaluation,
+checkpoints, metrics sinks and the final export.
 
-:class:`RunContext` is what :mod:`megacov.trainer.loop` calls; :func:`run` builds it, runs the loop
-and always tears the workers down, whatever happened in between.
+:class:`RunContext` is what :mod:`megacov.trainer.loop` calls. The processes it uses (Ray, the actor
+group, the engines, the weight sync) belong to its :class:`~megacov.runtime.core.Runtime`. Building a
+context reads data and config only; :meth:`RunContext.start` starts things (the warm-start included),
+and :func:`run` always tears them down, whatever happened in between.
 """
 from __future__ import annotations
 
@@ -45,10 +47,11 @@ class RunContext:
         from megacov.algorithms import build_entropy_controller
         from megacov.data import LoadReport, PromptLoader, load_from_config
         from megacov.trainer.checkpoint import CheckpointManager
+        from megacov.runtime.core import Runtime
         from megacov.trainer.evaluate import unique_names
-        from megacov.trainer.sft import warm_start
 
         self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
+        self.runtime = Runtime(cfg, plan)
         self.tokenizer = _tokenizer(cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         report = LoadReport()
@@ -70,31 +73,38 @@ class RunContext:
         self.guard = NonFiniteGuard(cfg.trainer.max_skipped_steps, self.updates_per_step)
         self._staged: Any = None
         self.stopped_by: Optional[str] = None
-        self.init_path = warm_start(cfg, plan, self.tokenizer) if cfg.trainer.sft_steps > 0 else cfg.model.path
+        self.init_path = cfg.model.path
+        """The HF directory RL starts from: ``model.path``, or the warm-start's export (set by :meth:`start`)."""
         self.rewards = None if cfg.reward.name == "judge" else build_reward_manager(cfg)[0]  # bad names fail here
-        self.has_reference = True
+        self.has_reference = self.runtime.with_reference
         self.start_step = 0
         self.history: list[tuple[float, float]] = []
-        self.group = self.engines = self.judge_engines = self.metrics = None
-        self._sync = None
-        self._asleep = False
+        self.judge_engines = self.metrics = None
         self.last_saved = 0
+
+    @property
+    def engines(self) -> Any:
+        return self.runtime.engines
+
+    @property
+    def actor(self) -> Any:
+        return self.runtime.actor
 
     # -- lifetime ----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        from megacov.trainer import session
+        """Ray, the warm-start (when asked for), rewards, actor + engines + sync, resume."""
+        from megacov.trainer.sft import warm_start
 
         cfg = self.cfg
-        session.connect(cfg, self.plan)
+        self.runtime.connect()
+        if cfg.trainer.sft_steps > 0:
+            self.init_path = warm_start(cfg, self.plan, self.tokenizer, self.runtime)
         if self.rewards is None:
-            self.rewards, self.judge_engines = build_reward_manager(cfg)
+            self.rewards, self.judge_engines = build_reward_manager(cfg, self.runtime)
         mcore = cfg.model.mcore_checkpoint
-        self.group = session.start_actor_group(
-            cfg, self.plan, self.init_path, total_updates=cfg.trainer.total_steps * self.updates_per_step,
-            with_reference=self.has_reference, reference_path=cfg.model.reference_path, mcore_checkpoint=mcore)
-        self.engines = session.start_engines(cfg, self.init_path, placement=self.group.placement)
-        self._sync = session.make_sync(cfg, self.engines)
+        self.runtime.start(self.init_path, total_updates=cfg.trainer.total_steps * self.updates_per_step,
+                           mcore_checkpoint=mcore)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         if self.resume_from is not None or mcore:
@@ -109,7 +119,7 @@ class RunContext:
     def _resume(self, path: str) -> None:
         from megacov.trainer.checkpoint import load_trainer_state
 
-        self.group.execute("load_checkpoint", path)
+        self.actor.load_checkpoint(path)
         state = load_trainer_state(path)
         self.loader.load_state_dict(state["loader"])
         self.controller.load_state_dict(state["controller"])
@@ -119,8 +129,7 @@ class RunContext:
 
     def close(self) -> None:
         for closer in (getattr(self.metrics, "close", None), getattr(self.rewards, "close", None),
-                       getattr(self.engines, "shutdown", None), getattr(self.judge_engines, "shutdown", None),
-                       getattr(self.group, "shutdown", None)):
+                       getattr(self.judge_engines, "shutdown", None), self.runtime.close):
             if closer is not None:
                 try:
                     closer()
@@ -135,7 +144,7 @@ class RunContext:
 
         from megacov.trainer.session import gather_shards
 
-        replicas = gather_shards(self.group.execute("log_probs", ray.put(batch), self.mini_batch_seqs, which))
+        replicas = gather_shards(self.actor.log_probs(ray.put(batch), self.mini_batch_seqs, which))
         n_mb = len(replicas[0])
         lp = torch.cat([torch.cat([rep[j][0] for rep in replicas]) for j in range(n_mb)])
         ent = None
@@ -147,28 +156,16 @@ class RunContext:
         import ray
 
         # The driver's algorithm section travels with every update, so the driver alone decides the loss.
-        return self.group.execute("update", ray.put(batch), self.mini_batch_seqs, step=step, controls=controls,
-                                  algo_cfg=self.cfg.algorithm)[0]
-
-    def _colocated_gpu(self) -> bool:
-        return bool(self.engines.spec.use_gpu and self.engines.spec.colocated)
+        return self.actor.update(ray.put(batch), self.mini_batch_seqs, step=step, controls=controls,
+                                 algo_cfg=self.cfg.algorithm)
 
     def release_engines(self) -> None:
         """Colocated on GPU: vLLM offloads its weights and drops its KV cache while the actor trains."""
-        if self._colocated_gpu() and not self._asleep:
-            self.engines.sleep(level=1)
-            self._asleep = True
+        self.runtime.release_engines()
 
     def sync(self) -> None:
         """Push the actor's weights into the engines (waking them first when they sleep)."""
-        from megacov.trainer.session import sync_weights
-
-        if self._asleep:
-            self.engines.wake_up(["weights"])
-        sync_weights(self._sync, self.group, self.plan)
-        if self._asleep:
-            self.engines.wake_up(["kv_cache"])
-            self._asleep = False
+        self.runtime.sync()
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
         ro = self.cfg.rollout
@@ -209,7 +206,7 @@ class RunContext:
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
                  "history": self.history, "init_path": os.path.abspath(self.init_path)}
         save_optimizer = self.cfg.checkpoint.save_optimizer
-        staged = self.ckpt.stage(step, lambda tmp: self.group.execute("save_checkpoint", tmp, save_optimizer), state)
+        staged = self.ckpt.stage(step, lambda tmp: self.actor.save_checkpoint(tmp, save_optimizer), state)
         self.last_saved = step
         if not commit:
             self._staged = staged
@@ -227,7 +224,7 @@ class RunContext:
         if every > 0 and step > 0 and step % every == 0 and step != self.cfg.trainer.total_steps:
             from megacov.trainer.session import export_hf
 
-            out = export_hf(self.group, self.init_path, os.path.join(self.run_dir, "hf_exports", f"step_{step:08d}"))
+            out = export_hf(self.actor, self.init_path, os.path.join(self.run_dir, "hf_exports", f"step_{step:08d}"))
             log.info("step %d policy exported to %s", step, out)
 
     def stop_requested(self, step: int) -> bool:
@@ -241,22 +238,23 @@ class RunContext:
         return True
 
 
-def build_reward_manager(cfg: Any) -> tuple[Any, Any]:
-    """The run's RewardManager and, for ``reward.name=judge``, the judge's engines (to shut down)."""
+def build_reward_manager(cfg: Any, runtime: Any = None) -> tuple[Any, Any]:
+    """The run's RewardManager and, for ``reward.name=judge``, the judge's engines (to shut down);
+    the judge's engines are started by ``runtime`` (needed then)."""
     from megacov.rewards import RewardManager
 
     r = cfg.reward
     if r.name != "judge":
         return RewardManager(r), None
     from megacov.rewards.judge import JudgeReward
-    from megacov.trainer import session
 
     if not r.judge_model:
         from megacov.config import ConfigError
 
         raise ConfigError("reward.name=judge needs reward.judge_model (an HF directory)")
     judge_cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engines=1, tp=1))
-    engines = session.start_engines(judge_cfg, r.judge_model, max_model_len=_context_len(r.judge_model))
+    engines = runtime.start_engines(r.judge_model, cfg=judge_cfg, max_model_len=_context_len(r.judge_model),
+                                    primary=False)
     judge = JudgeReward(engines, _tokenizer(r.judge_model), mode=r.judge_mode, verdicts=r.judge_verdicts)
     return RewardManager(r, judge=judge), engines
 
@@ -331,7 +329,7 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
         if cfg.checkpoint.export_hf and last > 0:
             from megacov.trainer.session import export_hf
 
-            out = export_hf(ctx.group, ctx.init_path, os.path.join(run_dir, "hf"))
+            out = export_hf(ctx.actor, ctx.init_path, os.path.join(run_dir, "hf"))
             log.info("final policy exported to %s", out)
     finally:
         ctx.close()
@@ -342,11 +340,14 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
 
 
 def _run_sft(cfg: Any, plan: Any, run_dir: str) -> int:
+    from megacov.runtime.core import Runtime
     from megacov.trainer.sft import run_sft
 
     steps = cfg.trainer.sft_steps or cfg.trainer.total_steps
-    out = run_sft(cfg, plan, _tokenizer(cfg.model.path), steps=steps, out_dir=os.path.join(run_dir, "hf"),
-                  metrics_path=os.path.join(run_dir, "metrics.jsonl"))
+    with Runtime(cfg, plan) as runtime:
+        runtime.connect()
+        out = run_sft(cfg, plan, _tokenizer(cfg.model.path), runtime, steps=steps,
+                      out_dir=os.path.join(run_dir, "hf"), metrics_path=os.path.join(run_dir, "metrics.jsonl"))
     log.info("SFT finished: %s", out)
     return 0
 

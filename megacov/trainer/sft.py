@@ -21,28 +21,9 @@ import os
 import time
 from typing import Any, Optional
 
-import torch
-
-from megacov.algorithms.losses import LossNormalizer, aggregate, register_policy_loss
+from megacov.trainer.sft_loss import SFT_LOSS
 
 log = logging.getLogger(__name__)
-
-SFT_LOSS = "sft_nll"
-
-
-@register_policy_loss(SFT_LOSS)
-def sft_nll_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages: torch.Tensor,
-                 response_mask: torch.Tensor, *, norm: LossNormalizer, selected: Optional[torch.Tensor], hp: Any,
-                 entropy: Optional[torch.Tensor] = None, weights: Optional[torch.Tensor] = None,
-                 global_ids: Optional[torch.Tensor] = None, stats: Any = None,
-                 step: int = 0) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Token-mean NLL of the response tokens [B, T]; the policy-gradient inputs are ignored."""
-    m = response_mask.bool()
-    loss = aggregate(-log_prob, m, "token-mean", norm)
-    metrics: dict[str, Any] = {"pg_loss": loss.detach()}
-    if entropy is not None:
-        metrics["entropy"] = aggregate(entropy.detach().to(loss.dtype), m, "token-mean", norm)
-    return loss, metrics
 
 
 def sft_hparams(algo_cfg: Any) -> Any:
@@ -85,12 +66,13 @@ def cached_warm_start(cfg: Any, plan: Any) -> Optional[str]:
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def run_sft(cfg: Any, plan: Any, tokenizer: Any, *, steps: int, out_dir: str,
+def run_sft(cfg: Any, plan: Any, tokenizer: Any, runtime: Any, *, steps: int, out_dir: str,
             metrics_path: Optional[str] = None) -> str:
-    """Train ``steps`` SFT updates from ``cfg.model.path`` and export the result to ``out_dir``."""
+    """Train ``steps`` SFT updates from ``cfg.model.path`` and export the result to ``out_dir``, on an
+    actor group of ``runtime`` (connected) that is shut down afterwards."""
     from megacov.data import PromptLoader, load_from_config, sft_examples
-    from megacov.trainer import session
     from megacov.trainer.batching import build_actor_batch
+    from megacov.trainer.session import export_hf
 
     records = load_from_config(list(cfg.data.sft_files or cfg.data.train_files), tokenizer, cfg.data)
     examples = sft_examples(records, tokenizer, cfg.rollout.max_response_len)
@@ -98,10 +80,9 @@ def run_sft(cfg: Any, plan: Any, tokenizer: Any, *, steps: int, out_dir: str,
     per_step = cfg.data.batch_size * cfg.rollout.n
     sft_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=sft_lr(cfg)))
     hp = sft_hparams(cfg.algorithm)
-    session.connect(cfg, plan)
     import ray
 
-    group = session.start_actor_group(sft_cfg, plan, cfg.model.path, total_updates=steps, with_reference=False)
+    actor = runtime.start_actor(cfg.model.path, total_updates=steps, cfg=sft_cfg, with_reference=False)
     sink = open(metrics_path, "w") if metrics_path else None
     try:
         start = time.perf_counter()
@@ -109,7 +90,7 @@ def run_sft(cfg: Any, plan: Any, tokenizer: Any, *, steps: int, out_dir: str,
             chosen = [examples[r.uid] for r in loader.next(per_step)]
             batch, _ = build_actor_batch([e.prompt_ids for e in chosen], [e.response_ids for e in chosen],
                                          pad_id=tokenizer.pad_token_id or 0)
-            out = group.execute("update", ray.put(batch), per_step, step=step, algo_cfg=hp, epochs=1)[0][0]
+            out = actor.update(ray.put(batch), per_step, step=step, controls=None, algo_cfg=hp, epochs=1)[0]
             row = {"step": step, "sft/nll": out["pg_loss"], "sft/grad_norm": out["grad_norm"],
                    "sft/lr": out["lr"], "time/elapsed": time.perf_counter() - start}
             if sink:
@@ -117,15 +98,15 @@ def run_sft(cfg: Any, plan: Any, tokenizer: Any, *, steps: int, out_dir: str,
                 sink.flush()
             if step == 1 or step % max(1, steps // 10) == 0 or step == steps:
                 log.info("warm-start step %d/%d: nll %.4f", step, steps, out["pg_loss"])
-        session.export_hf(group, cfg.model.path, out_dir)
+        export_hf(actor, cfg.model.path, out_dir)
     finally:
         if sink:
             sink.close()
-        group.shutdown()
+        runtime.stop_actor()
     return out_dir
 
 
-def warm_start(cfg: Any, plan: Any, tokenizer: Any) -> str:
+def warm_start(cfg: Any, plan: Any, tokenizer: Any, runtime: Any) -> str:
     """The HF directory RL starts from: the cached warm-start, or a fresh one (then cached)."""
     cached = cached_warm_start(cfg, plan)
     if cached is not None:
@@ -134,5 +115,5 @@ def warm_start(cfg: Any, plan: Any, tokenizer: Any) -> str:
     out = os.path.join(cfg.trainer.output_dir, "sft-cache", cache_key(cfg, plan))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     log.info("warm-start: %d SFT steps -> %s", cfg.trainer.sft_steps, out)
-    return run_sft(cfg, plan, tokenizer, steps=cfg.trainer.sft_steps, out_dir=out,
+    return run_sft(cfg, plan, tokenizer, runtime, steps=cfg.trainer.sft_steps, out_dir=out,
                    metrics_path=out.rstrip("/") + ".metrics.jsonl")

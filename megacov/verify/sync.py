@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
+from megacov.rollout.sender import WeightSenderMixin
 
-class SyncCheckWorker:
+
+class SyncCheckWorker(WeightSenderMixin):
     """One Megatron rank holding the actor model: export, perturb and score (collective calls)."""
 
     def __init__(self, hf_dir: str, tp: int, pp: int, seed: int = 0):
@@ -48,11 +50,10 @@ class SyncCheckWorker:
                 std = float(param.detach().float().std()) if param.numel() > 1 else 1.0
                 param.add_((noise * scale * (std if std > 0 else 1.0)).to(param.dtype))
 
-    def push_weights(self, plan: Any) -> dict[str, Any]:
-        from megacov.models import iter_hf_weights
-        from megacov.rollout.sync import push_weights
+    def weight_source(self) -> Any:
+        from megacov.rollout.source import MegatronSource
 
-        return push_weights(iter_hf_weights(self.model, self.layout, self.info), plan, dp_rank=self.layout.dp_rank)
+        return MegatronSource(self.model, self.layout, self.info)
 
     def hf_state(self) -> dict[str, torch.Tensor]:
         """The full HF state dict pieces this rank exports (copies; empty on non-exporting ranks)."""
@@ -134,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--engines", type=int, default=1, help="number of vLLM engines")
     parser.add_argument("--bucket-mb", type=float, default=None,
                         help="sync bucket size in MiB (default: rollout.sync_bucket_mb)")
-    parser.add_argument("--transport", default="auto", help="auto, object_store, cuda_ipc or nccl")
+    parser.add_argument("--transport", default="auto", help="auto, gloo, ipc or nccl (vLLM weight-transfer backend)")
     parser.add_argument("--noise", type=float, default=0.05,
                         help="relative std of the noise added to every actor weight before the sync")
     parser.add_argument("--sequences", type=int, default=8, help="token sequences scored on both sides")
@@ -170,35 +171,39 @@ def run(args: argparse.Namespace) -> int:
         return fail(problem, 2)
     import ray
 
-    from megacov.rollout.engine import EngineSpec, RolloutEngines
-    from megacov.rollout.sync import WeightSync
+    from megacov.config.validate import plan_layout
+    from megacov.runtime.core import Runtime
+
     cfg = MegacovConfig()
     cfg.model.path, cfg.rollout.tp, cfg.rollout.engines = os.path.abspath(args.hf), args.rollout_tp, args.engines
-    cfg.rollout.placement = "disaggregated"
-    bucket_mb = args.bucket_mb if args.bucket_mb is not None else cfg.rollout.sync_bucket_mb
+    cfg.parallel.tp, cfg.parallel.pp = args.tp, args.pp
+    cfg.rollout.placement, cfg.rollout.sync_transport = "disaggregated", args.transport
+    cfg.trainer.ray_address = args.ray_address
+    if args.bucket_mb is not None:
+        cfg.rollout.sync_bucket_mb = args.bucket_mb
+    bucket_mb = cfg.rollout.sync_bucket_mb
     world = args.tp * args.pp
     started = not ray.is_initialized()
     temp_dir = _connect(args.ray_address, world + args.engines * args.rollout_tp)
-    group = engines = None
+    runtime = Runtime(cfg, plan_layout(cfg))
     try:
         t0 = time.perf_counter()
-        group = _start_group(args, world)
-        spec = EngineSpec.from_config(cfg)
-        spec.max_model_len = max(spec.max_model_len, args.length + 8)
-        engines = RolloutEngines(spec, args.engines)
+        runtime.connect()
+        actor = runtime.start_group(SyncCheckWorker, (os.path.abspath(args.hf), args.tp, args.pp, args.seed))
+        group = actor.group
+        engines = runtime.start_engines(args.hf, max_model_len=max(cfg.data.max_prompt_len + cfg.rollout.max_response_len,
+                                                                   args.length + 8))
         vocab = _vocab_of(args.hf)
         seqs = random_sequences(vocab, args.sequences, args.length, args.seed)
         before = max_abs_delta(engines.score(seqs), collect_logprobs(group, seqs))
         group.execute("perturb", args.noise, args.seed)
-        actor = collect_logprobs(group, seqs)
-        stale = max_abs_delta(engines.score(seqs), actor)
-        report = WeightSync(engines, bucket_mb=bucket_mb, transport=args.transport).sync(group, tp=args.tp, pp=args.pp)
-        after = max_abs_delta(engines.score(seqs), actor)
+        reference = collect_logprobs(group, seqs)
+        stale = max_abs_delta(engines.score(seqs), reference)
+        report = runtime.sync()
+        after = max_abs_delta(engines.score(seqs), reference)
         setup_s = time.perf_counter() - t0
     finally:
-        for thing in (group, engines):
-            if thing is not None:
-                thing.shutdown()
+        runtime.close()
         if started:
             ray.shutdown()
         if temp_dir:
@@ -250,13 +255,6 @@ def _connect(address: str | None, slots: int) -> str | None:
     ray.init(address="local", num_cpus=max(slots, os.cpu_count() or 1), include_dashboard=False,
              namespace="megacov", _temp_dir=temp_dir, configure_logging=False)
     return temp_dir
-
-
-def _start_group(args: argparse.Namespace, world: int) -> Any:
-    from megacov.workers.group import WorkerGroup
-
-    return WorkerGroup(SyncCheckWorker, world, args=(os.path.abspath(args.hf), args.tp, args.pp, args.seed),
-                       cpus_per_worker=1, env={"OMP_NUM_THREADS": "1"})
 
 
 def _vocab_of(hf_dir: str) -> int:

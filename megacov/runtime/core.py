@@ -1,0 +1,226 @@
+"""The :class:`Runtime`: one object that starts and owns Ray, the actor group, the engines and the sync.
+
+Building it does nothing; every start is an explicit method, in the order a job needs them
+(``connect`` -> ``start_actor`` -> ``start_engines`` -> ``sync``). What it started, it tears down in
+:meth:`Runtime.close`, whatever failed in between.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any, Optional
+
+from megacov.runtime.layout import BundleLayout, ClusterView, decide_gpu, needs_reference, reference_note
+
+if TYPE_CHECKING:
+    from megacov.rollout.backend import RolloutBackend
+
+log = logging.getLogger(__name__)
+
+
+def worker_env() -> dict[str, str]:
+    """Environment of every rank and engine: megacov importable from the driver's tree."""
+    import megacov
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(megacov.__file__)))
+    paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
+    return {"PYTHONPATH": os.pathsep.join(paths)}
+
+
+def cpus_needed(cfg: Any, world: int) -> int:
+    """CPUs the job books in Ray: training ranks, engine workers and (judge reward) judge engines."""
+    engines = cfg.rollout.engines * cfg.rollout.tp * cfg.rollout.cpus_per_engine
+    judge = cfg.rollout.cpus_per_engine if cfg.reward.name == "judge" else 0
+    return world * cfg.trainer.cpus_per_worker + engines + judge
+
+
+class Runtime:
+    """Ray + actor group + rollout engines + weight sync of one job, built from ``cfg`` and ``plan``."""
+
+    def __init__(self, cfg: Any, plan: Any, *, call_timeout_s: Optional[float] = None) -> None:
+        self.cfg, self.plan = cfg, plan
+        self.call_timeout_s = call_timeout_s
+        self.cluster: Optional[ClusterView] = None
+        self.use_gpu = False
+        self.layout: Optional[BundleLayout] = None
+        self.placement: Any = None
+        self.actor: Any = None
+        self.engines: Optional[RolloutBackend] = None
+        self.weight_sync: Any = None
+        self.with_reference = needs_reference(cfg)
+        self.started: list[str] = []
+        """What this runtime built, in order (``actor``, ``reference``, ``engines``, ``sync``)."""
+        self._asleep = False
+        self._owns_ray = False
+
+    # -- start -------------------------------------------------------------------------------------
+
+    def connect(self) -> ClusterView:
+        """Join ``trainer.ray_address`` / ``$RAY_ADDRESS``, or start a private local Ray; then decide
+        CPU or GPU from what the cluster declares."""
+        import ray
+
+        from megacov.workers.cluster import _available_cpus, connect_ray, resolve_address
+
+        if not ray.is_initialized():
+            if resolve_address(self.cfg.trainer.ray_address) is None:
+                # A private cluster never joins one that `ray start` advertises on this host. It gets at
+                # least the CPUs the job books: on a small machine ranks and engines take turns.
+                ray.init(address="local", num_cpus=max(_available_cpus(), cpus_needed(self.cfg, self.plan.world_size)),
+                         namespace="megacov", include_dashboard=False, log_to_driver=True, configure_logging=False)
+                self._owns_ray = True
+            else:
+                connect_ray(self.cfg.trainer.ray_address)
+        self.cluster = ClusterView.from_ray()
+        self.use_gpu = decide_gpu(self.cfg, self.cluster)
+        self.layout = BundleLayout.plan(self.cfg, self.plan.world_size, self.use_gpu)
+        log.info("cluster: %g CPU, %g GPU on %d node(s): %s path; %s", self.cluster.cpus, self.cluster.gpus,
+                 self.cluster.nodes, "GPU" if self.use_gpu else "CPU", self.layout.describe())
+        log.info(reference_note(self.cfg))
+        return self.cluster
+
+    def _shared_placement(self) -> Any:
+        from megacov.workers.group import BundleSpec, Placement
+
+        if self.layout is None or not self.layout.shared:
+            return None
+        if self.placement is None:
+            b = self.layout.bundle
+            self.placement = Placement(self.layout.bundles, BundleSpec(b["CPU"], b.get("GPU", 0.0)),
+                                       name="megacov-colocated")
+        return self.placement
+
+    def start_actor(self, model_path: str, *, total_updates: int, cfg: Any = None,
+                    with_reference: Optional[bool] = None, reference_path: Optional[str] = None,
+                    mcore_checkpoint: Optional[str] = None) -> Any:
+        """``plan.world_size`` actor ranks (:class:`~megacov.trainer.actor_worker.ActorWorker`); the
+        reference is built on them only when a KL term reads it."""
+        from megacov.trainer.actor_worker import ActorWorker
+
+        cfg = cfg or self.cfg
+        ref = self.with_reference if with_reference is None else with_reference
+        actor = self.start_group(ActorWorker, (cfg, os.path.abspath(model_path)),
+                                 dict(total_updates=total_updates, with_reference=ref, reference_path=reference_path,
+                                      mcore_checkpoint=mcore_checkpoint), backend=cfg.parallel.backend)
+        self.started += ["actor"] + (["reference"] if ref else [])
+        return actor
+
+    def start_group(self, worker_cls: type, args: tuple = (), kwargs: Optional[dict] = None, *,
+                    backend: str = "auto", world_size: Optional[int] = None) -> Any:
+        """Any per-rank worker class on the actor's bundles (``megacov verify sync`` uses its own)."""
+        from megacov.workers.actors import ActorGroup
+        from megacov.workers.group import WorkerGroup
+
+        self._require_connected()
+        env = worker_env()
+        placement = self._shared_placement()
+        if placement is not None:
+            env["RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"] = "1"  # engines open the ranks' IPC buffers
+        group = WorkerGroup(worker_cls, world_size or self.plan.world_size, args=args, kwargs=kwargs or {},
+                            cpus_per_worker=self.layout.rank_cpus, gpus_per_worker=self.layout.rank_gpus,
+                            placement=placement, env=env, backend=backend, name="megacov-actor")
+        self.actor = ActorGroup(group, timeout_s=self.call_timeout_s)
+        return self.actor
+
+    def stop_actor(self) -> None:
+        """Shut the actor group down (the warm-start's group, before RL starts its own)."""
+        if self.actor is not None:
+            self.actor.shutdown()
+            self.actor = None
+            self.weight_sync = None
+
+    def engine_spec(self, model_path: str, max_model_len: Optional[int] = None, cfg: Any = None) -> Any:
+        from megacov.rollout.engine import EngineSpec
+
+        spec = EngineSpec.from_config(cfg or self.cfg, model_path=os.path.abspath(model_path), use_gpu=self.use_gpu)
+        spec.colocated = bool(self.layout is not None and self.layout.shared)
+        if max_model_len is not None:
+            spec.max_model_len = max_model_len
+        spec.env.update(worker_env())
+        return spec
+
+    def start_engines(self, model_path: str, *, cfg: Any = None, max_model_len: Optional[int] = None,
+                      engines: Optional[int] = None, primary: bool = True) -> Any:
+        """The rollout engines (in the ranks' bundles when colocated on GPU). ``primary=False``: extra
+        engines the caller owns (the judge's), never colocated and never synced."""
+        from megacov.rollout.engine import RolloutEngines
+        from megacov.rollout.plan import route_engines
+
+        self._require_connected()
+        cfg = cfg or self.cfg
+        spec = self.engine_spec(model_path, max_model_len, cfg)
+        spec.colocated = spec.colocated and primary
+        count = engines or cfg.rollout.engines
+        routes = route_engines(cfg.rollout.sync_transport, use_gpu=self.use_gpu, exporter_nodes=["node0"],
+                               engine_nodes=["node0" if spec.colocated else f"engine-node{e}" for e in range(count)],
+                               pp=cfg.parallel.pp)
+        spec.transfer_backend = routes[0].backend
+        pool = RolloutEngines(spec, count, placement=self._shared_placement() if spec.colocated else None,
+                              call_timeout_s=self.call_timeout_s)
+        if primary:
+            self.engines = pool
+            self.started.append("engines")
+        return pool
+
+    def connect_sync(self) -> Any:
+        """The weight sync between the actor group and the engines (rendezvous on first use)."""
+        from megacov.rollout.sync import WeightSync
+
+        if self.weight_sync is None:
+            self.weight_sync = WeightSync(self.engines, bucket_mb=self.cfg.rollout.sync_bucket_mb,
+                                          transport=self.engines.spec.transfer_backend)
+            self.started.append("sync")
+        return self.weight_sync
+
+    def start(self, model_path: str, *, total_updates: int, mcore_checkpoint: Optional[str] = None) -> None:
+        """Everything an RL run needs, in order."""
+        if self.cluster is None:
+            self.connect()
+        self.start_actor(model_path, total_updates=total_updates, reference_path=self.cfg.model.reference_path,
+                         mcore_checkpoint=mcore_checkpoint)
+        self.start_engines(model_path)
+        self.connect_sync()
+
+    # -- during the run ----------------------------------------------------------------------------
+
+    @property
+    def colocated_gpu(self) -> bool:
+        return bool(self.layout is not None and self.layout.shared)
+
+    def release_engines(self) -> None:
+        """Colocated on GPU: vLLM offloads its weights and drops its KV cache while the actor trains."""
+        if self.colocated_gpu and not self._asleep:
+            self.engines.sleep(level=1)
+            self._asleep = True
+
+    def sync(self) -> Any:
+        """Push the actor's weights into the engines (waking them first when they sleep)."""
+        if self._asleep:
+            self.engines.wake_up(["weights"])
+        report = self.connect_sync().sync(self.actor)
+        if self._asleep:
+            self.engines.wake_up(["kv_cache"])
+            self._asleep = False
+        return report
+
+    # -- stop --------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for closer in (getattr(self.engines, "shutdown", None), getattr(self.actor, "shutdown", None),
+                       getattr(self.placement, "remove", None)):
+            if closer is not None:
+                try:
+                    closer()
+                except Exception as exc:  # noqa: BLE001 - keep tearing down the rest
+                    log.warning("teardown: %s", exc)
+        self.engines = self.actor = self.placement = self.weight_sync = None
+
+    def _require_connected(self) -> None:
+        if self.cluster is None or self.layout is None:
+            raise RuntimeError("Runtime.connect() first")
+
+    def __enter__(self) -> Runtime:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
