@@ -266,3 +266,64 @@ def test_judge_reward_scores_with_a_vllm_engine(ray_cluster, tiny):
             JudgeReward(engines, tok, mode="soft", verdicts=["yes", "yay"])
     finally:
         engines.shutdown()
+
+
+def test_sigterm_saves_at_the_safe_point_then_resume_falls_back_past_a_damaged_checkpoint(tp2_run, ray_cluster,
+                                                                                          tiny):
+    """Preemption: SIGTERM mid-run -> checkpoint at the end of the step, exit 0. The newest checkpoint
+    is then truncated (a dying file system); resume falls back to the previous one, says so, and the
+    finished run equals the uninterrupted one bit for bit."""
+    run_dir = os.path.join(tiny["root"], "runs", "sigterm")
+    proc = _cli(tiny, ray_cluster, "sigterm", *KILL_RUN)
+    try:
+        _wait_for_step(run_dir, 1, proc)
+        time.sleep(0.3)  # into step 2
+        os.kill(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err.decode()[-3000:]
+    log_text = open(os.path.join(run_dir, "train.log")).read()
+    assert "SIGTERM received" in log_text and "SIGTERM: stopped after step" in log_text
+    assert sorted(_rows(run_dir)) == [1, 2]  # the signal came during step 2: that step was finished
+    ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
+    assert ckpts == ["step_00000001", "step_00000002"]  # nothing half-written
+    newest = os.path.join(run_dir, "checkpoints", ckpts[-1], "actor")
+    shard = max((os.path.join(newest, f) for f in os.listdir(newest) if f.endswith(".distcp")), key=os.path.getsize)
+    with open(shard, "r+b") as fh:  # damage the newest: resume must fall back to the previous one
+        fh.truncate(os.path.getsize(shard) // 2)
+    resumed = _cli(tiny, ray_cluster, "sigterm", *KILL_RUN)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err.decode()[-3000:]
+    assert b"is damaged" in err and b"falling back to" in err and b"(step 1)" in err
+    a, b = _rows(tp2_run), _rows(run_dir)
+    assert sorted(a) == sorted(b)
+    for step in a:
+        assert _stable(a[step]) == _stable(b[step]), step
+    wa, wb = _weights(os.path.join(tp2_run, "hf")), _weights(os.path.join(run_dir, "hf"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+HUGE_REWARD = "def huge(response, answer):\n    return 1e308\n"
+
+
+def test_nan_storm_stops_the_run_with_one_clear_error(ray_cluster, tiny):
+    """A reward of 1e308 makes every update non-finite: each skip is warned, and after
+    trainer.max_skipped_steps steps the run stops with an error (and says so in train.log)."""
+    from megacov.trainer import train
+    from megacov.trainer.faults import RunFailed
+
+    with open(os.path.join(tiny["root"], "huge_reward_mod.py"), "w") as fh:
+        fh.write(HUGE_REWARD)
+    cfg, plan = _config(tiny, "storm", "parallel.tp=1", "reward.name=huge_reward_mod:huge", "trainer.total_steps=4",
+                        "trainer.max_skipped_steps=2", "trainer.eval_every=0", "checkpoint.save_every=0",
+                        "checkpoint.export_hf=false", "rollout.max_response_len=4")
+    with pytest.raises(RunFailed, match="NonFiniteStorm: stopped at step 2: .*2 consecutive steps") as info:
+        train(cfg, plan)
+    assert "\n" not in str(info.value)
+    run_dir = os.path.join(tiny["root"], "runs", "storm")
+    log_text = open(os.path.join(run_dir, "train.log")).read()
+    assert "step 1: 1 of 1 update(s) skipped" in log_text and "step 2: 1 of 1 update(s) skipped" in log_text
+    assert "run failed: NonFiniteStorm" in log_text
+    assert sorted(_rows(run_dir)) == [1, 2]  # both rows kept; nothing after the stop

@@ -357,3 +357,29 @@ def test_wandb_run_id_is_stored_and_reused_on_resume(tmp_path):
     first = wandb_run_id(str(tmp_path), resuming=False)
     assert wandb_run_id(str(tmp_path), resuming=True) == first
     assert wandb_run_id(str(tmp_path), resuming=False) != first  # a fresh run is a new W&B run
+
+
+def test_hf_export_every_n_steps(tmp_path, monkeypatch):
+    from megacov.trainer import session
+    from megacov.trainer.run import RunContext
+
+    exported = []
+    monkeypatch.setattr(session, "export_hf", lambda group, src, out: exported.append(out) or out)
+    cfg = load_config(None, ["trainer.total_steps=4", "checkpoint.export_hf_every=2"])
+    ctx = RunContext.__new__(RunContext)
+    ctx.cfg, ctx.run_dir, ctx.group, ctx.init_path, ctx._staged = cfg, str(tmp_path), None, "init", None
+    ctx.guard = faults.NonFiniteGuard(3, 1)
+
+    class _Sink:
+        def log(self, step, metrics):
+            pass
+
+        progress = log
+
+    ctx.metrics = _Sink()
+    for step in range(1, 5):
+        ctx.log(step, {})
+    assert exported == [os.path.join(str(tmp_path), "hf_exports", "step_00000002")]  # step 4: the final export
+    cfg.checkpoint.export_hf = False
+    ctx.log(4, {})
+    assert exported[-1].endswith("step_00000004")

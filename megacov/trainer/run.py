@@ -221,7 +221,8 @@ class RunContext:
             self._staged = None
         self.guard.observe(step, metrics)
         every = self.cfg.checkpoint.export_hf_every
-        if every > 0 and step > 0 and step % every == 0 and step != self.cfg.trainer.total_steps:
+        final_export = self.cfg.checkpoint.export_hf and step == self.cfg.trainer.total_steps  # goes to hf/
+        if every > 0 and step > 0 and step % every == 0 and not final_export:
             from megacov.trainer.session import export_hf
 
             out = export_hf(self.actor, self.init_path, os.path.join(self.run_dir, "hf_exports", f"step_{step:08d}"))
