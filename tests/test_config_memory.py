@@ -206,3 +206,13 @@ def test_gpu_count_comes_from_the_ray_cluster_when_one_is_given(monkeypatch):
     with pytest.raises(ConfigError, match="set parallel.num_gpus"):
         validate(load_config(None, []), check_model=False)
     validate(load_config(None, ["parallel.num_gpus=0"]), check_model=False)  # given: nothing asked
+
+
+def test_disaggregated_rollout_gpus_are_planned_apart():
+    cfg = load_config(EXAMPLE_32B, ["rollout.placement=disaggregated", "parallel.num_gpus=64",
+                                    "parallel.gpu_memory_gib=80"])
+    plan = memory_plan(cfg, validate(cfg))
+    names = [ph.name for ph in plan.phases]
+    assert names == ["generate (rollout GPUs)", "train"]
+    assert "vLLM weights" not in plan.phases[1].items and "optimizer states" not in plan.phases[0].items
+    assert plan.fits
