@@ -25,7 +25,13 @@ import torch
 from megacov.algorithms import compute_advantages, kl_reward_penalty
 from megacov.rollout.mismatch import logprob_mismatch, mismatch_sample
 from megacov.trainer import step_metrics as sm
-from megacov.trainer.batching import build_actor_batch, group_ids_for, masked_mean, response_positions
+from megacov.trainer.batching import (
+    build_actor_batch,
+    group_ids_for,
+    masked_mean,
+    response_positions,
+    seq_multiple,
+)
 from megacov.trainer.rollout import Timer, collect
 
 log = logging.getLogger(__name__)
@@ -43,7 +49,8 @@ def rl_step(ctx: Any, step: int) -> dict[str, float]:
     truncated = ro.flat("truncated")
     train_rows = [not t for t in truncated] if cfg.data.overlong_filter else None
     batch, rollout_lp = build_actor_batch(ro.prompt_ids, ro.flat("response_ids"), pad_id=ctx.pad_id,
-                                          train_rows=train_rows, rollout_logprobs=ro.flat("logprobs"))
+                                          train_rows=train_rows, rollout_logprobs=ro.flat("logprobs"),
+                                          multiple=seq_multiple(cfg.parallel))
     mask = batch.mask
 
     # 2. log-probs of the behaviour policy (with token entropies) and of the reference policy
