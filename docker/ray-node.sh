@@ -10,7 +10,13 @@
 #
 # Environment: RAY_HEAD (host:port of the head, for worker/driver), RAY_PORT (head's GCS port,
 # default 6379), RAY_NUM_CPUS (CPUs this node offers, default 1), RAY_START_ARGS (extra `ray start`
-# flags), MEGACOV_WORKERS (driver: worker count to wait for), MEGACOV_WAIT_S (default 300).
+# flags), MEGACOV_WORKERS (driver: worker count to wait for), MEGACOV_WAIT_S (default 300),
+# RAY_DASHBOARD_HOST (address the head's dashboard binds to, default 127.0.0.1).
+#
+# Ray's token authentication is always on (RAY_AUTH_MODE=disabled turns it off explicitly). The
+# token is $RAY_AUTH_TOKEN, or the file $RAY_AUTH_TOKEN_PATH (default ~/.ray/auth_token): the head
+# writes a fresh random one there when there is none, and the other roles wait for it, so the file
+# must be on storage they share (compose.yaml: the runs volume).
 set -euo pipefail
 
 role="${1:-}"
@@ -22,16 +28,46 @@ if [[ -n "${RAY_START_ARGS:-}" ]]; then
     read -r -a extra <<< "${RAY_START_ARGS}"
 fi
 
-# `ray start --head` turns token authentication on by itself when it finds a token, joining nodes
-# do not: make the choice explicit so that every container makes the same one.
-if [[ -z "${RAY_AUTH_MODE:-}" ]] && { [[ -n "${RAY_AUTH_TOKEN:-}" ]] \
-        || [[ -s "${RAY_AUTH_TOKEN_PATH:-${HOME}/.ray/auth_token}" ]]; }; then
+case "${role}" in
+    head|worker) ;;
+    driver)
+        if [[ $# -eq 0 ]]; then
+            echo "ray-node.sh: driver needs a command to run" >&2
+            exit 2
+        fi
+        ;;
+    *)
+        echo "usage: ray-node.sh head|worker|driver [command...]" >&2
+        exit 2
+        ;;
+esac
+
+if [[ "${RAY_AUTH_MODE:-token}" != disabled ]]; then
     export RAY_AUTH_MODE=token
+    token_path="${RAY_AUTH_TOKEN_PATH:-${HOME}/.ray/auth_token}"
+    export RAY_AUTH_TOKEN_PATH="${token_path}"
+    if [[ -z "${RAY_AUTH_TOKEN:-}" ]] && [[ ! -s "${token_path}" ]]; then
+        if [[ "${role}" == head ]]; then
+            mkdir -p "$(dirname "${token_path}")"
+            (umask 077 && python -c 'import secrets; print(secrets.token_hex(32))' > "${token_path}.new")
+            mv "${token_path}.new" "${token_path}"
+        else
+            for _ in $(seq 1 "${MEGACOV_WAIT_S:-300}"); do
+                [[ -s "${token_path}" ]] && break
+                sleep 1
+            done
+            if [[ ! -s "${token_path}" ]]; then
+                echo "ray-node.sh: no Ray token at ${token_path} (the head writes it)" >&2
+                exit 1
+            fi
+        fi
+    fi
 fi
 
 case "${role}" in
     head)
-        exec ray start --head --port="${port}" --num-cpus="${cpus}" --dashboard-host=0.0.0.0 \
+        exec ray start --head --port="${port}" --num-cpus="${cpus}" \
+            --dashboard-host="${RAY_DASHBOARD_HOST:-127.0.0.1}" \
             --disable-usage-stats --block "${extra[@]}"
         ;;
     worker)
@@ -39,10 +75,6 @@ case "${role}" in
             --num-cpus="${cpus}" --disable-usage-stats --block "${extra[@]}"
         ;;
     driver)
-        if [[ $# -eq 0 ]]; then
-            echo "ray-node.sh: driver needs a command to run" >&2
-            exit 2
-        fi
         head="${RAY_HEAD:?set RAY_HEAD=host:port of the Ray head}"
         ray start --address="${head}" --num-cpus=0 --disable-usage-stats --block "${extra[@]}" &
         node_pid=$!
@@ -56,9 +88,5 @@ case "${role}" in
         status=0
         "$@" || status=$?
         exit "${status}"
-        ;;
-    *)
-        echo "usage: ray-node.sh head|worker|driver [command...]" >&2
-        exit 2
         ;;
 esac

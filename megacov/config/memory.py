@@ -121,6 +121,8 @@ class MemoryPlan:
     failure: Optional[str] = None
     """The item that breaks the plan, or None when it fits."""
     suggestions: list[str] = field(default_factory=list)
+    also: list[str] = field(default_factory=list)
+    """Other phases that do not fit either."""
 
     @property
     def fits(self) -> bool:
@@ -143,6 +145,7 @@ class MemoryPlan:
                          f"{(self.gpu_bytes - peak.total) / GIB:.1f} GiB of {gpu:.1f} GiB")
         else:
             lines.append(f"memory: does NOT fit: {self.failure}")
+            lines += [f"  also: {a}" for a in self.also]
             lines += [f"  suggestion: {s}" for s in self.suggestions]
         return "\n".join(lines)
 
@@ -259,6 +262,8 @@ def _verdict(plan: MemoryPlan, cfg: Any, colocated: bool) -> None:
         phase = max(over, key=lambda ph: ph.total)
         plan.failure = f"the {phase.name} phase needs {_gib(phase.total)} of {_gib(gpu)}; {_breaking_item(phase)}"
         _suggest(plan, cfg, phase, colocated)
+        plan.also = [f"the {ph.name} phase needs {_gib(ph.total)} too; {_breaking_item(ph)}"
+                     for ph in over if ph is not phase]
 
 
 def _breaking_item(phase: Phase) -> str:

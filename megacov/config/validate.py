@@ -202,11 +202,29 @@ def _check_model(cfg: MegacovConfig, shape: ModelShape) -> None:
              f"rollout.tp={rtp} does not divide the model's {shape.num_heads} attention heads")
 
 
-def _count_gpus() -> int:
-    # torch is already a dependency; importing it here is fine (the dry run needs no megatron/vllm).
-    import torch
+def _count_gpus(cfg: MegacovConfig) -> int:
+    """GPUs of the job: the Ray cluster's when one is given (trainer.ray_address / $RAY_ADDRESS; the
+    driver may sit on a node with none, or with one node's share), else this machine's."""
+    from megacov.workers.cluster import resolve_address
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    address = resolve_address(cfg.trainer.ray_address)
+    if address is None:
+        # torch is already a dependency; importing it here is fine (the dry run needs no megatron/vllm).
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    import ray
+
+    from megacov.workers.cluster import connect_ray
+
+    try:
+        if not ray.is_initialized():
+            connect_ray(cfg.trainer.ray_address)
+        return int(ray.cluster_resources().get("GPU", 0))
+    except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is the same advice
+        raise ConfigError(f"parallel.num_gpus is unset and the Ray cluster at {address} cannot be asked "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                          f"set parallel.num_gpus") from None
 
 
 def plan_layout(cfg: MegacovConfig, shape: Optional[ModelShape] = None) -> LayoutPlan:
@@ -229,7 +247,7 @@ def plan_layout(cfg: MegacovConfig, shape: Optional[ModelShape] = None) -> Layou
     placement = r.placement
     _require(placement in ("colocated", "disaggregated"),
              f"rollout.placement='{placement}' must be 'colocated' or 'disaggregated'")
-    num_gpus = cfg.parallel.num_gpus if cfg.parallel.num_gpus is not None else _count_gpus()
+    num_gpus = cfg.parallel.num_gpus if cfg.parallel.num_gpus is not None else _count_gpus(cfg)
     rollout_devices = r.engines * r.tp
     if placement == "colocated":
         needed = max(world, rollout_devices)

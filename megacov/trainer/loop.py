@@ -29,7 +29,13 @@ from megacov.algorithms.shaping import entropy_advantage
 from megacov.analysis.diversity import diversity_metrics
 from megacov.rollout.mismatch import logprob_mismatch, mismatch_sample
 from megacov.trainer import step_metrics as sm
-from megacov.trainer.batching import build_actor_batch, group_ids_for, masked_mean, response_positions
+from megacov.trainer.batching import (
+    build_actor_batch,
+    group_ids_for,
+    masked_mean,
+    response_positions,
+    seq_multiple,
+)
 from megacov.trainer.rollout import Timer, collect
 
 if TYPE_CHECKING:
@@ -50,7 +56,8 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
     truncated = ro.flat("truncated")
     train_rows = [not t for t in truncated] if cfg.data.overlong_filter else None
     batch, rollout_lp = build_actor_batch(ro.prompt_ids, ro.flat("response_ids"), pad_id=ctx.pad_id,
-                                          train_rows=train_rows, rollout_logprobs=ro.flat("logprobs"))
+                                          train_rows=train_rows, rollout_logprobs=ro.flat("logprobs"),
+                                          multiple=seq_multiple(cfg.parallel))
     mask = batch.mask
 
     # 2. log-probs of the behaviour policy (with token entropies) and of the reference policy

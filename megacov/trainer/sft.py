@@ -71,7 +71,7 @@ def run_sft(cfg: Any, plan: Any, tokenizer: Any, runtime: Any, *, steps: int, ou
     """Train ``steps`` SFT updates from ``cfg.model.path`` and export the result to ``out_dir``, on an
     actor group of ``runtime`` (connected) that is shut down afterwards."""
     from megacov.data import PromptLoader, load_from_config, sft_examples
-    from megacov.trainer.batching import build_actor_batch
+    from megacov.trainer.batching import build_actor_batch, seq_multiple
     from megacov.trainer.session import export_hf
 
     records = load_from_config(list(cfg.data.sft_files or cfg.data.train_files), tokenizer, cfg.data)
@@ -89,7 +89,8 @@ def run_sft(cfg: Any, plan: Any, tokenizer: Any, runtime: Any, *, steps: int, ou
         for step in range(1, steps + 1):
             chosen = [examples[r.uid] for r in loader.next(per_step)]
             batch, _ = build_actor_batch([e.prompt_ids for e in chosen], [e.response_ids for e in chosen],
-                                         pad_id=tokenizer.pad_token_id or 0)
+                                         pad_id=tokenizer.pad_token_id or 0,
+                                         multiple=seq_multiple(cfg.parallel))
             out = actor.update(ray.put(batch), per_step, step=step, controls=None, algo_cfg=hp, epochs=1)[0]
             row = {"step": step, "sft/nll": out["pg_loss"], "sft/grad_norm": out["grad_norm"],
                    "sft/lr": out["lr"], "time/elapsed": time.perf_counter() - start}
