@@ -148,7 +148,10 @@ def write_demo_report(cfg, out: str, runs: list[tuple[str, int, str]], *, comman
     from megacov.analysis.summary import AnalysisOptions, analyze_run, to_jsonable
     from megacov.cli.analyze import _text_summary
 
-    eval_rows = sum(1 for p in cfg.data.eval_files for line in open(p) if line.strip())
+    eval_rows = 0
+    for path in cfg.data.eval_files:
+        with open(path) as fh:
+            eval_rows += sum(1 for line in fh if line.strip())
     metrics = {name: read_run(os.path.join(out, name)) for _, _, name in runs}
     figures = [demo.run_figures(metrics[name], m, s, batch_samples=cfg.data.batch_size * cfg.rollout.n,
                                 eval_samples=eval_rows * cfg.trainer.eval_n) for m, s, name in runs]
@@ -163,12 +166,12 @@ def write_demo_report(cfg, out: str, runs: list[tuple[str, int, str]], *, comman
         json.dump(to_jsonable({"runs": [{"name": f.name, "method": f.method, "seed": f.seed, **f.values}
                                         for f in figures],
                                "claims": [vars(b) for b in bars], "command": command}), fh, indent=1)
+    intro = (f"`{command}` — {len(runs)} runs, {cfg.trainer.total_steps} RL steps each, "
+             f"{cfg.data.batch_size} prompts × {cfg.rollout.n} samples per step; this report written after "
+             f"{elapsed / 60:.1f} min. Baseline: **{demo.BASELINE}** (`policy_loss=ppo`), the run whose entropy "
+             "is expected to collapse. Cells: mean ± spread (half the range) over seeds.")
     text = "\n".join([
-        "# Entropy demo", "",
-        f"`{command}` — {len(runs)} runs, {cfg.trainer.total_steps} RL steps each, "
-        f"{cfg.data.batch_size} prompts × {cfg.rollout.n} samples per step; this report written after "
-        f"{elapsed / 60:.1f} min. Baseline: **{demo.BASELINE}** (`policy_loss=ppo`), the run whose entropy "
-        "is expected to collapse. Cells: mean ± spread (half the range) over seeds.", "",
+        "# Entropy demo", "", intro, "",
         demo.figures_table(methods), "", "## Claims", "", demo.bars_table(bars), "",
         "## megacov analyze (per run)", "", "```", _text_summary(analyses), "```", "",
         f"Curves: `{os.path.basename(curves)}`; full analysis: `{os.path.relpath(html, out)}`.", ""])
