@@ -13,8 +13,16 @@ import torch
 
 from megacov.analysis.diversity import diversity_metrics, entropy_by_position, group_diversity
 from megacov.rewards import RewardManager, reward_spec
-from megacov.tasks.explore import (RESPONSE_DIGITS, ExploreSpec, bonus_pairs, explore_score, split_prompts,
-                                   task_rows, warm_start_rates, write_explore_data)
+from megacov.tasks.explore import (
+    RESPONSE_DIGITS,
+    ExploreSpec,
+    bonus_pairs,
+    explore_score,
+    split_prompts,
+    task_rows,
+    warm_start_rates,
+    write_explore_data,
+)
 
 
 def test_reward_partial_full_and_invalid():
@@ -51,9 +59,16 @@ def test_task_has_many_answers_recurring_prompts_and_a_rare_bonus(tmp_path):
     assert 0.01 < rates["full"] < 0.08         # the full-credit behaviour is rare, not absent
     # deterministic and atomic; a second call keeps the files
     paths = write_explore_data(str(tmp_path / "d"), spec)
-    first = {k: open(p).read() for k, p in paths.items()}
+    def contents(files):
+        out = {}
+        for k, p in files.items():
+            with open(p) as fh:
+                out[k] = fh.read()
+        return out
+
+    first = contents(paths)
     os.utime(paths["train"], (1, 1))
-    assert {k: open(p).read() for k, p in write_explore_data(str(tmp_path / "d"), spec).items()} == first
+    assert contents(write_explore_data(str(tmp_path / "d"), spec)) == first
     assert json.loads(first["train"].splitlines()[0])["answer"].count("|") == 1
     # a different seed hides the bonus elsewhere
     assert task_rows(ExploreSpec(seed=3))["train"] != rows["train"]

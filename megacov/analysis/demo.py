@@ -199,21 +199,26 @@ def check_bars(methods: list[MethodFigures]) -> list[Bar]:
     for m in others:
         for key in ("full_rate_end", "val_end"):
             diff, se = m.mean(key) - base.mean(key), math.hypot(m.se(key), base.se(key))
-            clear.append((diff > 2 * se, f"{m.method} {key} +{diff:.3f} (2 SE = {2 * se:.3f})"))
+            clear.append((diff > 2 * se, f"{m.method} {key} {diff:+.3f} (2 SE = {2 * se:.3f})"))
     bars.append(Bar("at least one entropy method clearly higher (> 2 SE) on full credit",
                     "; ".join(t for _, t in clear), any(ok for ok, _ in clear) if clear else None))
     for m in methods:
         diff = m.mean("val_end") - m.mean("val_start")
         se = math.hypot(m.se("val_end"), m.se("val_start"))
-        bars.append(Bar(f"{m.method} val/acc rises > 2 SE from step 0", f"+{diff:.3f} (2 SE = {2 * se:.3f})",
+        bars.append(Bar(f"{m.method} val/acc rises > 2 SE from step 0", f"{diff:+.3f} (2 SE = {2 * se:.3f})",
                         bool(diff > 2 * se) if math.isfinite(diff) else None))
     r2 = base.mean("law_r2")
     bars.append(Bar(f"R = -a·exp(H) + b fits {BASELINE} with R² ≥ {FIT_R2_BAR}", f"{r2:.3f}",
                     bool(r2 >= FIT_R2_BAR) if math.isfinite(r2) else None))
-    err = base.mean("pred_rel_error")
+    err, pred, actual = base.mean("pred_rel_error"), base.mean("pred_final"), base.mean("pred_actual")
+    if math.isfinite(err):
+        text = f"{err:.1%} ({pred:.3f} vs {actual:.3f}, fitted on {base.mean('pred_points'):.0f} points)"
+    elif math.isfinite(pred):
+        text = f"predicted {pred:.3f}, actual {actual:.3f}: a relative error of a zero actual is undefined"
+    else:
+        text = "no fit (too few points or constant entropy in the first quarter)"
     bars.append(Bar(f"{BASELINE} final val/acc predicted from the first quarter within {PREDICTION_BAR:.0%}",
-                    f"{err:.1%} (from {base.mean('pred_points'):.0f} points)" if math.isfinite(err) else "no fit",
-                    bool(err <= PREDICTION_BAR) if math.isfinite(err) else None))
+                    text, bool(err <= PREDICTION_BAR) if math.isfinite(err) else None))
     return bars
 
 

@@ -16,7 +16,8 @@ Pure functions of what the loop already holds (no I/O, no distributed calls).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Protocol, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -46,7 +47,7 @@ def group_diversity(texts: Sequence[str], raw: np.ndarray, correct: np.ndarray, 
             f"div/avg@{n}": float(per_group.mean()), "div/rewarded_rate": float((raw > 0).mean())}
 
 
-def entropy_by_position(entropy: "torch.Tensor", positions: "torch.Tensor", max_positions: int = 12) -> dict[str, float]:
+def entropy_by_position(entropy: torch.Tensor, positions: torch.Tensor, max_positions: int = 12) -> dict[str, float]:
     """Mean entropy at each response position (``positions`` [B, L] marks response tokens)."""
     pos = positions.bool()
     index = pos.long().cumsum(dim=1) - 1  # response position of every marked token
@@ -70,8 +71,8 @@ class GroupedSamples(Protocol):
     def array(self, name: str) -> np.ndarray: ...
 
 
-def diversity_metrics(samples: GroupedSamples, entropy: Optional["torch.Tensor"] = None,
-                      positions: Optional["torch.Tensor"] = None, max_positions: int = 12) -> dict[str, float]:
+def diversity_metrics(samples: GroupedSamples, entropy: torch.Tensor | None = None,
+                      positions: torch.Tensor | None = None, max_positions: int = 12) -> dict[str, float]:
     """All of the module's numbers for one step (entropy ones only when ``entropy`` is given)."""
     out = group_diversity(samples.flat("texts"), samples.array("raw"), samples.array("correct"), samples.n)
     if entropy is not None and positions is not None:

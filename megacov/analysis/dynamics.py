@@ -65,7 +65,7 @@ def levels(values: np.ndarray, frac: float = LEVEL_FRAC) -> dict | None:
     v = np.asarray(values, dtype=np.float64)
     if v.size < 2:
         return None
-    k = max(1, int(math.ceil(frac * v.size)))
+    k = max(1, math.ceil(frac * v.size))
     start, end = float(v[:k].mean()), float(v[-k:].mean())
     sd = noise_sd(v)
     se = sd * math.sqrt(2.0 / k) if math.isfinite(sd) else math.nan

@@ -14,8 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from megacov.analysis.dynamics import cov_summary, series_summary
-from megacov.analysis.fit import (MIN_RELIABLE_POINTS, EntropyLawFit, FitError, Prediction, fit_and_predict,
-                                  fit_entropy_law, metric_bounds)
+from megacov.analysis.fit import (
+    MIN_RELIABLE_POINTS,
+    EntropyLawFit,
+    FitError,
+    Prediction,
+    fit_and_predict,
+    fit_entropy_law,
+    metric_bounds,
+)
 from megacov.analysis.runs import RunMetrics
 
 DEFAULT_ENTROPY_KEY = "actor/entropy"

@@ -88,8 +88,10 @@ def run(args: argparse.Namespace) -> int:
             if _finished(os.path.join(out, name), cfg.trainer.total_steps):
                 print(f"[demo] {name}: finished earlier, kept", flush=True)
                 continue
+            t_run = time.perf_counter()
             code = _train(args.config, [*base, *METHODS[method], f"trainer.name={name}", f"rollout.seed={seed}",
                                         f"data.seed={seed}", f"algorithm.seed={seed}"], out, name, start)
+            _record_time(out, name, time.perf_counter() - t_run)
             if code != 0:
                 return fail(f"run {name} failed (exit {code}); its log: {os.path.join(out, name + '.log')}",
                             code=1)
@@ -97,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if not done:
         return fail(f"no finished runs in {out}")
     command = "megacov demo entropy " + " ".join(sys.argv[3:] if sys.argv[1:3] == ["demo", "entropy"] else [])
-    report = write_demo_report(cfg, out, done, command=command.strip(), elapsed=time.perf_counter() - start)
+    report = write_demo_report(cfg, out, done, command=command.strip(), elapsed=_recorded_time(out, done))
     print(f"[demo] report: {report}")
     return 0
 
@@ -111,6 +113,29 @@ def _prepare(cfg) -> None:
     data_dirs = {os.path.dirname(p) for p in [*cfg.data.train_files, *cfg.data.eval_files, *cfg.data.sft_files]}
     for data_dir in sorted(data_dirs):
         build_explore_example(cfg.model.path, data_dir)
+
+
+def _record_time(out: str, name: str, seconds: float) -> None:
+    """Wall time of each run (the first includes the warm-start) in ``timings.json``."""
+    path = os.path.join(out, "timings.json")
+    times = _read_times(out)
+    times[name] = round(seconds, 1)
+    with open(path + ".tmp", "w") as fh:
+        json.dump(times, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _read_times(out: str) -> dict[str, float]:
+    try:
+        with open(os.path.join(out, "timings.json")) as fh:
+            return {str(k): float(v) for k, v in json.load(fh).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _recorded_time(out: str, runs: list[tuple[str, int, str]]) -> float:
+    times = _read_times(out)
+    return sum(times.get(name, 0.0) for _, _, name in runs)
 
 
 def _finished(run_dir: str, total_steps: int) -> bool:
@@ -148,7 +173,10 @@ def write_demo_report(cfg, out: str, runs: list[tuple[str, int, str]], *, comman
     from megacov.analysis.summary import AnalysisOptions, analyze_run, to_jsonable
     from megacov.cli.analyze import _text_summary
 
-    eval_rows = sum(1 for p in cfg.data.eval_files for line in open(p) if line.strip())
+    eval_rows = 0
+    for path in cfg.data.eval_files:
+        with open(path) as fh:
+            eval_rows += sum(1 for line in fh if line.strip())
     metrics = {name: read_run(os.path.join(out, name)) for _, _, name in runs}
     figures = [demo.run_figures(metrics[name], m, s, batch_samples=cfg.data.batch_size * cfg.rollout.n,
                                 eval_samples=eval_rows * cfg.trainer.eval_n) for m, s, name in runs]
@@ -163,12 +191,12 @@ def write_demo_report(cfg, out: str, runs: list[tuple[str, int, str]], *, comman
         json.dump(to_jsonable({"runs": [{"name": f.name, "method": f.method, "seed": f.seed, **f.values}
                                         for f in figures],
                                "claims": [vars(b) for b in bars], "command": command}), fh, indent=1)
+    intro = (f"`{command}` — {len(runs)} runs, {cfg.trainer.total_steps} RL steps each, "
+             f"{cfg.data.batch_size} prompts × {cfg.rollout.n} samples per step; {elapsed / 60:.1f} min of "
+             f"training in all (warm-start included). Baseline: **{demo.BASELINE}** (`policy_loss=ppo`), "
+             "the run whose entropy is expected to collapse. Cells: mean ± spread (half the range) over seeds.")
     text = "\n".join([
-        "# Entropy demo", "",
-        f"`{command}` — {len(runs)} runs, {cfg.trainer.total_steps} RL steps each, "
-        f"{cfg.data.batch_size} prompts × {cfg.rollout.n} samples per step; this report written after "
-        f"{elapsed / 60:.1f} min. Baseline: **{demo.BASELINE}** (`policy_loss=ppo`), the run whose entropy "
-        "is expected to collapse. Cells: mean ± spread (half the range) over seeds.", "",
+        "# Entropy demo", "", intro, "",
         demo.figures_table(methods), "", "## Claims", "", demo.bars_table(bars), "",
         "## megacov analyze (per run)", "", "```", _text_summary(analyses), "```", "",
         f"Curves: `{os.path.basename(curves)}`; full analysis: `{os.path.relpath(html, out)}`.", ""])

@@ -27,7 +27,6 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Optional
 
 #: Number of digits in a response (the decision tokens; EOS follows).
 RESPONSE_DIGITS = 8
@@ -130,7 +129,7 @@ def task_rows(spec: ExploreSpec) -> dict[str, list[dict]]:
     return rows
 
 
-def write_explore_data(data_dir: str, spec: Optional[ExploreSpec] = None) -> dict[str, str]:
+def write_explore_data(data_dir: str, spec: ExploreSpec | None = None) -> dict[str, str]:
     """Write ``{train,eval,sft}.jsonl`` into ``data_dir`` (atomically, idempotently). Returns their paths."""
     spec = spec or ExploreSpec()
     paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("train", "eval", "sft")}
@@ -140,13 +139,12 @@ def write_explore_data(data_dir: str, spec: Optional[ExploreSpec] = None) -> dic
     for name, rows in task_rows(spec).items():
         tmp = paths[name] + ".tmp"
         with open(tmp, "w") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
         os.replace(tmp, paths[name])
     return paths
 
 
-def build_explore_example(model_dir: str, data_dir: str, spec: Optional[ExploreSpec] = None) -> dict[str, str]:
+def build_explore_example(model_dir: str, data_dir: str, spec: ExploreSpec | None = None) -> dict[str, str]:
     """The tiny model (same size as examples/tiny) and the explore data; existing files are kept."""
     from megacov.tiny import EXAMPLE_MODEL, build_model
 
@@ -155,7 +153,7 @@ def build_explore_example(model_dir: str, data_dir: str, spec: Optional[ExploreS
     return {"model": model_dir, **write_explore_data(data_dir, spec)}
 
 
-def warm_start_rates(spec: Optional[ExploreSpec] = None, samples: int = 20000, seed: int = 1) -> dict[str, float]:
+def warm_start_rates(spec: ExploreSpec | None = None, samples: int = 20000, seed: int = 1) -> dict[str, float]:
     """What a policy equal to the warm-start *data* would score: the ideal SFT, for the docs and tests.
 
     The trained warm-start is worse at the sum (a tiny model) and so has fewer valid answers.
