@@ -22,7 +22,7 @@ def digits(response, answer):
 '''
 
 METHODS = {
-    "gspo": {"policy_loss": "gspo"},
+    "gspo": {"policy_loss": "gspo", "loss_agg_mode": "seq-mean-token-mean"},
     "cispo": {"policy_loss": "cispo"},
     "ppo-he": {"policy_loss": "ppo", "entropy_top_ratio": 0.2},
     "clip_cov-he": {"policy_loss": "clip_cov", "entropy_top_ratio": 0.2},
@@ -34,7 +34,7 @@ METHODS = {
 OWN_METRIC = {"gspo": "actor/seq_ratio", "cispo": "actor/clipfrac", "ppo-he": "high_entropy/frac",
               "clip_cov-he": "high_entropy/threshold", "entropy-adv": "actor/entropy_adv_bonus",
               "tis": "rollout_corr/truncated_frac", "mis-seq": "rollout_corr/masked_frac"}
-STEPS = 3
+STEPS = 2
 
 
 @pytest.fixture(scope="module")
