@@ -34,10 +34,11 @@ def _batch():
     return lp, lp + 0.1 * torch.randn(4, 6, generator=g), torch.randn(4, 6, generator=g), torch.ones(4, 6) > 0
 
 
-@pytest.mark.parametrize("name", ["ppo", "clip_cov", "kl_cov"])
+@pytest.mark.parametrize("name", ["ppo", "clip_cov", "kl_cov", "gspo", "cispo"])
 def test_policy_losses_reachable_from_config(name):
     assert name in list_policy_losses()
-    cfg = load_config(None, [f"algorithm.policy_loss={name}", "algorithm.ppo_epochs=2"])
+    agg = ["algorithm.loss_agg_mode=seq-mean-token-mean"] if name == "gspo" else []
+    cfg = load_config(None, [f"algorithm.policy_loss={name}", "algorithm.ppo_epochs=2", *agg])
     assert check_algorithm_config(cfg) == []
     lp, old, adv, mask = _batch()
     loss, _ = get_policy_loss(cfg.algorithm.policy_loss)(lp, old, adv, mask, norm=LossNormalizer.from_mask(mask),
@@ -87,6 +88,15 @@ def test_unknown_names_list_registered(override, registered):
     (["algorithm.entropy_control=par", "algorithm.par_schedule=stage", "algorithm.par_stage_steps=[5]",
       "algorithm.par_stage_lambdas=[0.5]"], "algorithm.par_stage_lambdas"),
     (["algorithm.entropy_control=par", "algorithm.par_schedule=epoch"], "trainer.total_epochs"),
+    (["algorithm.entropy_top_ratio=0"], "algorithm.entropy_top_ratio"),
+    (["algorithm.entropy_top_ratio=0.2", "algorithm.cov_scope=global_old"], "algorithm.entropy_top_ratio"),
+    (["algorithm.rollout_correction=clip"], "algorithm.rollout_correction"),
+    (["algorithm.rollout_correction_level=batch"], "algorithm.rollout_correction_level"),
+    (["algorithm.rollout_mis_low=1.2"], "algorithm.rollout_mis_low"),
+    (["algorithm.rollout_is_cap=0"], "algorithm.rollout_is_cap"),
+    (["algorithm.cispo_clip_ratio_low=1.5"], "algorithm.cispo_clip_ratio_low"),
+    (["algorithm.gspo_clip_ratio_high=-1"], "algorithm.gspo_clip_ratio_low"),
+    (["algorithm.entropy_advantage_kappa=0"], "algorithm.entropy_advantage_coef"),
 ])
 def test_bad_values_are_config_errors(overrides, key):
     with pytest.raises(ConfigError, match=re.escape(key)):
@@ -105,6 +115,11 @@ def test_kl_cov_on_policy_warning_through_validate():
         validate(off_policy, check_model=False)
     with pytest.raises(ConfigError, match="registered"):
         validate(load_config(None, ["algorithm.policy_loss=dapo", "parallel.num_gpus=0"]), check_model=False)
+
+
+def test_gspo_warns_without_its_sequence_normalisation():
+    msgs = check_algorithm_config(load_config(None, ["algorithm.policy_loss=gspo"]))
+    assert any("seq-mean-token-mean" in m for m in msgs)
 
 
 def test_rollout_n_one_warns_for_group_estimators():

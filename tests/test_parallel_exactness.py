@@ -36,8 +36,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SELECTING = ("clip_cov", "kl_cov")
 EXTRA = [Case("clip_cov", 4, "micro_batch"), Case("kl_cov", 4, "micro_batch"), Case("clip_cov", 4, "global_old"),
-         Case("kl_cov", 1, "global_old"), Case("ppo", 4, entropy_top=0.2), Case("clip_cov", 1, entropy_top=0.2),
-         Case("kl_cov", 4, "micro_batch", entropy_top=0.2), Case("gspo", 4, entropy_top=0.2)]
+         Case("kl_cov", 1, "global_old"), Case("gspo", 1), Case("cispo", 4), Case("ppo", 4, entropy_top=0.2),
+         Case("clip_cov", 1, entropy_top=0.2), Case("kl_cov", 4, "micro_batch", entropy_top=0.2),
+         Case("gspo", 4, entropy_top=0.2)]
 
 
 def _check(rows, tol: Tolerances, expected: int) -> None:
@@ -122,9 +123,8 @@ LAYOUTS = [
 @pytest.mark.parametrize("layout,opts,tol", LAYOUTS, ids=[x[0] + ("-ddp" if x[1].ddp else "") + "-" + x[1].dtype_name
                                                           for x in LAYOUTS])
 def test_layout_matches_float64_reference(layout, opts, tol):
-    losses = list_policy_losses()
-    rows = run_exactness([layout], [1, 4], losses, [67, 64], opts=opts, extra_cases=EXTRA)
-    _check(rows, tol, expected=2 * (2 * len(losses) + len(EXTRA)))
+    rows = run_exactness([layout], [1, 4], ["ppo", "clip_cov", "kl_cov"], [67, 64], opts=opts, extra_cases=EXTRA)
+    _check(rows, tol, expected=2 * (6 + len(EXTRA)))
 
 
 def test_batch_tells_the_scopes_apart():

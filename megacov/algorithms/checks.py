@@ -100,6 +100,9 @@ def _warnings(cfg: Any) -> list[str]:
                    "so every advantage is 0 and nothing is learned")
     if a.use_kl_in_reward and a.kl_coef == 0:
         out.append("algorithm.use_kl_in_reward=true has no effect while algorithm.kl_coef=0")
+    if a.policy_loss == "gspo" and a.loss_agg_mode != "seq-mean-token-mean":
+        out.append(f"algorithm.policy_loss=gspo with loss_agg_mode={a.loss_agg_mode}: the paper's objective "
+                   "averages the sequence terms (loss_agg_mode=seq-mean-token-mean)")
     if a.entropy_control == "adaptive" and a.entropy_coef_max == 0:
         out.append("algorithm.entropy_control=adaptive with entropy_coef_max=0 never applies an entropy bonus")
     return out

@@ -1,6 +1,10 @@
-"""Which tokens Clip-Cov and KL-Cov act on: pure, deterministic and independent of the layout.
+"""Which tokens a token-selecting method acts on: pure, deterministic and independent of the layout.
 
-The reference implementation chooses tokens per micro-batch and per rank (so the choice changes
+Every rule is a :class:`SelectionRule` in a registry (``clip_cov``, ``kl_cov``, ``high_entropy``;
+a loss names its rule when it registers), so :mod:`megacov.parallel` computes any of them over the
+whole mini-batch without knowing which method it serves.
+
+The reference implementation of Clip-Cov / KL-Cov chooses tokens per micro-batch and per rank (so the choice changes
 with the micro-batch size and the data-parallel degree) and draws Clip-Cov's random subset with an
 unseeded ``torch.randperm`` (so no run can be reproduced). Here every decision is a pure function of
 *scope statistics* (valid-token count, mean log-prob, mean advantage) and of per-token *global ids*:
@@ -9,10 +13,11 @@ unseeded ``torch.randperm`` (so no run can be reproduced). Here every decision i
   the ``n`` smallest keys. A token's key does not depend on where the token lives, so any split of
   the scope over ranks and micro-batches chooses the same set once the candidates are combined.
 * KL-Cov keeps the ``k`` largest covariances, ties going to the smaller global id.
+* The high-entropy tokens are the ``k`` largest entropies, ``k`` the count at or above the scope's
+  quantile (:func:`high_entropy_count`), ties again to the smaller global id.
 
 Nothing here communicates: :mod:`megacov.parallel` reduces the statistics (:class:`ScopeStats`),
-gathers each shard's candidates (:func:`clip_cov_candidates`, :func:`kl_cov_candidates`, at most
-n per shard), chooses once on the union (:func:`select_smallest`, :func:`select_largest`) and maps
+gathers each shard's candidates (:func:`rule_candidates`, at most n per shard), chooses once on the union (:func:`select_smallest`, :func:`select_largest`) and maps
 the chosen ids back (:func:`mask_from_ids`); the result equals the single-process choice.
 
 The hash is splitmix64, evaluated in torch on four 16-bit limbs held in int64 tensors, so every

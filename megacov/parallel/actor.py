@@ -30,12 +30,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megacov.algorithms.losses import METRIC_REDUCTIONS, LossNormalizer
+from megacov.algorithms import selection as sel
+from megacov.algorithms.losses import METRIC_REDUCTIONS, LossNormalizer, loss_selection
 from megacov.algorithms.objective import actor_loss
 from megacov.parallel.batch import ActorBatch
 from megacov.parallel.layout import ParallelLayout
-from megacov.algorithms import selection as sel
-from megacov.algorithms.losses import loss_selection
 from megacov.parallel.selection import (
     GlobalSelection,
     global_normalizer,

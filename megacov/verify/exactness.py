@@ -206,17 +206,16 @@ def make_batch(spec: TinySpec, w: dict[str, torch.Tensor], *, batch_size: int, s
 
 
 def _scope_selection(hp: Any, lp: torch.Tensor, batch: ActorBatch, step: int) -> tuple[Any, Any]:
-    """Whole-batch selection of ``cov_scope=global_old`` computed from the old log-probs."""
+    """Whole-batch selection of ``cov_scope=global_old``: the loss's rule scored on the old log-probs."""
+    from megacov.algorithms.losses import loss_selection
+
     m, old = batch.mask, batch.old_log_prob.double()
     stats = sel.scope_stats(old, batch.advantages, m)
-    ids = batch.global_token_ids
-    if hp.policy_loss == "clip_cov":
-        chosen = sel.select_clip_cov(old, old, batch.advantages, m, ids, stats, hp=hp, step=step)
-    elif hp.policy_loss == "kl_cov":
-        chosen = sel.select_kl_cov(old, batch.advantages, m, ids, stats, kl_cov_ratio=hp.kl_cov_ratio)
-    else:
-        chosen = None
-    return chosen, stats
+    rule = loss_selection(hp.policy_loss)
+    if rule is None:
+        return None, stats
+    inp = sel.SelectionInputs(old, old, batch.advantages, m, batch.global_token_ids, stats, hp=hp, step=step)
+    return sel.select_in_scope(sel.get_selection_rule(rule), inp), stats
 
 
 def reference_step(w: dict[str, torch.Tensor], spec: TinySpec, batch: ActorBatch, hp: Any, *, step: int,
