@@ -233,3 +233,25 @@ def test_dry_run_validates_expert_parallelism(tmp_path) -> None:
                        architecture="Qwen3ForCausalLM")
     with pytest.raises(ConfigError, match="needs a mixture-of-experts model"):
         plan_layout(load_config(None, ["parallel.ep=2", "parallel.dp=2", "parallel.num_gpus=0"]), dense)
+
+
+def test_weight_groups_cover_the_checkpoint_and_fuse_experts() -> None:
+    from megacov.models.export import hf_weight_groups
+    from megacov.models.loader import ModelInfo
+
+    arch = arch_from_hf(_hf(mlp_only_layers=[1]), vocab_divisible_by=128)
+
+    def info(offset: int, layers: int) -> ModelInfo:
+        return ModelInfo(family="qwen3_moe", arch=arch, hf_config={}, source="hf", path="", dtype="float32",
+                         tp=1, pp=2, pp_rank=offset // 2, layer_offset=offset, num_local_layers=layers)
+
+    first, last = hf_weight_groups(info(0, 2)), hf_weight_groups(info(2, 2))
+    names = [n for g in (first, last) for names in g.values() for n in names]
+    assert sorted(names) == sorted(hf_tensor_shapes(arch, families()["qwen3_moe"].layer_rules))
+    w13 = first["model.layers.0.mlp.experts.w13"]
+    assert len(w13) == 16 and w13[:2] == ["model.layers.0.mlp.experts.0.gate_proj.weight",
+                                          "model.layers.0.mlp.experts.0.up_proj.weight"]
+    assert len(first["model.layers.0.mlp.experts.w2"]) == 8 and "model.layers.1.mlp.experts.w13" not in first
+    assert first["model.layers.1.mlp.linear_fc1"] == ["model.layers.1.mlp.gate_proj.weight",
+                                                      "model.layers.1.mlp.up_proj.weight"]
+    assert "lm_head" in last and "model.embed_tokens" not in last

@@ -68,6 +68,7 @@ def _reference_selection(batch, lp: torch.Tensor, ent: torch.Tensor, case: Case)
 
 def _worker(rank: int, world: int, ep: int, hf_dir: str, batch) -> dict:
     from megacov.models import build_model, iter_hf_weights
+    from megacov.models.moe_metrics import RouterLoad
     from megacov.parallel.actor import compute_log_probs, train_step
     from megacov.parallel.layout import ParallelLayout
 
@@ -79,10 +80,13 @@ def _worker(rank: int, world: int, ep: int, hf_dir: str, batch) -> dict:
         lp, _ = compute_log_probs([model], layout, shard, temperature=TEMPERATURE, chunk_size=5,
                                   real_vocab_size=info.vocab_size, micro_batch_size=2)
         out["log_prob"] = (layout.dp_rank, lp.double())
+        load = RouterLoad(model, info.arch.num_layers, info.arch.moe.num_experts)
         for case in CASES:
+            load.reset()
             metrics = train_step([model], layout, shard, algo_cfg=case_hparams(case), step=STEP,
                                  temperature=TEMPERATURE, chunk_size=5, real_vocab_size=info.vocab_size,
                                  micro_batch_size=micro_batch_size(shard.batch_size, case.micro_batches))
+            router = load.collect(layout)
             saved = [p.detach().clone() for p in model.parameters()]
             with torch.no_grad():
                 for p in model.parameters():
@@ -91,7 +95,18 @@ def _worker(rank: int, world: int, ep: int, hf_dir: str, batch) -> dict:
             with torch.no_grad():
                 for p, s in zip(model.parameters(), saved):
                     p.copy_(s)
-            out["cases"][case] = (metrics["selected_ids"], metrics["pg_loss"], updated)
+            out["cases"][case] = (metrics["selected_ids"], metrics["pg_loss"], updated, router)
+        # the router losses, switched on from the config, are logged per layer
+        from megacov.config.schema import ModelConfig
+        from megacov.models.moe_metrics import router_overrides
+
+        overrides = router_overrides(ModelConfig(moe_aux_loss_coeff=0.01, moe_z_loss_coeff=0.001), hf_dir)
+        lossy, _ = build_model(hf_dir, layout, dtype="fp32", **overrides)
+        load = RouterLoad(lossy, info.arch.num_layers, info.arch.moe.num_experts)
+        load.reset()
+        train_step([lossy], layout, shard, algo_cfg=case_hparams(CASES[0]), step=STEP, temperature=TEMPERATURE,
+                   chunk_size=5, real_vocab_size=info.vocab_size, micro_batch_size=shard.batch_size)
+        out["router_losses"] = load.collect(layout)
     finally:
         layout.destroy()
     return out
@@ -110,6 +125,12 @@ def test_ep2_step_equals_ep1_and_selection_matches_float64(moe_dir: str) -> None
 
     batch, ref_lp, ref_ent = _batch(moe_dir)
     runs = {ep: run_distributed(_worker, 2, ep, moe_dir, batch, timeout_s=600) for ep in (1, 2)}
+    for ep, ranks in runs.items():  # aux and z-loss switched on from the config are logged per MoE layer
+        losses = ranks[0]["router_losses"]
+        for name in ("aux_loss", "z_loss"):
+            values = [losses.get(f"moe/{name}/layer_{i}", 0.0) for i in range(2)]
+            assert all(v > 0 and v == v for v in values), f"ep={ep}: {name} not logged: {losses}"
+        assert losses == ranks[1]["router_losses"], "router metrics must be identical on every rank"
     mask = batch.mask.bool()
     initial = load_file(f"{moe_dir}/model.safetensors")
     for ep, ranks in runs.items():
@@ -128,6 +149,12 @@ def test_ep2_step_equals_ep1_and_selection_matches_float64(moe_dir: str) -> None
         assert set(one[2]) == set(two[2]) and len(one[2]) > 0
         worst = max((one[2][k] - two[2][k]).abs().max().item() for k in one[2])
         assert worst <= 1e-5, f"{case.label()}: EP=2 weights after one step differ from EP=1 by {worst}"
+        # router metrics: identical routing at EP=1 and EP=2, every routed token counted once per pass
+        assert one[3] == two[3] and runs[2][1]["cases"][case][3] == two[3], f"{case.label()}: router metrics"
+        routed = sum(v for k, v in one[3].items() if k.startswith("moe/tokens_per_expert_mean/")) * 8
+        assert routed > 0 and routed % (batch.batch_size * batch.seq_len * 2) == 0, routed
+        assert {k.rsplit("/", 1)[1] for k in one[3]} == {"layer_0", "layer_1"}
         # the comparison is not vacuous: the step moved the experts
         moved = max((one[2][k] - initial[k]).abs().max().item() for k in one[2] if ".experts." in k)
         assert moved > 1e-4, f"{case.label()}: the step did not change the expert weights ({moved})"
+
