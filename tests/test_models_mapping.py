@@ -135,13 +135,15 @@ def test_names_te_aliases_tied_head_and_unknown_names() -> None:
 
 def test_family_tables_differ_only_where_the_models_differ() -> None:
     fams = families()
-    assert set(fams) == {"llama", "qwen2", "qwen3", "mistral"}
+    assert set(fams) == {"llama", "qwen2", "qwen3", "mistral", "qwen3_moe"}
     names = {n: {r.mcore for r in f.layer_rules} for n, f in fams.items()}
     base = {r.mcore for r in mapping.BASE_LAYER_RULES}
     assert names["llama"] == names["mistral"] == base
     assert names["qwen2"] - base == {"self_attention.linear_qkv.bias"}
     assert names["qwen3"] - base == {"self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight"}
+    assert names["qwen3_moe"] - names["qwen3"] == {r.mcore for r in mapping.MOE_RULES}
     assert fams["qwen2"].qkv_bias and fams["qwen3"].qk_norm and not fams["llama"].qkv_bias
+    assert fams["qwen3_moe"].moe is not None and fams["qwen3"].moe is None
 
 
 def test_detect_family_and_unknown_architecture_lists_supported() -> None:

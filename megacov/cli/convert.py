@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     h2m.add_argument("--out", required=True, metavar="DIR", help="output checkpoint directory")
     h2m.add_argument("--tp", type=int, default=1, help="tensor-parallel processes used to convert")
     h2m.add_argument("--pp", type=int, default=1, help="pipeline-parallel processes used to convert")
+    h2m.add_argument("--ep", type=int, default=1, help="expert-parallel processes used to convert (MoE models)")
     h2m.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="stored dtype (default: the HF config's)")
     m2h = sub.add_parser("mcore-to-hf", help="megatron dist checkpoint -> HF safetensors + config + tokenizer",
                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -88,11 +89,11 @@ def _convert(args: argparse.Namespace) -> int:
     from megacov.models import checkpoint
 
     if args.direction == "hf-to-mcore":
-        if args.tp < 1 or args.pp < 1:
-            return fail("--tp and --pp must be >= 1")
+        if args.tp < 1 or args.pp < 1 or args.ep < 1:
+            return fail("--tp, --pp and --ep must be >= 1")
         stats = checkpoint.hf_to_mcore(args.hf, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype,
-                                       overwrite=args.overwrite, progress=not args.quiet)
-        extra = f"{args.tp * args.pp} process(es), {_rss(stats['ranks'])}"
+                                       overwrite=args.overwrite, progress=not args.quiet, ep=args.ep)
+        extra = f"{args.tp * args.pp * args.ep} process(es), {_rss(stats['ranks'])}"
     else:
         shard_mb = args.max_shard_size_mb or checkpoint.DEFAULT_MAX_SHARD_MB
         if shard_mb < 1:

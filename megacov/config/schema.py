@@ -36,6 +36,12 @@ class ModelConfig:
     export and masked out of log-prob/entropy."""
     gradient_checkpointing: bool = False
     """Recompute transformer layers in backward (megatron full recompute) to save activation memory."""
+    moe_aux_loss_coeff: float = 0.0
+    """Mixture-of-experts models: weight of megatron's router load-balancing loss added to the RL
+    loss; 0 disables it. When enabled, its value per MoE layer is logged (``moe/aux_loss/layer_<i>``)."""
+    moe_z_loss_coeff: float = 0.0
+    """Mixture-of-experts models: weight of the router z-loss (mean squared logsumexp of the router
+    logits); 0 disables it. When enabled, logged per layer (``moe/z_loss/layer_<i>``)."""
 
 
 @dataclass
@@ -44,6 +50,10 @@ class ParallelConfig:
     """Tensor-parallel size of the Megatron actor and reference."""
     pp: int = 1
     """Pipeline-parallel size of the Megatron actor and reference."""
+    ep: int = 1
+    """Expert-parallel size (mixture-of-experts models): the experts of each MoE layer are split over
+    this many data-parallel ranks, so it must divide the DP size and the number of experts. Expert
+    layers are tensor-parallel like the dense ones (megatron's expert TP = ``tp``)."""
     dp: Optional[int] = None
     """Data-parallel size; ``None`` derives it as world_size // (tp * pp)."""
     world_size: Optional[int] = None

@@ -27,6 +27,8 @@ class ModelShape:
     vocab_size: int
     hidden_size: int
     architecture: str
+    num_experts: int = 0
+    """Routed experts per MoE layer (0 for dense models)."""
 
     @classmethod
     def from_hf_dir(cls, path: str) -> "ModelShape":
@@ -46,6 +48,7 @@ class ModelShape:
             vocab_size=int(hf["vocab_size"]),
             hidden_size=int(hf["hidden_size"]),
             architecture=(hf.get("architectures") or ["?"])[0],
+            num_experts=int(hf.get("num_experts") or hf.get("num_local_experts") or 0),
         )
 
 
@@ -66,11 +69,13 @@ class LayoutPlan:
     placement: str
     devices_needed: int
     num_gpus: int
+    ep: int = 1
 
     def table(self) -> str:
         rows = [
             ("world size (training ranks)", self.world_size),
-            ("actor TP x PP x DP", f"{self.tp} x {self.pp} x {self.dp}"),
+            ("actor TP x PP x DP", f"{self.tp} x {self.pp} x {self.dp}"
+             + (f" (experts over EP={self.ep} of the DP ranks)" if self.ep > 1 else "")),
             ("sequences per RL step", self.sequences_per_step),
             ("mini-batches per step", self.mini_batches_per_step),
             ("micro-batches per mini-batch (per DP rank)", self.micro_batches_per_mini_batch),
@@ -162,7 +167,7 @@ def check_ranges(cfg: MegacovConfig) -> None:
 
 def _check_positive(cfg: MegacovConfig) -> None:
     for key, value in [
-        ("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp),
+        ("parallel.tp", cfg.parallel.tp), ("parallel.pp", cfg.parallel.pp), ("parallel.ep", cfg.parallel.ep),
         ("parallel.micro_batch_size", cfg.parallel.micro_batch_size),
         ("rollout.engines", cfg.rollout.engines), ("rollout.tp", cfg.rollout.tp),
         ("rollout.n", cfg.rollout.n), ("data.batch_size", cfg.data.batch_size),
@@ -197,6 +202,11 @@ def _check_model(cfg: MegacovConfig, shape: ModelShape) -> None:
              f"parallel.tp={tp} does not divide the model's {shape.num_kv_heads} KV heads")
     _require(shape.num_layers % pp == 0,
              f"parallel.pp={pp} does not divide the model's {shape.num_layers} layers")
+    ep = cfg.parallel.ep
+    _require(ep == 1 or shape.num_experts > 0,
+             f"parallel.ep={ep} needs a mixture-of-experts model; {shape.architecture} has no experts")
+    _require(shape.num_experts == 0 or shape.num_experts % ep == 0,
+             f"parallel.ep={ep} does not divide the model's {shape.num_experts} experts")
     rtp = cfg.rollout.tp
     _require(shape.num_heads % rtp == 0,
              f"rollout.tp={rtp} does not divide the model's {shape.num_heads} attention heads")
@@ -231,6 +241,9 @@ def plan_layout(cfg: MegacovConfig, shape: Optional[ModelShape] = None) -> Layou
     """Validate the layout arithmetic and return what the run will occupy."""
     _check_positive(cfg)
     world, dp = _world_and_dp(cfg)
+    _require(dp % cfg.parallel.ep == 0,
+             f"parallel.ep={cfg.parallel.ep} does not divide the data-parallel size {dp} "
+             f"(experts are split over DP ranks; world_size / (tp*pp) = {dp})")
     if shape is not None:
         _check_model(cfg, shape)
     d, r = cfg.data, cfg.rollout
@@ -262,7 +275,7 @@ def plan_layout(cfg: MegacovConfig, shape: Optional[ModelShape] = None) -> Layou
         micro_batches_per_mini_batch=per_rank // mbs,
         mini_batches_per_step=d.batch_size // d.mini_batch_size,
         sequences_per_step=d.batch_size * r.n, rollout_engines=r.engines, rollout_tp=r.tp,
-        placement=placement, devices_needed=needed, num_gpus=num_gpus,
+        placement=placement, devices_needed=needed, num_gpus=num_gpus, ep=cfg.parallel.ep,
     )
 
 

@@ -143,11 +143,13 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
     rules, dims = families()[arch.family].layer_rules, arch.dims
     order = _rule_order(arch)
     prefix = "decoder.layers."
-    layer_keys = sorted((k for k in meta if k.startswith(prefix)), key=lambda k: order.get(k[len(prefix):], 1 << 30))
-    where = {}
+    layer_keys = sorted((k for k in meta if k.startswith(prefix)),
+                        key=lambda k: order.get(mapping.parse_checkpoint_key(k).suffix, 1 << 30))
+    parsed, where = {}, {}
     for key in layer_keys:  # unknown tensors fail before any work
+        parsed[key] = mapping.parse_checkpoint_key(key)
         where[key] = mapping.resolve(mapping.model_name_of_checkpoint_key(key, 0, 0), rules, dims).rule.where
-        if meta[key][0][0] != arch.num_layers:
+        if parsed[key].layer is None and meta[key][0][0] != arch.num_layers:
             raise CheckpointError(f"{ckpt_dir}: {key} stacks {meta[key][0][0]} layers, the config "
                                   f"says {arch.num_layers}")
     for key in (k for k in meta if not k.startswith(prefix)):
@@ -164,15 +166,17 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
         layers = tqdm(layers, desc="exporting layers", unit="layer", file=sys.stderr)
     for i in layers:
         skip = "dense" if arch.moe is not None and arch.moe.is_moe(i) else "moe"  # MoE: layer-type tensors only
-        keys = [k for k in layer_keys if where[k] != skip]
-        boxes = {k: ((i,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1]) for k in keys}
+        keys = [k for k in layer_keys if where[k] != skip and parsed[k].layer in (None, i)]
+        boxes = {k: ((i,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1])
+                 if parsed[k].layer is None else ((0,) * len(meta[k][0]), meta[k][0], meta[k][1]) for k in keys}
         tensors = load_slices(ckpt_dir, boxes)
         for k in keys:
-            if mapping.is_expert_checkpoint_key(k):  # [1, experts, ...]: one tensor per expert
-                for e in range(tensors[k].shape[1]):
-                    yield mapping.model_name_of_checkpoint_key(k, i, e), tensors[k][0, e]
+            tensor = tensors[k][0] if parsed[k].layer is None else tensors[k]
+            if parsed[k].expert:  # [experts, ...]: one tensor per expert
+                for e in range(tensor.shape[0]):
+                    yield mapping.model_name_of_checkpoint_key(k, i, e), tensor[e]
             else:
-                yield f"{prefix}{i}.{k[len(prefix):]}", tensors[k][0]
+                yield mapping.model_name_of_checkpoint_key(k, i), tensor
         del tensors
     yield from whole(["decoder.final_layernorm.weight", "output_layer.weight"]).items()
 

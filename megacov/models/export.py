@@ -14,8 +14,9 @@ Contract of :func:`iter_hf_weights` (the weight sync into vLLM is built on it):
   if they must outlive the next optimizer step or the next item.
 * Mixture-of-experts layers: with expert parallelism the experts of a layer live on the ``ep`` ranks
   of ``layout.ep_group``; every rank of that group takes part (one ``gather`` per local expert
-  tensor) and EP rank 0 yields the whole layer's experts, in global expert order, each expert's
-  ``gate_proj``/``up_proj``/``down_proj`` together, after the router. Ranks with EP rank > 0 yield
+  tensor) and EP rank 0 yields the whole layer's experts after the router: every expert's
+  ``gate_proj``/``up_proj`` in expert order (vLLM's fused ``w13`` group, complete), then every
+  ``down_proj`` (``w2``); :func:`hf_weight_groups` names these groups. Ranks with EP rank > 0 yield
   nothing. A layer whose experts do not all arrive raises :class:`MappingError` naming the layer
   and the missing experts, so a partial sync can never reach an engine. Memory: one layer's experts.
 """
@@ -75,7 +76,7 @@ class _ExpertLayer:
         if missing:
             raise MappingError(f"layer {self.layer}: experts {missing} are missing from the export "
                                f"({experts} expected); the weights would be incomplete")
-        for key in sorted(self.items):
+        for key in sorted(self.items, key=lambda k: (k[1], k[0])):  # all fc1 (w13), then all fc2 (w2)
             yield from self.items[key]
         self.items.clear()
 
@@ -128,3 +129,31 @@ def iter_hf_weights(model_chunk: Any, layout: Any, info: ModelInfo) -> Iterator[
                             mapping.mcore_to_hf(ename, full, rules, dims))
         if pending is not None:
             yield from pending.flush(expert_rules)
+
+
+def hf_weight_groups(info: ModelInfo) -> dict[str, list[str]]:
+    """The HF tensors of this stage by the group an inference engine fuses them into, in export order.
+
+    One group per megatron parameter (q/k/v, gate/up, a norm ...), except that a MoE layer's experts
+    form two groups, ``<layer>.mlp.experts.w13`` (every expert's gate and up) and ``…w2`` (every
+    down), as vLLM stores them. A sync is complete when every name of every group arrived.
+    """
+    arch, rules = info.arch, info.layer_rules
+    experts = arch.moe.num_experts if arch.moe else 0
+    groups: dict[str, list[str]] = {}
+    if info.layer_offset == 0:
+        groups["model.embed_tokens"] = ["model.embed_tokens.weight"]
+    for i in range(info.layer_offset, info.layer_offset + info.num_local_layers):
+        moe_layer = arch.moe is not None and arch.moe.is_moe(i)
+        for suffix, rule, hf_names, _ in mapping.expand_layer_rules(rules, moe_layer, experts):
+            names = [mapping.HF_LAYER_PREFIX.format(i=i) + h for h in hf_names]
+            if EXPERT in rule.mcore:
+                key = f"model.layers.{i}.mlp.experts." + ("w13" if rule.kind == "fc1" else "w2")
+            else:
+                key = f"model.layers.{i}.{suffix.rsplit('.', 1)[0]}"
+            groups.setdefault(key, []).extend(names)
+    if info.layer_offset + info.num_local_layers == arch.num_layers:
+        groups["model.norm"] = ["model.norm.weight"]
+        if not arch.tie_word_embeddings:
+            groups["lm_head"] = ["lm_head.weight"]
+    return groups

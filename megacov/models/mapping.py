@@ -192,21 +192,45 @@ def resolve(name: str, layer_rules: Sequence[Rule], dims: Dims) -> Resolved:
     raise MappingError(f"no mapping for megatron parameter '{name}'")
 
 
-# Megatron's sharded (checkpoint) keys stack the decoder layers along a leading axis, and the experts
-# of a SequentialMLP along a second one under ``mlp.experts.experts.`` (no local index).
+# Megatron's sharded (checkpoint) keys stack the decoder layers along a leading axis
+# (``decoder.layers.x``), except in models whose layers differ (dense and expert layers mixed), where
+# each layer has its own keys (``decoder.layers.<i>.x``). The experts of a SequentialMLP are stacked
+# along one more axis under ``mlp.experts.experts.`` (no local index).
 CKPT_LAYER_PREFIX = "decoder.layers."
 CKPT_EXPERT_INFIX = "mlp.experts.experts."
 MODEL_EXPERT_INFIX = "mlp.experts.local_experts.{e}."
+_CKPT_FIXED_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class CheckpointKey:
+    """What a decoder-layer checkpoint key stacks: ``layer`` is fixed (per-layer keys) or ``None``
+    (a leading layer axis); ``expert`` keys have an expert axis after it."""
+
+    layer: int | None
+    suffix: str
+    expert: bool
+
+    @property
+    def lead_axes(self) -> int:
+        return (self.layer is None) + self.expert
+
+
+def parse_checkpoint_key(key: str) -> CheckpointKey:
+    m = _CKPT_FIXED_LAYER_RE.match(key)
+    layer, suffix = (int(m.group(1)), m.group(2)) if m else (None, key[len(CKPT_LAYER_PREFIX):])
+    return CheckpointKey(layer, suffix, suffix.startswith(CKPT_EXPERT_INFIX))
 
 
 def is_expert_checkpoint_key(key: str) -> bool:
-    return key.startswith(CKPT_LAYER_PREFIX + CKPT_EXPERT_INFIX)
+    return parse_checkpoint_key(key).expert
 
 
 def model_name_of_checkpoint_key(key: str, layer: int, expert: int | None = None) -> str:
-    """The global model name of layer ``layer`` (and expert ``expert``) of a stacked checkpoint key."""
-    suffix = key[len(CKPT_LAYER_PREFIX):]
-    if suffix.startswith(CKPT_EXPERT_INFIX):
+    """The global model name of layer ``layer`` (and expert ``expert``) of a decoder-layer checkpoint key."""
+    parsed = parse_checkpoint_key(key)
+    suffix = parsed.suffix
+    if parsed.expert:
         if expert is None:
             raise ValueError(f"{key} is an expert tensor: an expert index is needed")
         suffix = MODEL_EXPERT_INFIX.format(e=expert) + suffix[len(CKPT_EXPERT_INFIX):]

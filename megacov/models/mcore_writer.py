@@ -52,10 +52,13 @@ class BoxReader:
 
     def __call__(self, key: str, offsets: Sequence[int], sizes: Sequence[int], full: Sequence[int]) -> torch.Tensor:
         if key.startswith(_LAYER_PREFIX):  # stacked per-layer tensor: leading layer axis of size 1
-            lead = 2 if mapping.is_expert_checkpoint_key(key) else 1  # experts: then an expert axis
+            parsed = mapping.parse_checkpoint_key(key)  # mixed dense/MoE models: per-layer keys
+            lead = parsed.lead_axes  # leading layer axis (stacked keys), then expert axis (experts)
             if any(s != 1 for s in sizes[:lead]):
                 raise ValueError(f"{key}: write item spans {tuple(sizes[:lead])} layers/experts")
-            name = mapping.model_name_of_checkpoint_key(key, *offsets[:lead])
+            index = list(offsets[:lead])
+            layer = parsed.layer if parsed.layer is not None else index.pop(0)
+            name = mapping.model_name_of_checkpoint_key(key, layer, index[0] if parsed.expert else None)
             box = self._box(name, list(offsets[lead:]), list(sizes[lead:]), list(full[lead:]))
             out = box.reshape(tuple(sizes))
         else:

@@ -177,17 +177,23 @@ def _grad_averaged_over_dp(chunks: Sequence[torch.nn.Module]) -> bool:
 def _sum_grads_over_dp(chunks: Sequence[torch.nn.Module], layout: ParallelLayout) -> None:
     """DP sum of ``.grad`` for unwrapped modules (tests, tools). Only that: tied embeddings across
     pipeline stages and sequence-parallel norms need megatron DDP + ``finalize_model_grads``."""
-    if group_size_rank(layout.dp_group)[0] == 1:
-        return
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    grads = [p.grad for c in chunks for p in c.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat, group=layout.dp_group)
-    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
-        g.copy_(synced)
+    # Expert-parallel experts (megatron marks them ``allreduce=False``) hold different experts on the
+    # ranks of an EP group: their gradients are summed over the expert-data-parallel group only.
+    expert_dp = getattr(layout.pg_collection, "expt_dp", None) if getattr(layout, "ep", 1) > 1 else None
+    for expert in (False, True):
+        group = expert_dp if expert else layout.dp_group
+        if group is None or group_size_rank(group)[0] == 1:
+            continue
+        grads = [p.grad for c in chunks for p in c.parameters()
+                 if p.grad is not None and (not getattr(p, "allreduce", True)) == expert]
+        if not grads:
+            continue
+        flat = _flatten_dense_tensors(grads)
+        dist.all_reduce(flat, group=group)
+        for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+            g.copy_(synced)
 
 
 @dataclass(frozen=True)

@@ -52,8 +52,10 @@ class ActorWorker(WeightSenderMixin):
 
         self.cfg = cfg
         p = cfg.parallel
-        self.layout = ParallelLayout.initialize(p.tp, p.pp, backend=p.backend, seed=cfg.trainer.seed)
-        overrides: dict[str, Any] = {}
+        self.layout = ParallelLayout.initialize(p.tp, p.pp, ep=p.ep, backend=p.backend, seed=cfg.trainer.seed)
+        from megacov.models.moe_metrics import router_overrides
+
+        overrides: dict[str, Any] = router_overrides(cfg.model, model_path)
         if cfg.model.gradient_checkpointing:
             overrides.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         if p.sequence_parallel and p.tp > 1 and torch.cuda.is_available():
@@ -65,6 +67,11 @@ class ActorWorker(WeightSenderMixin):
             from megacov.models import load_mcore_checkpoint
 
             load_mcore_checkpoint(model, mcore_checkpoint)
+        self.router_load = None
+        if self.info.arch.moe is not None:
+            from megacov.models.moe_metrics import RouterLoad
+
+            self.router_load = RouterLoad(model, self.info.arch.num_layers, self.info.arch.moe.num_experts)
         bf16 = torch_dtype(dtype) == torch.bfloat16
         self.optim = build_actor_optim([model], self.layout, cfg.optim, p, total_steps=total_updates, bf16=bf16)
         import threading
@@ -159,6 +166,8 @@ class ActorWorker(WeightSenderMixin):
         results = []
         for chunk in self.model:
             chunk.train()
+        if self.router_load is not None:
+            self.router_load.reset()
         for epoch in range(epochs or self.cfg.algorithm.ppo_epochs):
             for j, part in enumerate(self._my_parts(batch, mini_batch_seqs)):
                 part = part.to(self.layout.device)
@@ -179,6 +188,8 @@ class ActorWorker(WeightSenderMixin):
                     applied, grad_norm = False, None
                 metrics.update(applied=float(applied), grad_norm=float("nan") if grad_norm is None else grad_norm,
                                lr=self.optim.lr)
+                if self.router_load is not None:
+                    metrics.update(self.router_load.collect(self.layout))
                 results.append(metrics)
         return results
 
