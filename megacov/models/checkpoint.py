@@ -10,7 +10,7 @@ megatron reshards on load. Next to megatron's files the directory holds
 
 mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, then loads one
 decoder layer at a time (a slice of megatron's stacked per-layer tensors), maps it to HF names and
-streams it into safetensors shards. Peak memory is one layer plus one output shard.
+streams it into safetensors shards, reading the next layer meanwhile. Peak memory is two layers.
 
 Both directions write into ``<out>.tmp-*`` and rename at the end, so an interrupted conversion
 never leaves a directory that looks complete.
@@ -29,7 +29,7 @@ import torch
 from megacov.models import mapping
 from megacov.models.arch import Arch, check_layout, hf_tensor_shapes, torch_dtype
 from megacov.models.family import families
-from megacov.models.hf_io import CheckpointError, ShardWriter, atomic_dir, copy_side_files
+from megacov.models.hf_io import CheckpointError, ReadAhead, ShardWriter, atomic_dir, copy_side_files
 from megacov.models.loader import (
     MCORE_FORMAT,
     MCORE_META_FILE,
@@ -131,7 +131,8 @@ def _rule_order(arch: Arch) -> dict[str, int]:
 
 def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
                             ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(global megatron name, full tensor)`` from a dist checkpoint, one layer in memory at a time."""
+    """Yield ``(global megatron name, full tensor)`` from a dist checkpoint, layer by layer: the layer
+    being yielded and the next one, read meanwhile, are in memory."""
     from megacov.models.dcp_slices import load_slices, tensor_metadata
 
     # Training checkpoints also hold optimizer state: only the model's keys are exported.
@@ -151,19 +152,28 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
     def whole(keys: Sequence[str]) -> dict[str, torch.Tensor]:
         return load_slices(ckpt_dir, {k: ((0,) * len(meta[k][0]), meta[k][0], meta[k][1]) for k in keys if k in meta})
 
-    yield from whole(["embedding.word_embeddings.weight"]).items()
-    layers: Any = range(arch.num_layers)
+    def step(s: Any) -> dict[str, torch.Tensor]:
+        if s == "embedding":
+            return whole(["embedding.word_embeddings.weight"])
+        if s == "final":
+            return whole(["decoder.final_layernorm.weight", "output_layer.weight"])
+        boxes = {k: ((s,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1]) for k in layer_keys}
+        return {f"{prefix}{s}.{k[len(prefix):]}": t[0] for k, t in load_slices(ckpt_dir, boxes).items()}
+
+    # The next step is read while the caller maps and writes this one (two steps in memory).
+    steps: list[Any] = ["embedding", *range(arch.num_layers), "final"]
+    ahead = ReadAhead(step, steps, key=lambda s: s)
     if progress:
         from tqdm import tqdm
 
-        layers = tqdm(layers, desc="exporting layers", unit="layer", file=sys.stderr)
-    for i in layers:
-        boxes = {k: ((i,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1]) for k in layer_keys}
-        tensors = load_slices(ckpt_dir, boxes)
-        for k in layer_keys:
-            yield f"{prefix}{i}.{k[len(prefix):]}", tensors[k][0]
-        del tensors
-    yield from whole(["decoder.final_layernorm.weight", "output_layer.weight"]).items()
+        steps = tqdm(steps, desc="exporting layers", unit="layer", file=sys.stderr)
+    try:
+        for s in steps:
+            tensors = ahead(s)
+            yield from tensors.items()
+            del tensors
+    finally:
+        ahead.close()
 
 
 def _describe_mcore(mcore_dir: str, hf_dir: str | None) -> tuple[dict, Arch, str]:
