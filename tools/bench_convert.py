@@ -1,23 +1,27 @@
-"""Throughput and peak memory of ``megacov convert`` against simply reading the safetensors files.
+"""Throughput and peak memory of ``megacov convert`` against a cold sequential read of the same files.
 
-    python tools/bench_convert.py                       # Qwen2-shaped models of ~220 MB and ~790 MB (fp32)
-    python tools/bench_convert.py --sizes small --tp 2  # hf-to-mcore with 2 writer processes
+    python tools/bench_convert.py                          # Qwen2-shaped fp32 models of ~0.2, ~0.75, ~2.2 GB
+    python tools/bench_convert.py --sizes small --tp 2     # hf-to-mcore with 2 writer processes
+    python tools/bench_convert.py --keep                   # keep the generated models for another run
 
-For each size a random Qwen2-shaped model is written locally (``megacov.tiny.build_model``), its files
-are read once to warm the page cache, then each step runs in a fresh process so its peak RSS is its
-own:
+For each size a random Qwen2-shaped model is written under ``--workdir`` (``megacov.tiny.build_model``)
+and each step runs in a fresh process, starting *cold*: the files it reads are written back and
+dropped from the page cache first (``posix_fadvise(DONTNEED)`` on every file, which needs no
+privileges and touches no one else's cache):
 
-* ``read``        plain ``read()`` of every shard into memory: the baseline the ratios refer to (any
-                  converter has to read every byte at least once);
-* ``hf-to-mcore`` the streaming writer (one process per TP x PP rank; its time excludes process start);
+* ``cold read``   ``O_DIRECT`` sequential read of every safetensors shard in 16 MiB blocks, which
+                  bypasses the page cache entirely: the disk's speed for these files, the baseline
+                  the ``x cold read`` column divides by;
+* ``hf-to-mcore`` the streaming writer (one process per TP x PP rank): reads the HF shards, maps
+                  and casts each write item, writes megatron's torch_dist files;
 * ``mcore-to-hf`` layer by layer from the dist checkpoint into planned safetensors shards.
 
+"seconds" is the conversion itself; "wall" adds the process and megatron start-up. Outputs are
+written through the page cache, as a converter normally does (no fsync in either direction).
 Memory is Linux's exact high-water mark over the step (``VmHWM`` reset on entry,
-:class:`megacov.rollout.memory.PeakRss`): "floor" is the RSS when the step starts (interpreter, torch
-and, for hf-to-mcore, megatron), "over floor" what the step itself added at its peak. A streaming step
-holds a few tensors, not the model: its "over floor" is a small multiple of the largest tensor (the
-embedding or LM head; DCP's reader and writer each keep one or two copies of the item in flight) and
-does not grow with the number of layers, while ``read`` necessarily holds everything.
+:class:`megacov.rollout.memory.PeakRss`): "floor" is the RSS when the step starts, "over floor" what
+the step itself added at its peak, also as a multiple of the largest tensor (the unit a streaming
+converter holds; the read/convert/write overlap allows two in flight).
 """
 from __future__ import annotations
 
@@ -37,15 +41,27 @@ SIZES = {
 }
 
 _READ = """
-import json, os, sys, time
+import json, mmap, os, sys, time
 from megacov.rollout.memory import PeakRss
 d = sys.argv[1]
 files = sorted(os.path.join(d, f) for f in os.listdir(d) if f.endswith(".safetensors"))
+block = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT requires
 t = time.perf_counter()
+total = 0
 with PeakRss() as peak:
-    data = [open(f, "rb").read() for f in files]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+        try:
+            while True:
+                got = os.readv(fd, [block])
+                total += got
+                if got < len(block):
+                    break
+        finally:
+            os.close(fd)
 sec = time.perf_counter() - t
-print(json.dumps({"seconds": sec, "peak_rss_mb": peak.peak_bytes / 2**20, "floor_mb": peak.start_bytes / 2**20}))
+print(json.dumps({"seconds": sec, "wall": sec, "bytes": total, "peak_rss_mb": peak.peak_bytes / 2**20,
+                  "floor_mb": peak.start_bytes / 2**20}))
 """
 
 _H2M = """
@@ -70,9 +86,12 @@ print(json.dumps({"seconds": stats["seconds"], "wall": time.perf_counter() - t, 
 
 
 def _run(code: str, *args: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    t = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["wall"] = time.perf_counter() - t
+    return result
 
 
 def _model_dir(workdir: str, name: str) -> str:
@@ -88,8 +107,12 @@ def _model_dir(workdir: str, name: str) -> str:
     return path
 
 
+def _files(path: str) -> list[str]:
+    return [os.path.join(root, f) for root, _, names in os.walk(path) for f in names]
+
+
 def _weights_mb(path: str) -> float:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".safetensors")) / 2**20
+    return sum(os.path.getsize(f) for f in _files(path) if f.endswith(".safetensors")) / 2**20
 
 
 def _largest_tensor_mb(path: str) -> float:
@@ -107,12 +130,15 @@ def _largest_tensor_mb(path: str) -> float:
     return max(sizes) / 2**20
 
 
-def _warm(path: str) -> None:
-    for f in os.listdir(path):
-        if f.endswith(".safetensors"):
-            with open(os.path.join(path, f), "rb") as fh:
-                while fh.read(1 << 24):
-                    pass
+def _evict(path: str) -> None:
+    """Write back and drop every file under ``path`` from the page cache (this file set only)."""
+    for f in _files(path):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def bench(name: str, workdir: str, tp: int, pp: int) -> list[tuple]:
@@ -121,39 +147,50 @@ def bench(name: str, workdir: str, tp: int, pp: int) -> list[tuple]:
     ckpt, back = os.path.join(workdir, f"{name}-mcore"), os.path.join(workdir, f"{name}-back")
     for d in (ckpt, back):
         shutil.rmtree(d, ignore_errors=True)
-    _warm(hf)
+    _evict(hf)
     read = _run(_READ, hf)
+    _evict(hf)
     h2m = _run(_H2M, hf, ckpt, str(tp), str(pp))
-    _warm(ckpt)
+    _evict(ckpt)
     m2h = _run(_M2H, ckpt, back)
     rows = []
-    for step, r in (("read", read), (f"hf-to-mcore tp{tp}pp{pp}", h2m), ("mcore-to-hf", m2h)):
+    for step, r in (("cold read (O_DIRECT)", read), (f"hf-to-mcore tp{tp}pp{pp}", h2m), ("mcore-to-hf", m2h)):
         over = r["peak_rss_mb"] - r["floor_mb"]
-        rows.append((name, mb, largest, step, r["seconds"], mb / r["seconds"], r["seconds"] / read["seconds"],
-                     r["floor_mb"], over, over / mb, over / largest))
+        rows.append((name, mb, largest, step, r["seconds"], r["wall"], mb / r["seconds"],
+                     read["seconds"] / r["seconds"], r["floor_mb"], over, over / largest))
+    shutil.rmtree(back, ignore_errors=True)
+    shutil.rmtree(ckpt, ignore_errors=True)
     return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="small,medium", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--sizes", default="small,medium,large",
+                        help=f"comma-separated, from {', '.join(SIZES)}")
     parser.add_argument("--workdir", default="/tmp/megacov-bench-convert")
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--keep", action="store_true", help="keep the generated HF models in --workdir")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    header = ("model", "MB", "largest tensor MB", "step", "seconds", "MB/s", "x read", "floor MB",
-              "over floor MB", "over floor / model", "over floor / largest tensor")
+    header = ("model", "MB", "largest tensor MB", "step", "seconds", "wall s", "MB/s", "x cold read",
+              "floor MB", "over floor MB", "over floor / largest tensor")
     rows = []
     start = time.perf_counter()
-    for name in args.sizes.split(","):
-        rows += bench(name.strip(), args.workdir, args.tp, args.pp)
+    print(f"# python {' '.join(sys.argv)}; free disk {shutil.disk_usage(args.workdir).free / 2**30:.0f} GiB",
+          flush=True)
+    try:
+        for name in args.sizes.split(","):
+            rows += bench(name.strip(), args.workdir, args.tp, args.pp)
+    finally:
+        if not args.keep:
+            shutil.rmtree(args.workdir, ignore_errors=True)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]:.2f} | {r[5]:.0f} | {r[6]:.2f} | {r[7]:.0f} | "
-              f"{r[8]:.0f} | {r[9]:.2f} | {r[10]:.1f} |")
-    print(f"(total {time.perf_counter() - start:.0f} s; times exclude interpreter/megatron start-up)")
+        print(f"| {r[0]} | {r[1]:.0f} | {r[2]:.0f} | {r[3]} | {r[4]:.2f} | {r[5]:.1f} | {r[6]:.0f} | "
+              f"{r[7]:.2f} | {r[8]:.0f} | {r[9]:.0f} | {r[10]:.2f} |")
+    print(f"(total {time.perf_counter() - start:.0f} s)")
     return 0
 
 

@@ -10,7 +10,7 @@ megatron reshards on load. Next to megatron's files the directory holds
 
 mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, then loads one
 decoder layer at a time (a slice of megatron's stacked per-layer tensors), maps it to HF names and
-streams it into safetensors shards. Peak memory is one layer plus one output shard.
+streams it into safetensors shards, reading the next layer meanwhile. Peak memory is two layers.
 
 Both directions write into ``<out>.tmp-*`` and rename at the end, so an interrupted conversion
 never leaves a directory that looks complete. Before writing anything, mcore-to-hf checks every
@@ -33,7 +33,7 @@ import torch
 from megacov.models import mapping
 from megacov.models.arch import Arch, check_layout, hf_tensor_shapes, torch_dtype
 from megacov.models.family import families
-from megacov.models.hf_io import CheckpointError, ShardWriter, atomic_dir, copy_side_files
+from megacov.models.hf_io import CheckpointError, ReadAhead, ShardWriter, atomic_dir, copy_side_files
 from megacov.models.loader import (
     MCORE_FORMAT,
     MCORE_META_FILE,
@@ -135,7 +135,8 @@ def _rule_order(arch: Arch) -> dict[str, int]:
 
 def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
                             ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(global megatron name, full tensor)`` from a dist checkpoint, one layer in memory at a time."""
+    """Yield ``(global megatron name, full tensor)`` from a dist checkpoint, layer by layer: the layer
+    being yielded and the next one, read meanwhile, are in memory."""
     from megacov.models.dcp_slices import load_slices, tensor_metadata
 
     # Training checkpoints also hold optimizer state: only the model's keys are exported.
@@ -158,27 +159,40 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
     def whole(keys: Sequence[str]) -> dict[str, torch.Tensor]:
         return load_slices(ckpt_dir, {k: ((0,) * len(meta[k][0]), meta[k][0], meta[k][1]) for k in keys if k in meta})
 
-    yield from whole(["embedding.word_embeddings.weight"]).items()
-    layers: Any = range(arch.num_layers)
-    if progress:
-        from tqdm import tqdm
-
-        layers = tqdm(layers, desc="exporting layers", unit="layer", file=sys.stderr)
-    for i in layers:
-        skip = "dense" if arch.moe is not None and arch.moe.is_moe(i) else "moe"  # MoE: layer-type tensors only
-        keys = [k for k in layer_keys if where[k] != skip and parsed[k].layer in (None, i)]
-        boxes = {k: ((i,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1])
+    def step(s: Any) -> dict[str, torch.Tensor]:
+        if s == "embedding":
+            return whole(["embedding.word_embeddings.weight"])
+        if s == "final":
+            return whole(["decoder.final_layernorm.weight", "output_layer.weight"])
+        skip = "dense" if arch.moe is not None and arch.moe.is_moe(s) else "moe"  # MoE: layer-type tensors only
+        keys = [k for k in layer_keys if where[k] != skip and parsed[k].layer in (None, s)]
+        boxes = {k: ((s,) + (0,) * (len(meta[k][0]) - 1), (1,) + meta[k][0][1:], meta[k][1])
                  if parsed[k].layer is None else ((0,) * len(meta[k][0]), meta[k][0], meta[k][1]) for k in keys}
         tensors = load_slices(ckpt_dir, boxes)
+        out: dict[str, torch.Tensor] = {}
         for k in keys:
             tensor = tensors[k][0] if parsed[k].layer is None else tensors[k]
             if parsed[k].expert:  # [experts, ...]: one tensor per expert
                 for e in range(tensor.shape[0]):
-                    yield mapping.model_name_of_checkpoint_key(k, i, e), tensor[e]
+                    out[mapping.model_name_of_checkpoint_key(k, s, e)] = tensor[e]
             else:
-                yield mapping.model_name_of_checkpoint_key(k, i), tensor
-        del tensors
-    yield from whole(["decoder.final_layernorm.weight", "output_layer.weight"]).items()
+                out[mapping.model_name_of_checkpoint_key(k, s)] = tensor
+        return out
+
+    # The next step is read while the caller maps and writes this one (two steps in memory).
+    steps: list[Any] = ["embedding", *range(arch.num_layers), "final"]
+    ahead = ReadAhead(step, steps, key=lambda s: s)
+    if progress:
+        from tqdm import tqdm
+
+        steps = tqdm(steps, desc="exporting layers", unit="layer", file=sys.stderr)
+    try:
+        for s in steps:
+            tensors = ahead(s)
+            yield from tensors.items()
+            del tensors
+    finally:
+        ahead.close()
 
 
 def _describe_mcore(mcore_dir: str, hf_dir: str | None) -> tuple[dict, Arch, str]:

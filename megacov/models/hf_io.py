@@ -13,8 +13,10 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -100,6 +102,12 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: unexpected end of file")
             done += got
 
+    def will_need(self, offset: int, nbytes: int) -> None:
+        """Ask the kernel to start reading these data bytes into the page cache now (asynchronously),
+        so that a later read of them does not wait for the disk."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, self.data_start + offset, nbytes, os.POSIX_FADV_WILLNEED)
+
     def close(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
@@ -141,6 +149,8 @@ class LazyTensor:
         if cols == slice(None):
             return self._rows(a, b)
         c0, c1, _ = cols.indices(self.shape[1])
+        if c0 == 0 and c1 >= self.shape[1]:  # every column: one contiguous read, no block copies
+            return self._rows(a, b)
         out = torch.empty((b - a, max(0, c1 - c0), *self.shape[2:]), dtype=self.dtype)
         step = max(1, _BLOCK_BYTES // max(1, _numel(self.shape[1:]) * _itemsize(self.dtype)))
         for r in range(a, b, step):
@@ -186,6 +196,13 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
+    def will_need(self, names: Sequence[str]) -> None:
+        """Start reading these tensors from disk in the background (see :meth:`SafetensorsFile.will_need`)."""
+        for name in names:
+            if name in self.weight_map:
+                lazy = self[name]
+                lazy.file.will_need(lazy._begin, _numel(lazy.shape) * _itemsize(lazy.dtype))
+
     def total_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.dir, f)) for f in set(self.weight_map.values()))
 
@@ -193,6 +210,62 @@ class SafetensorsReader:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+class ReadAhead(Generic[_T, _R]):
+    """``resolve(item)`` for items asked for in a known order, computed one step ahead on a thread.
+
+    A converter alternates "read and map item k" with "write item k". Reading (``preadv``), mapping
+    (torch copies) and writing (``write``) all release the GIL, so while the caller writes item k a
+    background thread reads item k + 1: disk reads, conversion and writes overlap, and at most
+    ``depth + 1`` resolved items exist at once. ``hint(item)`` is called for the item after the
+    last one submitted (a cheap "will need" for the disk). An item asked for out of the announced order is
+    resolved directly (correct, just not overlapped); an error on the thread is raised to the caller.
+    """
+
+    def __init__(self, resolve: Callable[[_T], _R], order: Sequence[_T], key: Callable[[_T], Hashable],
+                 depth: int = 1, hint: Callable[[_T], None] | None = None) -> None:
+        self._resolve, self._order, self._key, self._depth = resolve, list(order), key, depth
+        self._hint = hint
+        self._next = 0
+        self._pending: deque[tuple[Hashable, Future]] = deque()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="megacov-read-ahead")
+        self.overlapped = 0
+        self._fill()
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth and self._next < len(self._order):
+            item = self._order[self._next]
+            self._next += 1
+            self._pending.append((self._key(item), self._pool.submit(self._resolve, item)))
+            if self._hint is not None and self._next < len(self._order):
+                self._hint(self._order[self._next])  # e.g. start the disk read of the item after
+
+    def __call__(self, item: _T) -> _R:
+        if self._pending and self._pending[0][0] == self._key(item):
+            _, future = self._pending.popleft()
+            result = future.result()
+            self._fill()  # the next read starts while the caller writes this one
+            self.overlapped += 1
+            return result
+        return self._resolve(item)
+
+    def close(self) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
+
+def release_storage(tensor: torch.Tensor) -> None:
+    """Free a tensor's bytes while references to it remain (a writer that keeps every tensor it
+    has written until its file closes). The tensor must not be read afterwards."""
+    with contextlib.suppress(RuntimeError):  # storage not owned by torch (numpy, mmap): leave it
+        tensor.untyped_storage().resize_(0)
 
 
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}

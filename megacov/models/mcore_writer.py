@@ -93,12 +93,26 @@ class BoxReader:
             whole = whole.narrow(d, o, s)
         return whole
 
+    def will_need(self, key: str, offsets: Sequence[int]) -> None:
+        """Hint the disk about the HF tensors behind box ``key`` at ``offsets`` (read soon)."""
+        name = f"{_LAYER_PREFIX}{offsets[0]}.{key[len(_LAYER_PREFIX):]}" if key.startswith(_LAYER_PREFIX) else key
+        self.hf.will_need(mapping.resolve(name, self.rules, self.dims).hf)
+
     def _shard(self, name: str, tp_rank: int, tp: int) -> torch.Tensor:
         return mapping.hf_to_mcore_shard(name, self.hf, self.rules, self.dims, tp_rank, tp)
 
 
 def _strategy(read_box: BoxReader, progress: bool) -> Any:
-    """A torch_dist save strategy whose tensors come from ``read_box`` at write time."""
+    """A torch_dist save strategy whose tensors come from ``read_box`` at write time.
+
+    The planner knows the order in which DCP's writer will ask for the tensors (its plan order, one
+    file per rank), so a :class:`~megacov.models.hf_io.ReadAhead` reads and maps the next write item
+    while the current one is written. DCP's writer keeps a reference to every tensor of a file
+    until the file is closed; each tensor's bytes are freed as soon as the writer asks for the next
+    one (it has been written by then), so memory holds two items, not the rank's share. The
+    records' CRC32 (which ``torch.load`` does not check) is skipped: it costs as much as the write.
+    """
+    import torch.serialization
     from megatron.core.dist_checkpointing.strategies.torch import (
         MCoreSavePlanner,
         TorchDistSaveShardedStrategy,
@@ -109,35 +123,60 @@ def _strategy(read_box: BoxReader, progress: bool) -> Any:
     from torch.distributed.checkpoint import save as dcp_save
     from torch.distributed.checkpoint.planner import WriteItemType
 
+    from megacov.models.hf_io import ReadAhead, release_storage
+
+    def materialise(item: Any) -> torch.Tensor:
+        td = item.tensor_data
+        tensor = read_box(item.index.fqn, td.chunk.offsets, td.chunk.sizes, td.size).to(td.properties.dtype)
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:
+            tensor = tensor.clone()  # a view of a larger read: DCP would clone it anyway
+        return tensor
+
     class _LazyPlanner(MCoreSavePlanner):
         bar: Any | None = None
+        ahead: ReadAhead | None = None
+        last: torch.Tensor | None = None
 
         def finish_plan(self, new_plan: Any) -> Any:
             plan = super().finish_plan(new_plan)
+            tensors = [item for item in plan.items if item.type != WriteItemType.BYTE_IO]
+            self.ahead = ReadAhead(materialise, tensors, key=lambda item: item.index,
+                                   hint=lambda item: read_box.will_need(item.index.fqn,
+                                                                        item.tensor_data.chunk.offsets))
             if progress:
                 from tqdm import tqdm
 
-                items = sum(1 for item in plan.items if item.type != WriteItemType.BYTE_IO)
-                self.bar = tqdm(total=items, desc="writing checkpoint", unit="tensor", file=sys.stderr)
+                self.bar = tqdm(total=len(tensors), desc="writing checkpoint", unit="tensor", file=sys.stderr)
             return plan
 
         def resolve_data(self, write_item: Any) -> Any:
             if write_item.type == WriteItemType.BYTE_IO:
                 return super().resolve_data(write_item)
-            td = write_item.tensor_data
-            tensor = read_box(write_item.index.fqn, td.chunk.offsets, td.chunk.sizes, td.size)
+            if self.last is not None:  # asked for the next item: the previous one is on disk
+                release_storage(self.last)
+            self.last = self.ahead(write_item) if self.ahead is not None else materialise(write_item)
             if self.bar is not None:
                 self.bar.update(1)
-            return tensor.to(td.properties.dtype)
+            return self.last
+
+        def close(self) -> None:
+            if self.ahead is not None:
+                self.ahead.close()
+            if self.bar is not None:
+                self.bar.close()
 
     class _LazyTorchDist(TorchDistSaveShardedStrategy):
         def save(self, sharded_state_dict: Any, checkpoint_dir: Any) -> None:
             state, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, True)
             planner = _LazyPlanner(dedup_replicated_tensors=False, flatten_state_dict=False)
             writer = FileSystemWriter(str(checkpoint_dir), thread_count=1, sync_files=False)
-            dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
-            if planner.bar is not None:
-                planner.bar.close()
+            crc = torch.serialization.get_crc32_options()
+            torch.serialization.set_crc32_options(False)
+            try:
+                dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner)
+            finally:
+                torch.serialization.set_crc32_options(crc)
+                planner.close()
 
     return _LazyTorchDist("torch_dist", 1, thread_count=1)
 
