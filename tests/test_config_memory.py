@@ -98,11 +98,17 @@ def test_cpu_runs_have_no_memory_plan():
     assert memory_plan(cfg, validate(cfg, check_model=False)) is None
 
 
-def test_dry_run_prints_the_table_and_exits_by_verdict(capsys):
-    assert main(["train", EXAMPLE_32B, "parallel.gpu_memory_gib=79.2", "--dry-run"]) == 0
+def test_dry_run_prints_the_table_and_exits_by_verdict(capsys, tmp_path):
+    assert main(["train", EXAMPLE_32B, "parallel.gpu_memory_gib=79.2", "--dry-run"]) == 2  # no data here
+    out = capsys.readouterr()
+    assert "memory: fits" in out.out and "dataset file not found: /data/dapo-math/train.parquet" in out.err
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('{"prompt": "1+1?", "reward_model": "2"}\n')
+    data = [f"data.train_files={rows}", "data.eval_files=[]"]
+    assert main(["train", EXAMPLE_32B, "parallel.gpu_memory_gib=79.2", *data, "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "memory per GPU (bf16, 79.2 GiB GPUs" in out and "memory: fits" in out and "vLLM KV cache" in out
-    assert main(["train", EXAMPLE_32B, *NOT_FITTING_70B, "--dry-run"]) == 1
+    assert main(["train", EXAMPLE_32B, *NOT_FITTING_70B, *data, "--dry-run"]) == 1
     out = capsys.readouterr().out
     assert "memory: does NOT fit: the train phase" in out and "suggestion:" in out
 

@@ -109,7 +109,7 @@ def _roundtrip(tmp_path, hf: str, tp: int, pp: int, extra: list[str], export_ext
     assert main(["convert", "hf-to-mcore", "--hf", hf, "--out", ckpt, "--tp", str(tp), "--pp", str(pp),
                  "--quiet", *extra]) == 0
     meta = json.loads(Path(ckpt, "megacov.json").read_text())
-    assert meta["saved_with"] == {"tp": tp, "pp": pp} and meta["padded_vocab_size"] == 128
+    assert meta["saved_with"] == {"tp": tp, "pp": pp, "ep": 1} and meta["padded_vocab_size"] == 128
     assert meta["hf_config"] == json.loads(Path(hf, "config.json").read_text())
     assert main(["convert", "mcore-to-hf", "--mcore", ckpt, "--out", back, "--quiet", *export_extra]) == 0
     for name in ("tokenizer.json", "tokenizer_config.json"):

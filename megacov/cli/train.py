@@ -23,16 +23,20 @@ def run(args: argparse.Namespace) -> int:
     from megacov.tiny import prepare_example
 
     prepare_example(cfg)  # the embedded example's model and data are generated on first use
-    plan = validate(cfg, check_inputs=True)  # ranges, layout, reward resolved, data files read
+    plan = validate(cfg)  # ranges, layout, choices
+    from megacov.config.validate import check_data, check_reward
     from megacov.runtime.layout import check_colocation
 
     check_colocation(cfg, plan.world_size)
     memory = _memory_plan(cfg, plan)
-    if args.dry_run:
+    if args.dry_run:  # the plan first, so a layout can be sized before the data is on this machine
         print(plan.table())
         print(_runtime_plan(cfg, plan))
         if memory is not None:
             print(memory.table())
+    check_reward(cfg)  # the reward resolves and every data file reads, before any worker starts
+    check_data(cfg)
+    if args.dry_run:
         if memory is not None and not memory.fits:
             print("config, layout, reward and data OK, but the memory plan does not fit (dry run: nothing started)")
             return 1
