@@ -12,8 +12,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-# The exactness harness's case/hyper-parameter helpers (module path: megacov.parallel.exactness).
-from megacov.parallel.exactness import Case, case_hparams, micro_batch_size
+# The exactness harness's case and hyper-parameter helpers.
+from megacov.verify.exactness import Case, case_hparams, micro_batch_size
 from megacov.parallel.spawn import run_distributed
 
 TEMPERATURE, STEP, LR = 0.9, 3, 0.5

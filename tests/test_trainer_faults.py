@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import pickle
+from types import SimpleNamespace
 import signal
 
 import pytest
@@ -367,7 +368,8 @@ def test_hf_export_every_n_steps(tmp_path, monkeypatch):
     monkeypatch.setattr(session, "export_hf", lambda group, src, out: exported.append(out) or out)
     cfg = load_config(None, ["trainer.total_steps=4", "checkpoint.export_hf_every=2"])
     ctx = RunContext.__new__(RunContext)
-    ctx.cfg, ctx.run_dir, ctx.group, ctx.init_path, ctx._staged = cfg, str(tmp_path), None, "init", None
+    ctx.cfg, ctx.run_dir, ctx.init_path, ctx._staged = cfg, str(tmp_path), "init", None
+    ctx.runtime = SimpleNamespace(actor=None)
     ctx.guard = faults.NonFiniteGuard(3, 1)
 
     class _Sink:

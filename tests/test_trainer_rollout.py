@@ -121,7 +121,7 @@ def test_eval_cli_bad_input_exits_2(tmp_path, capsys, extra, message):
 @pytest.mark.parametrize("extra, message", [
     (["data.train_files=[{bad}]"], "row 2: invalid JSON"),
     (["reward.name=no_such_module_xyz:fn"], "cannot be loaded"),
-    (["trainer.resume=/nonexistent/step_1"], "no such checkpoint folder"),
+    (["trainer.resume=/nonexistent/step_1"], "an existing checkpoint folder"),
 ])
 def test_train_cli_bad_input_exits_2_before_starting_workers(tmp_path, capsys, extra, message):
     from megacov.tiny import build_example

@@ -95,7 +95,12 @@ class BoxReader:
 
     def will_need(self, key: str, offsets: Sequence[int]) -> None:
         """Hint the disk about the HF tensors behind box ``key`` at ``offsets`` (read soon)."""
-        name = f"{_LAYER_PREFIX}{offsets[0]}.{key[len(_LAYER_PREFIX):]}" if key.startswith(_LAYER_PREFIX) else key
+        name = key
+        if key.startswith(_LAYER_PREFIX):  # the same naming as __call__: stacked layer, then expert axis
+            parsed = mapping.parse_checkpoint_key(key)
+            index = list(offsets[:parsed.lead_axes])
+            layer = parsed.layer if parsed.layer is not None else index.pop(0)
+            name = mapping.model_name_of_checkpoint_key(key, layer, index[0] if parsed.expert else None)
         self.hf.will_need(mapping.resolve(name, self.rules, self.dims).hf)
 
     def _shard(self, name: str, tp_rank: int, tp: int) -> torch.Tensor:
