@@ -25,6 +25,10 @@ def run(args: argparse.Namespace) -> int:
     plan = validate(cfg)
     if args.dry_run:
         print(plan.table())
+        from megacov.critic.plan import placement_lines
+
+        for line in placement_lines(cfg):  # the critic and the reward model, when the run has them
+            print(line)
         print("config and layout OK (dry run: nothing started)")
         return 0
     from megacov.trainer import train

@@ -69,6 +69,7 @@ class RunContext:
         self.start_step = 0
         self.history: list[tuple[float, float]] = []
         self.group = self.engines = self.judge_engines = self.metrics = None
+        self.critic: Any = None  # PPO-GAE: megacov.critic.group.CriticGroup
         self._sync = None
         self._asleep = False
         self.last_saved = 0
@@ -86,6 +87,13 @@ class RunContext:
         self.group = session.start_actor_group(
             cfg, self.plan, self.init_path, total_updates=cfg.trainer.total_steps * self.updates_per_step,
             with_reference=self.has_reference, reference_path=cfg.model.reference_path, mcore_checkpoint=mcore)
+        from megacov.critic.plan import uses_critic
+
+        if uses_critic(cfg):  # the DeepSpeed critic beside the actor (resumed from <ckpt>/critic/)
+            from megacov.critic.group import CriticGroup
+
+            self.critic = CriticGroup(cfg, self.init_path, seqs_per_update=self.mini_batch_seqs,
+                                      env=session.worker_env(), resume_from=self.resume_from)
         self.engines = session.start_engines(cfg, self.init_path, placement=self.group.placement)
         self._sync = session.make_sync(cfg, self.engines)
         if self.resume_from is not None:
@@ -112,7 +120,7 @@ class RunContext:
     def close(self) -> None:
         for closer in (getattr(self.metrics, "close", None), getattr(self.rewards, "close", None),
                        getattr(self.engines, "shutdown", None), getattr(self.judge_engines, "shutdown", None),
-                       getattr(self.group, "shutdown", None)):
+                       getattr(self.group, "shutdown", None), getattr(self.critic, "shutdown", None)):
             if closer is not None:
                 try:
                     closer()
@@ -200,6 +208,8 @@ class RunContext:
     def save(self, step: int) -> str:
         tmp = self.ckpt.begin(step)
         self.group.execute("save_checkpoint", tmp, self.cfg.checkpoint.save_optimizer)
+        if self.critic is not None:
+            self.critic.save(tmp)
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
                  "history": self.history, "init_path": os.path.abspath(self.init_path)}
         path = self.ckpt.commit(tmp, step, state)
