@@ -146,7 +146,7 @@ class CriticEngine:
                returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, float]:
         """One optimizer step per mini-batch of ``shape.seqs_per_update`` rows; returns the metrics of
         the whole batch (identical on every rank)."""
-        m_seqs, mbs, dp = self.shape.seqs_per_update, self.shape.micro_batch_size, self.shape.dp
+        m_seqs, mbs = self.shape.seqs_per_update, self.shape.micro_batch_size
         b = input_ids.shape[0]
         if b % m_seqs:
             raise ValueError(f"critic: batch of {b} rows is not a multiple of {m_seqs} sequences per update")
@@ -162,8 +162,7 @@ class CriticEngine:
                 v = self.engine(input_ids[sl].to(self.device), position_ids[sl].to(self.device))
                 loss_sum, m = value_loss_sum(v, old_values[sl].to(v), returns[sl].to(v), mask[sl].to(self.device),
                                              self.cfg.value_clip)
-                scale = dp / n_tokens if n_tokens > 0 else 0.0
-                self.engine.backward(loss_sum * scale, scale_wrt_gas=False)
+                self.engine.backward(loss_sum * self._loss_scale(n_tokens, m["tokens"]), scale_wrt_gas=False)
                 self.engine.step()
                 totals += torch.tensor([float(loss_sum.detach()), float(m["clipped"]), float(m["tokens"])], dtype=torch.float64)
             self.updates += 1
@@ -174,10 +173,25 @@ class CriticEngine:
         return {"critic/value_loss": float(totals[0]) / n, "critic/vf_clipfrac": float(totals[1]) / n,
                 "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "critic/lr": self._lr()}
 
+    def _loss_scale(self, mini_batch_tokens: float, micro_tokens: torch.Tensor) -> float:
+        """Factor of a micro-batch's loss sum: 1 / (the mini-batch's tokens), times DP because
+        DeepSpeed averages gradients over the ranks."""
+        del micro_tokens
+        return self.shape.dp / mini_batch_tokens if mini_batch_tokens > 0 else 0.0
+
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         return self.engine.optimizer.optimizer  # the torch AdamW that ZeRO drives over its partitions
+
+    def _master_partitions(self) -> list[torch.Tensor]:
+        """This rank's fp32 master slices, one flat tensor per (sub-)group: the tensors the AdamW
+        state is keyed by. ZeRO-3 swaps them into the AdamW param groups one sub-group at a time, so
+        they are read from the ZeRO optimizer, not from ``param_groups``."""
+        zero = self.engine.optimizer
+        if int(self.cfg.zero_stage) == 3:
+            return list(zero.fp32_partitioned_groups_flat)
+        return list(zero.single_partition_of_fp32_groups)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every weight, whole, on every rank (gathered one parameter at a time under ZeRO-3)."""
@@ -205,12 +219,11 @@ class CriticEngine:
             save_file({k: v.contiguous() for k, v in weights.items()}, os.path.join(out_dir, WEIGHTS_FILE))
         opt = self._base_optimizer()
         tensors: dict[str, torch.Tensor] = {}
-        for gi, group in enumerate(opt.param_groups):
-            for pi, p in enumerate(group["params"]):
-                tensors[f"g{gi}.p{pi}.master"] = p.detach().cpu().clone()
-                for key, value in opt.state.get(p, {}).items():
-                    t = value if torch.is_tensor(value) else torch.tensor(value)
-                    tensors[f"g{gi}.p{pi}.{key}"] = t.detach().cpu().clone().reshape(t.shape)
+        for gi, p in enumerate(self._master_partitions()):
+            tensors[f"g{gi}.master"] = p.detach().cpu().clone()
+            for key, value in opt.state.get(p, {}).items():
+                t = value if torch.is_tensor(value) else torch.tensor(value)
+                tensors[f"g{gi}.{key}"] = t.detach().cpu().clone()
         save_file(tensors, os.path.join(out_dir, optim_file(self.rank)))
         if self.rank == 0:
             write_json(os.path.join(out_dir, STATE_FILE),
@@ -231,9 +244,8 @@ class CriticEngine:
         tensors = load_file(os.path.join(ckpt_dir, optim_file(self.rank)))
         opt = self._base_optimizer()
         with torch.no_grad():
-            for gi, group in enumerate(opt.param_groups):
-                for pi, p in enumerate(group["params"]):
-                    prefix = f"g{gi}.p{pi}."
-                    p.copy_(tensors[prefix + "master"])
-                    opt.state[p] = {k[len(prefix):]: v.to(p.device) if k[len(prefix):] != "step" else v
-                                    for k, v in tensors.items() if k.startswith(prefix) and not k.endswith(".master")}
+            for gi, p in enumerate(self._master_partitions()):
+                prefix = f"g{gi}."
+                p.copy_(tensors[prefix + "master"])
+                opt.state[p] = {k[len(prefix):]: (v if k.endswith(".step") else v.to(p.device))
+                                for k, v in tensors.items() if k.startswith(prefix) and not k.endswith(".master")}

@@ -29,6 +29,7 @@ class LayoutRun:
     ckpt_dir: Optional[str] = None
     offload: bool = False
     lr: float = 1e-3
+    micro_mean: bool = False  # deliberately wrong normalisation (token mean per micro-batch), to show the check fails
 
 
 def make_batch(vocab: int, rows: int = 8, length: int = 12, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -54,9 +55,14 @@ def _engine(run: LayoutRun, resume: Optional[str]) -> Any:
     from megacov.config.schema import CriticConfig
     from megacov.critic.engine import CriticEngine, CriticShape
 
+    class MicroMeanEngine(CriticEngine):
+        def _loss_scale(self, mini_batch_tokens: float, micro_tokens: torch.Tensor) -> float:
+            n = float(micro_tokens)
+            return 1.0 / (n * self.shape.grad_accum) if n > 0 else 0.0
+
     cfg = CriticConfig(zero_stage=run.zero_stage, offload_optimizer=run.offload, lr=run.lr, dtype="fp32",
                        micro_batch_size=run.micro_batch_size, value_clip=0.2, clip_grad=1.0)
-    return CriticEngine(cfg, run.init_dir, CriticShape(run.seqs_per_update, run.micro_batch_size, run.dp),
+    return (MicroMeanEngine if run.micro_mean else CriticEngine)(cfg, run.init_dir, CriticShape(run.seqs_per_update, run.micro_batch_size, run.dp),
                         resume_dir=resume)
 
 
