@@ -16,6 +16,14 @@ import torch
 CKPT_SUBDIR = "critic"
 
 
+def _resolve(obj: Any) -> Any:
+    """The batch travels once through the object store as a reference nested in the call's arguments,
+    which Ray does not resolve by itself."""
+    import ray
+
+    return ray.get(obj) if isinstance(obj, ray.ObjectRef) else obj
+
+
 class CriticWorker:
     """One critic rank (constructed inside the Ray actor after torch.distributed is up)."""
 
@@ -28,9 +36,11 @@ class CriticWorker:
         self.engine = CriticEngine(critic_cfg, init_path, shape, resume_dir=resume_dir)
 
     def values(self, batch: Any) -> torch.Tensor:
+        batch = _resolve(batch)
         return self.engine.values(batch.input_ids, batch.position_ids)
 
     def update(self, batch: Any, returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, float]:
+        batch = _resolve(batch)
         return self.engine.update(batch.input_ids, batch.position_ids, batch.mask, returns, old_values)
 
     def save(self, out_dir: str) -> None:
