@@ -38,6 +38,7 @@ def test_placement_lines_reward_model_and_offload():
     ("algorithm.gae_whiten=batch", "algorithm.gae_whiten='batch'"),
     ("critic.warmup_steps=40", "critic.warmup_steps=40"),
     ("reward.name=model", "reward.name=model needs reward.model_path"),
+    ("parallel.num_gpus=2", "the critic needs critic.world_size=1 GPU(s) beside the 2"),
 ])
 def test_bad_settings_exit_2(override, message, capsys):
     from megacov.cli import main

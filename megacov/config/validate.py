@@ -175,18 +175,18 @@ def validate(cfg: MegacovConfig, check_model: bool = True) -> LayoutPlan:
     shape = ModelShape.from_hf_dir(cfg.model.path) if check_model else None
     plan = plan_layout(cfg, shape)
     _check_choices(cfg)
-    _check_critic_and_reward_model(cfg, plan.dp, check_model)
+    _check_critic_and_reward_model(cfg, plan, check_model)
     from megacov.algorithms.checks import warn_algorithm_config  # lazy: pulls in torch
 
     warn_algorithm_config(cfg)
     return plan
 
 
-def _check_critic_and_reward_model(cfg: MegacovConfig, dp: int, check_model: bool) -> None:
+def _check_critic_and_reward_model(cfg: MegacovConfig, plan: LayoutPlan, check_model: bool) -> None:
     from megacov.critic.plan import check_critic
     from megacov.rewards.model import RewardSpecError, check_reward_model
 
-    check_critic(cfg, dp)
+    check_critic(cfg, plan.devices_needed, plan.num_gpus)
     if check_model:
         try:
             check_reward_model(cfg.reward, cfg.model.path)

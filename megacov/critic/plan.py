@@ -13,7 +13,7 @@ def uses_critic(cfg: Any) -> bool:
     return cfg.algorithm.advantage == "gae"
 
 
-def check_critic(cfg: Any, dp: int) -> None:
+def check_critic(cfg: Any, devices_needed: int, num_gpus: int) -> None:
     a, c = cfg.algorithm, cfg.critic
 
     def require(cond: bool, msg: str) -> None:
@@ -37,7 +37,9 @@ def check_critic(cfg: Any, dp: int) -> None:
     require(seqs % (c.world_size * c.micro_batch_size) == 0,
             f"critic.world_size*critic.micro_batch_size={c.world_size}x{c.micro_batch_size} does not divide the "
             f"{seqs} sequences of a mini-batch (data.mini_batch_size*rollout.n)")
-    del dp
+    require(num_gpus == 0 or devices_needed + c.world_size <= num_gpus,
+            f"the critic needs critic.world_size={c.world_size} GPU(s) beside the {devices_needed} of the actor and "
+            f"the engines, but parallel.num_gpus={num_gpus}")
 
 
 def placement_lines(cfg: Any) -> list[str]:
