@@ -151,12 +151,13 @@ class CriticEngine:
         if b % m_seqs:
             raise ValueError(f"critic: batch of {b} rows is not a multiple of {m_seqs} sequences per update")
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, clipped tokens, tokens
-        grad_norms = []
+        grad_norms, lr = [], self._lr()
         for start in range(0, b, m_seqs):
             n_tokens = float(mask[start:start + m_seqs].sum())
             lo = start + self.rank * self.shape.per_rank
+            lr = self._lr()
             for g in self.engine.optimizer.param_groups:
-                g["lr"] = self._lr()
+                g["lr"] = lr
             for k in range(self.shape.grad_accum):
                 sl = slice(lo + k * mbs, lo + (k + 1) * mbs)
                 v = self.engine(input_ids[sl].to(self.device), position_ids[sl].to(self.device))
@@ -164,14 +165,15 @@ class CriticEngine:
                                              self.cfg.value_clip)
                 self.engine.backward(loss_sum * self._loss_scale(n_tokens, m["tokens"]), scale_wrt_gas=False)
                 self.engine.step()
-                totals += torch.tensor([float(loss_sum.detach()), float(m["clipped"]), float(m["tokens"])], dtype=torch.float64)
+                totals += torch.tensor([float(loss_sum.detach()), float(m["clipped"]), float(m["tokens"])],
+                                       dtype=torch.float64)
             self.updates += 1
             gn = self.engine.get_global_grad_norm()
             grad_norms.append(float(gn) if gn is not None else float("nan"))
         dist.all_reduce(totals)
         n = max(float(totals[2]), 1.0)
         return {"critic/value_loss": float(totals[0]) / n, "critic/vf_clipfrac": float(totals[1]) / n,
-                "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "critic/lr": self._lr()}
+                "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "critic/lr": lr}
 
     def _loss_scale(self, mini_batch_tokens: float, micro_tokens: torch.Tensor) -> float:
         """Factor of a micro-batch's loss sum: 1 / (the mini-batch's tokens), times DP because
