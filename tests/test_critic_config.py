@@ -21,7 +21,8 @@ def test_dry_run_shows_critic(capsys):
 def test_placement_lines_reward_model_and_offload():
     cfg = load_config(EXAMPLE, ["critic.zero_stage=3", "critic.offload_optimizer=true", "critic.world_size=2",
                                 "reward.name=model", "reward.model_path=/rm", "reward.rule=tiny",
-                                "reward.rule_weight=0.5", "reward.model_normalize=true"])
+                                "reward.rule_weight=0.5", "reward.model_normalize=true",
+                                "reward.model_workers=0"])
     lines = placement_lines(cfg)
     assert lines[0].startswith("critic (DeepSpeed ZeRO-3, optimizer state offloaded to CPU): 2 rank(s)")
     assert lines[1].startswith("reward model (HF sequence classification, in the driver): /rm")

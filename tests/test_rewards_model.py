@@ -100,3 +100,29 @@ def test_bad_reward_models_fail_in_one_line(tmp_path, rm_dir):
     assert "\n" not in str(e.value)
     with pytest.raises(RewardSpecError, match="needs reward.model_path"):
         check_reward_model(RewardConfig(name="model"), actor)
+
+
+@pytest.mark.slow
+def test_served_by_its_own_worker_group(rm_dir):
+    """reward.model_workers=2: two Ray ranks score contiguous blocks; same scores as in-process."""
+    import ray
+
+    from megacov.rewards.model import RemoteRewardModel
+
+    local = RewardManager(RewardConfig(name="model", model_path=rm_dir, workers=0, model_normalize=True))
+    want = [list(local.score(RESPONSES[:5], [""] * 5, QUESTIONS[:5]).scores),
+            list(local.score(RESPONSES[5:], [""] * 1, QUESTIONS[5:]).scores)]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        import megacov.trainer.session as session
+
+        cfg = RewardConfig(name="model", model_path=rm_dir, workers=0, model_normalize=True, model_workers=2)
+        mgr = RewardManager(cfg, model=RemoteRewardModel(cfg, session.worker_env()))
+        try:
+            got = [list(mgr.score(RESPONSES[:5], [""] * 5, QUESTIONS[:5]).scores),
+                   list(mgr.score(RESPONSES[5:], [""] * 1, QUESTIONS[5:]).scores)]
+        finally:
+            mgr.close()
+    finally:
+        ray.shutdown()
+    assert all(max(abs(a - b) for a, b in zip(g, w)) <= 1e-5 for g, w in zip(got, want))

@@ -195,6 +195,9 @@ class RewardConfig:
     Bradley-Terry reward model) sharing the actor's tokenizer; it scores question + response."""
     model_batch_size: int = 16
     """``model`` reward: texts per forward pass."""
+    model_workers: int = 1
+    """``model`` reward: ranks of the reward model's own Ray worker group (one GPU each on GPU
+    machines); 0 scores in the driver process."""
     model_normalize: bool = False
     """``model`` reward: normalise scores by the running mean and std of every score seen."""
     model_weight: float = 1.0

@@ -54,7 +54,8 @@ def placement_lines(cfg: Any) -> list[str]:
     if cfg.reward.name == "model":
         r = cfg.reward
         rule = f" + {r.rule_weight:g} x rule '{r.rule}'" if r.rule else ""
-        out.append(f"reward model (HF sequence classification, in the driver): {r.model_path}, batches of "
+        where = f"{r.model_workers} Ray rank(s), 1 GPU each on GPU machines" if r.model_workers else "in the driver"
+        out.append(f"reward model (HF sequence classification, {where}): {r.model_path}, batches of "
                    f"{r.model_batch_size}, score = {r.model_weight:g} x model{rule}"
                    f"{', running-normalised' if r.model_normalize else ''}")
     return out

@@ -66,7 +66,7 @@ class RewardBatch:
 class RewardManager:
     """Scores responses with the configured reward; one instance per run (the pool is reused)."""
 
-    def __init__(self, reward_cfg: Any, judge: Optional[Any] = None) -> None:
+    def __init__(self, reward_cfg: Any, judge: Optional[Any] = None, model: Optional[Any] = None) -> None:
         self.cfg = reward_cfg
         self.judge = judge
         self._pool: Optional[RewardPool] = None
@@ -77,7 +77,7 @@ class RewardManager:
                 raise RewardSpecError("reward.name=judge needs a judge (reward.judge_model)")
             return
         if reward_cfg.name == "model":  # scalar reward model, optionally plus a rule reward
-            self.model = _scalar_model(reward_cfg)
+            self.model = model if model is not None else _scalar_model(reward_cfg)
             if not reward_cfg.rule:
                 return
         spec = reward_spec(reward_cfg.rule if self.model is not None else reward_cfg.name)
@@ -133,6 +133,8 @@ class RewardManager:
         return batch
 
     def close(self) -> None:
+        if self.model is not None and hasattr(self.model, "close"):
+            self.model.close()
         self.model = None
         if self._pool is not None:
             self._pool.close()

@@ -123,6 +123,52 @@ class ScalarRewardModel:
         return self.norm.normalise(raw)
 
 
+class RewardModelWorker:
+    """One rank of the reward model's worker group (hosted by :class:`~megacov.workers.group.WorkerGroup`)."""
+
+    def __init__(self, path: str, batch_size: int) -> None:
+        self.model = ScalarRewardModel(path, batch_size=batch_size, normalize=False)
+
+    def raw_scores(self, texts: Sequence[str]) -> list[float]:
+        return self.model.raw_scores(texts)
+
+
+class RemoteRewardModel:
+    """The reward model served by its own Ray worker group of ``reward.model_workers`` ranks (one GPU
+    each on GPU machines): texts are split into contiguous blocks, one per rank, scored concurrently,
+    and normalised in the driver so the running statistics see every score in order."""
+
+    def __init__(self, reward_cfg: Any, env: dict[str, str]) -> None:
+        import torch
+
+        from megacov.workers.group import WorkerGroup
+
+        self.group = WorkerGroup(RewardModelWorker, int(reward_cfg.model_workers),
+                                 args=(os.path.abspath(reward_cfg.model_path), int(reward_cfg.model_batch_size)),
+                                 gpus_per_worker=1.0 if torch.cuda.is_available() else 0.0, env=env,
+                                 name="megacov-reward-model")
+        self.norm: Optional[RunningNorm] = RunningNorm() if reward_cfg.model_normalize else None
+
+    def raw_scores(self, texts: Sequence[str]) -> list[float]:
+        import ray
+
+        n = self.group.world_size
+        size = -(-len(texts) // n) if texts else 0
+        blocks = [list(texts[r * size:(r + 1) * size]) for r in range(n)]
+        refs = [self.group.execute_rank_async(r, "raw_scores", blocks[r]) for r in range(n) if blocks[r]]
+        return [x for part in ray.get(refs) for x in part]
+
+    def scores(self, texts: Sequence[str]) -> list[float]:
+        raw = self.raw_scores(texts)
+        if self.norm is None:
+            return raw
+        self.norm.update(raw)
+        return self.norm.normalise(raw)
+
+    def close(self) -> None:
+        self.group.shutdown()
+
+
 def combine(model_scores: Sequence[float], rule: Optional[Sequence[Outcome]], *, model_weight: float,
             rule_weight: float) -> list[Outcome]:
     """``model_weight * model + rule_weight * rule`` per response; a failed rule call keeps its status."""

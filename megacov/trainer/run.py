@@ -64,7 +64,8 @@ class RunContext:
         self.ckpt.remove_partial()
         self.resume_from = self.ckpt.resolve_resume(cfg.trainer.resume)
         self.init_path = warm_start(cfg, plan, self.tokenizer) if cfg.trainer.sft_steps > 0 else cfg.model.path
-        self.rewards = None if cfg.reward.name == "judge" else build_reward_manager(cfg)[0]  # bad names fail here
+        # bad names fail here; the judge and a served reward model start with the workers
+        self.rewards = None if _served_reward(cfg) else build_reward_manager(cfg)[0]
         self.has_reference = True
         self.start_step = 0
         self.history: list[tuple[float, float]] = []
@@ -226,6 +227,11 @@ def build_reward_manager(cfg: Any) -> tuple[Any, Any]:
     from megacov.rewards import RewardManager
 
     r = cfg.reward
+    if r.name == "model" and r.model_workers > 0:  # the reward model in its own worker group
+        from megacov.rewards.model import RemoteRewardModel
+        from megacov.trainer import session
+
+        return RewardManager(r, model=RemoteRewardModel(r, session.worker_env())), None
     if r.name != "judge":
         return RewardManager(r), None
     from megacov.rewards.judge import JudgeReward
@@ -239,6 +245,10 @@ def build_reward_manager(cfg: Any) -> tuple[Any, Any]:
     engines = session.start_engines(judge_cfg, r.judge_model, max_model_len=_context_len(r.judge_model))
     judge = JudgeReward(engines, _tokenizer(r.judge_model), mode=r.judge_mode, verdicts=r.judge_verdicts)
     return RewardManager(r, judge=judge), engines
+
+
+def _served_reward(cfg: Any) -> bool:
+    return cfg.reward.name == "judge" or (cfg.reward.name == "model" and cfg.reward.model_workers > 0)
 
 
 def _context_len(hf_dir: str, cap: int = 32768) -> int:

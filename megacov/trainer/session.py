@@ -22,7 +22,8 @@ def cpus_needed(cfg: Any, plan: Any) -> int:
     engines = cfg.rollout.engines * cfg.rollout.tp * cfg.rollout.cpus_per_engine
     judge = cfg.rollout.cpus_per_engine if cfg.reward.name == "judge" else 0
     critic = cfg.critic.world_size * cfg.critic.cpus_per_worker if cfg.algorithm.advantage == "gae" else 0
-    return plan.world_size * cfg.trainer.cpus_per_worker + engines + judge + critic
+    rm = cfg.reward.model_workers if cfg.reward.name == "model" else 0
+    return plan.world_size * cfg.trainer.cpus_per_worker + engines + judge + critic + rm
 
 
 def connect(cfg: Any, plan: Any) -> None:
