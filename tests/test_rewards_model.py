@@ -76,11 +76,20 @@ def test_normalisation_and_rule_combination(rm_dir):
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5
 
 
-def test_running_norm_state_round_trip():
+def test_running_norm_state_round_trip(rm_dir):
     a, b = RunningNorm(), RunningNorm()
     a.update([1.0, 2.0, 5.0])
     b.load_state_dict(a.state_dict())
     assert b.normalise([3.0]) == a.normalise([3.0])
+    cfg = RewardConfig(name="model", model_path=rm_dir, workers=0, model_normalize=True)
+    first, resumed = RewardManager(cfg), RewardManager(cfg)
+    first.score(RESPONSES[:3], [""] * 3, QUESTIONS[:3])
+    import json
+
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # travels in trainer_state.json
+    assert list(first.score(RESPONSES[3:], [""] * 3, QUESTIONS[3:]).scores) == \
+        list(resumed.score(RESPONSES[3:], [""] * 3, QUESTIONS[3:]).scores)
+    assert RewardManager(RewardConfig(name="tiny", workers=0)).state_dict() == {}
 
 
 def test_bad_reward_models_fail_in_one_line(tmp_path, rm_dir):

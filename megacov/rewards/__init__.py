@@ -132,6 +132,16 @@ class RewardManager:
                         batch.failures[0])
         return batch
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to score identically: the reward model's running normaliser."""
+        norm = getattr(self.model, "norm", None)
+        return {"model_norm": norm.state_dict()} if norm is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        norm = getattr(self.model, "norm", None)
+        if norm is not None and "model_norm" in state:
+            norm.load_state_dict(state["model_norm"])
+
     def close(self) -> None:
         if self.model is not None and hasattr(self.model, "close"):
             self.model.close()

@@ -114,6 +114,7 @@ class RunContext:
         state = load_trainer_state(path)
         self.loader.load_state_dict(state["loader"])
         self.controller.load_state_dict(state["controller"])
+        self.rewards.load_state_dict(state.get("rewards", {}))
         self.history = [tuple(p) for p in state.get("history", [])]
         self.start_step = int(state["step"])
         log.info("resumed from %s (step %d)", path, self.start_step)
@@ -212,7 +213,8 @@ class RunContext:
         if self.critic is not None:
             self.critic.save(tmp)
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
-                 "history": self.history, "init_path": os.path.abspath(self.init_path)}
+                 "history": self.history, "init_path": os.path.abspath(self.init_path),
+                 "rewards": self.rewards.state_dict()}
         path = self.ckpt.commit(tmp, step, state)
         self.last_saved = step
         return path
