@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from megacov.algorithms import algorithm_hparams, compute_advantages, list_advantages
+from megacov.algorithms.advantages import VALUE_ADVANTAGES
 
 
 def _groups(rewards, gids):
@@ -90,9 +91,12 @@ def test_group_order_and_ids_do_not_matter():
     gids = torch.arange(16) // 4
     mask = torch.rand(16, 8, generator=g) < 0.8
     perm = torch.randperm(16, generator=g)
+    values = torch.randn(16, 8, generator=g)
     for name in list_advantages():
-        a = compute_advantages(name, rewards, gids, mask)
-        b = compute_advantages(name, rewards[perm], gids[perm] * 1000 + 7, mask[perm])
+        v = values if name in VALUE_ADVANTAGES else None
+        a = compute_advantages(name, rewards, gids, mask, values=v)
+        b = compute_advantages(name, rewards[perm], gids[perm] * 1000 + 7, mask[perm],
+                               values=v[perm] if v is not None else None)
         torch.testing.assert_close(a[perm], b)
 
 
@@ -102,5 +106,5 @@ def test_bad_input_is_named():
         compute_advantages("grpo", torch.tensor([0.0, float("nan")]), torch.tensor([0, 0]), mask)
     with pytest.raises(ValueError, match="rewards \\[B\\]"):
         compute_advantages("grpo", torch.zeros(3), torch.zeros(3), mask)
-    with pytest.raises(KeyError, match="registered: grpo, reinforce_pp, reinforce_pp_baseline, rloo"):
-        compute_advantages("gae", torch.zeros(2), torch.zeros(2), mask)
+    with pytest.raises(KeyError, match="registered: gae, grpo, reinforce_pp, reinforce_pp_baseline, rloo"):
+        compute_advantages("vtrace", torch.zeros(2), torch.zeros(2), mask)

@@ -67,7 +67,7 @@ def test_controllers_reachable_from_config(name):
 
 @pytest.mark.parametrize("override,registered", [
     ("algorithm.policy_loss=clipcov", "registered: cispo, clip_cov, gspo, kl_cov, ppo"),
-    ("algorithm.advantage=gae", "registered: grpo, reinforce_pp, reinforce_pp_baseline, rloo"),
+    ("algorithm.advantage=vtrace", "registered: gae, grpo, reinforce_pp, reinforce_pp_baseline, rloo"),
     ("algorithm.entropy_control=pid", "registered: adaptive, none, par"),
     ("algorithm.kl_estimator=k4", "registered: k1, k2, k3"),
     ("algorithm.par_schedule=cosine", "registered: stage, epoch, entropy"),

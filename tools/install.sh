@@ -36,7 +36,9 @@ if [ -n "${TORCH_INDEX_URL:-}" ]; then
 else
   "${pip[@]}" install --quiet "torch==2.13.0"
 fi
-"${pip[@]}" install --quiet -e "$here[$EXTRAS]"
+# DeepSpeed ships as an sdist; DS_BUILD_OPS=0 installs it without pre-compiling any op (the critic
+# uses the torch optimizer and gloo/nccl collectives only).
+DS_BUILD_OPS=0 "${pip[@]}" install --quiet -e "$here[$EXTRAS]"
 "${pip[@]}" uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 "$VENV/bin/python" - <<'PY'
 import torch, transformers, megatron.core  # noqa: F401  (fails loudly if the environment is broken)

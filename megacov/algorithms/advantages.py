@@ -12,7 +12,7 @@ instead of the raw reward, so a lone sample never pushes the policy with an unba
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -27,19 +27,29 @@ _ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
 register_advantage = _ADVANTAGES.register
 """Decorator: make an estimator selectable as ``algorithm.advantage=<name>``."""
 get_advantage = _ADVANTAGES.get
+#: Estimators that read a critic's token values (the trainer then runs a critic beside the actor).
+VALUE_ADVANTAGES = frozenset({"gae"})
 list_advantages = _ADVANTAGES.names
 
 
 def compute_advantages(name: str, rewards: torch.Tensor, group_ids: torch.Tensor,
-                       response_mask: torch.Tensor, hp: Any = None) -> torch.Tensor:
+                       response_mask: torch.Tensor, hp: Any = None,
+                       values: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Advantages [B, T] from rewards [B], group ids [B] and the response mask [B, T].
 
     ``hp`` is an AlgorithmConfig-like object (``norm_adv_by_std`` is read by grpo); None uses the
-    schema defaults.
+    schema defaults. ``values`` [B, T] (a critic's token values, same columns as the mask) is passed
+    only to estimators that need it (those in :data:`VALUE_ADVANTAGES`).
     """
     rewards, group_ids = _check_inputs(rewards, group_ids, response_mask)
+    extra: dict[str, Any] = {}
+    if name in VALUE_ADVANTAGES:
+        if values is None or tuple(values.shape) != tuple(response_mask.shape):
+            raise ValueError(f"advantage '{name}' needs critic values shaped like the response mask "
+                             f"{tuple(response_mask.shape)}, got {None if values is None else tuple(values.shape)}")
+        extra["values"] = values
     return get_advantage(name)(rewards, group_ids, response_mask.bool(),
-                               hp=hp if hp is not None else AlgorithmConfig())
+                               hp=hp if hp is not None else AlgorithmConfig(), **extra)
 
 
 def _check_inputs(rewards: torch.Tensor, group_ids: torch.Tensor,
@@ -114,3 +124,82 @@ def reinforce_pp_baseline(rewards: torch.Tensor, group_ids: torch.Tensor, mask: 
     count, mean, _ = _group_stats(rewards, group_ids)
     centred = torch.where(count > 1, rewards - mean, torch.zeros_like(rewards))
     return _broadcast(_token_whiten(centred, mask), mask)
+
+
+# -- GAE (PPO with a learned value function) ----------------------------------------------------------
+
+#: ``algorithm.gae_whiten`` choices: whiten over the batch's valid tokens, scale only, or leave raw.
+GAE_WHITEN_MODES = ("mean_std", "std", "none")
+
+
+def outcome_token_rewards(rewards: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] float64: each sequence's outcome reward on its last valid token, 0 elsewhere (a row
+    without valid tokens gets nothing)."""
+    mask = mask.bool()
+    t = mask.shape[1]
+    cols = torch.arange(t, device=mask.device).expand_as(mask)
+    last = torch.where(mask, cols, torch.full_like(cols, -1)).max(dim=1).values
+    out = torch.zeros(mask.shape, dtype=torch.float64, device=mask.device)
+    rows = torch.nonzero(last >= 0).flatten()
+    out[rows, last[rows]] = rewards.to(torch.float64)[rows]
+    return out
+
+
+def gae_advantages_returns(token_rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *,
+                           gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw GAE advantages and returns [B, T] (float64, 0 off the mask).
+
+    The recursion runs over each row's *valid* tokens only: the successor of a token is the next
+    valid token of the same row (value 0 after the last one: the episode ends there), and masked
+    columns are skipped without breaking the chain. Returns are advantages + values, the critic's
+    regression target; with gamma = lambda = 1 they are the reward-to-go.
+    """
+    mask = mask.bool()
+    r, v = token_rewards.to(torch.float64), values.to(torch.float64)
+    adv = torch.zeros_like(r)
+    zero = torch.zeros(r.shape[0], dtype=torch.float64, device=r.device)
+    next_value, next_adv = zero, zero
+    for t in range(r.shape[1] - 1, -1, -1):
+        m = mask[:, t]
+        delta = r[:, t] + gamma * next_value - v[:, t]
+        a_t = delta + gamma * lam * next_adv
+        adv[:, t] = torch.where(m, a_t, zero)
+        next_adv = torch.where(m, a_t, next_adv)
+        next_value = torch.where(m, v[:, t], next_value)
+    returns = torch.where(mask, adv + v, torch.zeros_like(adv))
+    return adv, returns
+
+
+def whiten_tokens(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool) -> torch.Tensor:
+    """Whiten ``x`` over the valid tokens of the whole batch (unbiased variance); 0 off the mask.
+    ``shift_mean=False`` only rescales, keeping the sign of every advantage."""
+    mask = mask.bool()
+    n = int(mask.sum())
+    if n < 2:
+        return torch.zeros_like(x)
+    vals = x[mask]
+    mean = vals.mean()
+    var = ((vals - mean) ** 2).sum() / (n - 1)
+    out = (x - mean) if shift_mean else x
+    out = out / torch.sqrt(var + STD_EPS**2)
+    return torch.where(mask, out, torch.zeros_like(out))
+
+
+def gae_returns(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, hp: Any) -> torch.Tensor:
+    """[B, T] float32 critic targets for the outcome rewards [B] (what ``gae`` whitens away)."""
+    _, returns = gae_advantages_returns(outcome_token_rewards(rewards, mask), values, mask,
+                                        gamma=hp.gamma, lam=hp.lam)
+    return returns.to(torch.float32)
+
+
+@register_advantage("gae")
+def gae(rewards: torch.Tensor, group_ids: torch.Tensor, mask: torch.Tensor, *, hp: Any,
+        values: torch.Tensor) -> torch.Tensor:
+    """PPO's generalised advantage estimate from token values (``algorithm.gamma``, ``algorithm.lam``),
+    whitened over the batch as ``algorithm.gae_whiten`` says. Group ids are not used: the critic is
+    the baseline."""
+    adv, _ = gae_advantages_returns(outcome_token_rewards(rewards, mask), values, mask,
+                                    gamma=hp.gamma, lam=hp.lam)
+    if hp.gae_whiten != "none":
+        adv = whiten_tokens(adv, mask, shift_mean=hp.gae_whiten == "mean_std")
+    return adv.to(torch.float32)

@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:  # the plan first, so a layout can be sized before the data is on this machine
         print(plan.table())
         print(_runtime_plan(cfg, plan))
+        from megacov.critic.plan import placement_lines
+
+        for line in placement_lines(cfg):  # the critic and the reward model, when the run has them
+            print(line)
         if memory is not None:
             print(memory.table())
     check_reward(cfg)  # the reward resolves and every data file reads, before any worker starts

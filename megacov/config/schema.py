@@ -127,7 +127,15 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     advantage: str = "grpo"
-    """Advantage estimator, registered by name: grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
+    """Advantage estimator, registered by name: grpo, rloo, reinforce_pp, reinforce_pp_baseline, gae
+    (PPO with the ``critic`` section's value model)."""
+    gamma: float = 1.0
+    """GAE: discount per token."""
+    lam: float = 0.95
+    """GAE: lambda of the advantage estimate (1 gives reward-to-go minus value)."""
+    gae_whiten: str = "mean_std"
+    """GAE: whitening of the advantages over the batch's valid tokens: ``mean_std`` (shift and
+    scale), ``std`` (scale only) or ``none``."""
     norm_adv_by_std: bool = True
     """GRPO: divide by the group std (False gives Dr.GRPO)."""
     policy_loss: str = "ppo"
@@ -226,7 +234,8 @@ class AlgorithmConfig:
 class RewardConfig:
     name: str = "tiny"
     """Reward function: ``tiny`` (exact answer of the demo task), ``math`` (math-verify), ``judge``
-    (model-based soft reward) or ``module:function``."""
+    (model-based soft reward), ``model`` (scalar reward model, ``reward.model_path``) or
+    ``module:function``."""
     timeout_s: float = 5.0
     """Per-response timeout; a timed-out or failing reward scores 0 and is counted."""
     workers: int = 2
@@ -240,6 +249,59 @@ class RewardConfig:
     judge_verdicts: list[str] = field(default_factory=lambda: ["YES", "NO"])
     """``judge`` reward: the verdict words meaning correct / incorrect; the first token of each is
     scored, so they must start with different tokens."""
+    model_path: Optional[str] = None
+    """``model`` reward: HF AutoModelForSequenceClassification directory with one label (a
+    Bradley-Terry reward model) sharing the actor's tokenizer; it scores question + response."""
+    model_batch_size: int = 16
+    """``model`` reward: texts per forward pass."""
+    model_workers: int = 1
+    """``model`` reward: ranks of the reward model's own Ray worker group (one GPU each on GPU
+    machines); 0 scores in the driver process."""
+    model_normalize: bool = False
+    """``model`` reward: normalise scores by the running mean and std of every score seen."""
+    model_weight: float = 1.0
+    """``model`` reward: weight of the model score in the combined reward."""
+    rule: Optional[str] = None
+    """``model`` reward: a rule reward (registered name or ``module:function``) added to the model
+    score with ``rule_weight``. None: the model score alone."""
+    rule_weight: float = 1.0
+    """``model`` reward: weight of ``reward.rule`` in the combined reward."""
+
+
+@dataclass
+class CriticConfig:
+    """The value model of ``algorithm.advantage=gae``: an HF causal-LM backbone with a scalar head,
+    trained with DeepSpeed ZeRO in its own Ray worker group beside the Megatron actor."""
+
+    model_path: Optional[str] = None
+    """HF directory the backbone is initialised from; ``None`` uses the actor's initial weights
+    (after the supervised warm-start, when there is one). The value head starts from zero."""
+    world_size: int = 1
+    """Data-parallel DeepSpeed ranks of the critic (one Ray actor each; gloo on CPU)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 2 (optimizer state and gradients sharded) or 3 (parameters too)."""
+    offload_optimizer: bool = False
+    """Keep the ZeRO optimizer state (and its update) in CPU memory."""
+    lr: float = 1e-5
+    """Peak learning rate of the critic (AdamW)."""
+    lr_warmup_steps: int = 0
+    """Linear learning-rate warm-up of the critic, in optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay of the critic."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping of the critic (0 disables)."""
+    micro_batch_size: int = 8
+    """Sequences per critic forward/backward on one rank."""
+    value_clip: Optional[float] = 0.2
+    """PPO value clipping: new values stay within this of the values the advantages used (None: off)."""
+    warmup_steps: int = 0
+    """First RL steps in which only the critic trains (the actor is not updated)."""
+    dtype: str = "auto"
+    """``auto`` (bf16 on GPU, fp32 on CPU), ``fp32`` or ``bf16``."""
+    cpus_per_worker: int = 1
+    """CPUs reserved by each critic rank's Ray actor."""
+    seed: int = 0
+    """Seed of the value head's initialisation."""
 
 
 @dataclass
@@ -380,6 +442,7 @@ class MegacovConfig:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
+    critic: CriticConfig = field(default_factory=CriticConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

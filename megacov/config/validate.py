@@ -295,6 +295,7 @@ def validate(cfg: MegacovConfig, check_model: bool = True, check_inputs: bool = 
     shape = ModelShape.from_hf(model_hf_config(cfg)[0]) if check_model else None
     plan = plan_layout(cfg, shape)
     _check_choices(cfg)
+    _check_critic_and_reward_model(cfg, plan, check_model)
     from megacov.algorithms.checks import warn_algorithm_config  # lazy: pulls in torch
 
     warn_algorithm_config(cfg)
@@ -335,6 +336,18 @@ def check_data(cfg: MegacovConfig) -> None:
                 scan_rows(path, d.prompt_key, d.answer_key, d.on_bad_row)
             except DataError as exc:
                 raise ConfigError(f"{key}: {exc}") from None
+
+
+def _check_critic_and_reward_model(cfg: MegacovConfig, plan: LayoutPlan, check_model: bool) -> None:
+    from megacov.critic.plan import check_critic
+    from megacov.rewards.model import RewardSpecError, check_reward_model
+
+    check_critic(cfg, plan.devices_needed, plan.num_gpus)
+    if check_model:
+        try:
+            check_reward_model(cfg.reward, cfg.model.path)
+        except RewardSpecError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _check_choices(cfg: MegacovConfig) -> None:

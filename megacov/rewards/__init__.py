@@ -41,7 +41,7 @@ def register_reward(name: str, spec: str) -> None:
 
 
 def list_rewards() -> list[str]:
-    return sorted([*_REGISTRY, "judge"])
+    return sorted([*_REGISTRY, "judge", "model"])
 
 
 def reward_spec(name: str) -> str:
@@ -68,16 +68,21 @@ class RewardBatch:
 class RewardManager:
     """Scores responses with the configured reward; one instance per run (the pool is reused)."""
 
-    def __init__(self, reward_cfg: Any, judge: Optional[Any] = None) -> None:
+    def __init__(self, reward_cfg: Any, judge: Optional[Any] = None, model: Optional[Any] = None) -> None:
         self.cfg = reward_cfg
         self.judge = judge
         self._pool: Optional[RewardPool] = None
         self._fn: Optional[Callable[..., Any]] = None
+        self.model: Optional[Any] = None
         if reward_cfg.name == "judge":
             if judge is None:
                 raise RewardSpecError("reward.name=judge needs a judge (reward.judge_model)")
             return
-        spec = reward_spec(reward_cfg.name)
+        if reward_cfg.name == "model":  # scalar reward model, optionally plus a rule reward
+            self.model = model if model is not None else _scalar_model(reward_cfg)
+            if not reward_cfg.rule:
+                return
+        spec = reward_spec(reward_cfg.rule if self.model is not None else reward_cfg.name)
         self._fn = resolve(spec)  # fail at start-up, in the driver, on a bad name
         if reward_cfg.workers > 0:
             self._pool = RewardPool(spec, reward_cfg.workers, reward_cfg.timeout_s)
@@ -86,6 +91,21 @@ class RewardManager:
                   questions: Sequence[str]) -> list[Outcome]:
         if self.judge is not None:
             return self.judge.score(responses, answers, questions)
+        if self.model is not None:
+            return self._model_outcomes(responses, answers, questions)
+        return self._rule_outcomes(responses, answers, questions)
+
+    def _model_outcomes(self, responses: Sequence[str], answers: Sequence[str],
+                        questions: Sequence[str]) -> list[Outcome]:
+        from megacov.rewards.model import combine
+
+        assert self.model is not None
+        scores = self.model.scores([q + r for q, r in zip(questions, responses)])
+        rule = self._rule_outcomes(responses, answers, questions) if self._fn is not None else None
+        return combine(scores, rule, model_weight=self.cfg.model_weight, rule_weight=self.cfg.rule_weight)
+
+    def _rule_outcomes(self, responses: Sequence[str], answers: Sequence[str],
+                       questions: Sequence[str]) -> list[Outcome]:
         tasks = list(zip(responses, answers, questions))
         if self._pool is not None:
             return self._pool.map(tasks)
@@ -114,10 +134,32 @@ class RewardManager:
                         batch.failures[0])
         return batch
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to score identically: the reward model's running normaliser."""
+        norm = getattr(self.model, "norm", None)
+        return {"model_norm": norm.state_dict()} if norm is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        norm = getattr(self.model, "norm", None)
+        if norm is not None and "model_norm" in state:
+            norm.load_state_dict(state["model_norm"])
+
     def close(self) -> None:
+        if self.model is not None and hasattr(self.model, "close"):
+            self.model.close()
+        self.model = None
         if self._pool is not None:
             self._pool.close()
             self._pool = None
+
+
+def _scalar_model(reward_cfg: Any) -> Any:
+    from megacov.rewards.model import ScalarRewardModel
+
+    if not reward_cfg.model_path:
+        raise RewardSpecError("reward.name=model needs reward.model_path (an HF sequence-classification directory)")
+    return ScalarRewardModel(reward_cfg.model_path, batch_size=reward_cfg.model_batch_size,
+                             normalize=reward_cfg.model_normalize)
 
 
 __all__ = ["CORRECT_THRESHOLD", "Outcome", "RewardBatch", "RewardManager", "RewardPool", "RewardSpecError",

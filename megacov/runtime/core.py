@@ -28,10 +28,12 @@ def worker_env() -> dict[str, str]:
 
 
 def cpus_needed(cfg: Any, world: int) -> int:
-    """CPUs the job books in Ray: training ranks, engine workers and (judge reward) judge engines."""
+    """CPUs the job books in Ray: training ranks, engine workers, judge engines, critic and reward-model ranks."""
     engines = cfg.rollout.engines * cfg.rollout.tp * cfg.rollout.cpus_per_engine
     judge = cfg.rollout.cpus_per_engine if cfg.reward.name == "judge" else 0
-    return world * cfg.trainer.cpus_per_worker + engines + judge
+    critic = cfg.critic.world_size * cfg.critic.cpus_per_worker if cfg.algorithm.advantage == "gae" else 0
+    rm = cfg.reward.model_workers if cfg.reward.name == "model" else 0
+    return world * cfg.trainer.cpus_per_worker + engines + judge + critic + rm
 
 
 class Runtime:

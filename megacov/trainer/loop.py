@@ -14,7 +14,8 @@ Metric names (what ``megacov analyze`` reads): step, actor/entropy, reward/{mean
 val/acc, val/<dataset>/{avg,pass}@<k>, cov/{mean,std,max,selected_mean,num_selected},
 response/{len_mean,len_max,clip_frac}, actor/{pg_loss,clipfrac,ppo_kl,kl_ref,grad_norm,lr},
 rollout/logprob_diff_{mean,max}, time/{rollout,reward,logprob,update,sync,other,step},
-perf/tokens_per_s.
+perf/tokens_per_s; with ``algorithm.advantage=gae`` also critic/{value_loss,vf_clipfrac,explained_var,
+return_mean,value_mean,grad_norm,lr}.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from megacov.algorithms import compute_advantages, kl_reward_penalty
 from megacov.algorithms.rollout_correction import rollout_correction
 from megacov.algorithms.shaping import entropy_advantage
 from megacov.analysis.diversity import diversity_metrics
+from megacov.algorithms.advantages import gae_returns
+from megacov.algorithms.value import value_metrics
 from megacov.rollout.mismatch import logprob_mismatch, mismatch_sample
 from megacov.trainer import step_metrics as sm
 from megacov.trainer.batching import (
@@ -64,6 +67,7 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
     with timer("logprob"):
         old_lp, entropy = ctx.log_probs(batch, "actor")
         ref_lp = ctx.log_probs(batch, "ref")[0] if ctx.has_reference else None
+        values = ctx.critic.values(batch) if ctx.critic is not None else None  # PPO-GAE: token values
 
     # 3. advantages from the outcome rewards (optionally KL-penalised), one group per prompt
     rewards = torch.as_tensor(ro.array("scores"), dtype=torch.float64)
@@ -73,7 +77,7 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
                                           estimator=algo.kl_estimator)
         extra.update({f"actor/{k}": float(v) for k, v in kl_m.items()})
     groups = torch.as_tensor(group_ids_for(len(ro.groups), ro.n))
-    batch.advantages = compute_advantages(algo.advantage, rewards, groups, mask, algo)
+    batch.advantages = compute_advantages(algo.advantage, rewards, groups, mask, algo, values=values)
     batch.advantages, shaped = entropy_advantage(batch.advantages, entropy, mask, coef=algo.entropy_advantage_coef,
                                                  kappa=algo.entropy_advantage_kappa)
     corr = rollout_correction(old_lp, rollout_lp, mask, algo)  # TIS weights / MIS mask, or nothing
@@ -88,9 +92,14 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
 
     # 5. mini-batch updates (exact global Clip-Cov / KL-Cov selection inside), then weight sync
     with timer("update"):
-        outs = ctx.update(batch, step, controls)
+        if values is not None:  # the critic regresses on the GAE returns; in its warm-up it alone trains
+            returns = gae_returns(rewards, values, mask, algo)
+            extra.update({**ctx.critic.update(batch, returns, values), **value_metrics(returns, values, mask)})
+        train_actor = values is None or step > cfg.critic.warmup_steps
+        outs = ctx.update(batch, step, controls) if train_actor else []
     with timer("sync"):
-        ctx.sync()
+        if train_actor:
+            ctx.sync()
 
     # 6. the numbers of this step
     positions = response_positions(ro.prompt_ids, ro.flat("response_ids"), batch.seq_len)

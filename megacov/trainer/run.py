@@ -75,11 +75,13 @@ class RunContext:
         self.stopped_by: Optional[str] = None
         self.init_path = cfg.model.path
         """The HF directory RL starts from: ``model.path``, or the warm-start's export (set by :meth:`start`)."""
-        self.rewards = None if cfg.reward.name == "judge" else build_reward_manager(cfg)[0]  # bad names fail here
+        # bad names fail here; the judge and a served reward model start with the workers
+        self.rewards = None if _served_reward(cfg) else build_reward_manager(cfg)[0]
         self.has_reference = self.runtime.with_reference
         self.start_step = 0
         self.history: list[tuple[float, float]] = []
         self.judge_engines = self.metrics = None
+        self.critic: Any = None  # PPO-GAE: megacov.critic.group.CriticGroup
         self.last_saved = 0
 
     @property
@@ -105,6 +107,14 @@ class RunContext:
         mcore = cfg.model.mcore_checkpoint
         self.runtime.start(self.init_path, total_updates=cfg.trainer.total_steps * self.updates_per_step,
                            mcore_checkpoint=mcore)
+        from megacov.critic.plan import uses_critic
+
+        if uses_critic(cfg):  # the DeepSpeed critic beside the actor (resumed from <ckpt>/critic/)
+            from megacov.critic.group import CriticGroup
+            from megacov.runtime.core import worker_env
+
+            self.critic = CriticGroup(cfg, self.init_path, seqs_per_update=self.mini_batch_seqs,
+                                      env=worker_env(), resume_from=self.resume_from)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         if self.resume_from is not None or mcore:
@@ -123,13 +133,15 @@ class RunContext:
         state = load_trainer_state(path)
         self.loader.load_state_dict(state["loader"])
         self.controller.load_state_dict(state["controller"])
+        self.rewards.load_state_dict(state.get("rewards", {}))
         self.history = [tuple(p) for p in state.get("history", [])]
         self.start_step = int(state["step"])
         log.info("resumed from %s (step %d)", path, self.start_step)
 
     def close(self) -> None:
         for closer in (getattr(self.metrics, "close", None), getattr(self.rewards, "close", None),
-                       getattr(self.judge_engines, "shutdown", None), self.runtime.close):
+                       getattr(self.judge_engines, "shutdown", None), getattr(self.critic, "shutdown", None),
+                       self.runtime.close):
             if closer is not None:
                 try:
                     closer()
@@ -204,9 +216,16 @@ class RunContext:
 
     def save(self, step: int, commit: bool = True) -> Optional[str]:
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
-                 "history": self.history, "init_path": os.path.abspath(self.init_path)}
+                 "history": self.history, "init_path": os.path.abspath(self.init_path),
+                 "rewards": self.rewards.state_dict()}
         save_optimizer = self.cfg.checkpoint.save_optimizer
-        staged = self.ckpt.stage(step, lambda tmp: self.actor.save_checkpoint(tmp, save_optimizer), state)
+
+        def write(tmp: str) -> None:
+            self.actor.save_checkpoint(tmp, save_optimizer)
+            if self.critic is not None:
+                self.critic.save(tmp)
+
+        staged = self.ckpt.stage(step, write, state)
         self.last_saved = step
         if not commit:
             self._staged = staged
@@ -245,6 +264,11 @@ def build_reward_manager(cfg: Any, runtime: Any = None) -> tuple[Any, Any]:
     from megacov.rewards import RewardManager
 
     r = cfg.reward
+    if r.name == "model" and r.model_workers > 0:  # the reward model in its own worker group
+        from megacov.rewards.model import RemoteRewardModel
+        from megacov.runtime.core import worker_env
+
+        return RewardManager(r, model=RemoteRewardModel(r, worker_env())), None
     if r.name != "judge":
         return RewardManager(r), None
     from megacov.rewards.judge import JudgeReward
@@ -258,6 +282,10 @@ def build_reward_manager(cfg: Any, runtime: Any = None) -> tuple[Any, Any]:
                                     primary=False)
     judge = JudgeReward(engines, _tokenizer(r.judge_model), mode=r.judge_mode, verdicts=r.judge_verdicts)
     return RewardManager(r, judge=judge), engines
+
+
+def _served_reward(cfg: Any) -> bool:
+    return cfg.reward.name == "judge" or (cfg.reward.name == "model" and cfg.reward.model_workers > 0)
 
 
 def _context_len(hf_dir: str, cap: int = 32768) -> int:
