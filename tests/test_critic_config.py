@@ -15,7 +15,7 @@ def test_dry_run_shows_critic(capsys):
 
     assert main(["train", EXAMPLE, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "critic (DeepSpeed ZeRO-2): 1 rank(s)" in out and "config and layout OK" in out
+    assert "critic (DeepSpeed ZeRO-2): 1 rank(s)" in out and "config, layout, reward and data OK" in out
 
 
 def test_placement_lines_reward_model_and_offload():

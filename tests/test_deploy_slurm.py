@@ -218,7 +218,7 @@ def test_sbatch_launcher_runs_head_driver_and_cleans_up(tmp_path):
     assert "driver connects to ray://" in job_out and "Ray token authentication on" in job_out, job_out
     assert "stopping 1 Ray node step(s) (exit status 0)" in job_out, job_out
     assert "1 Ray node(s) alive" in train_log and "GPUs=8" in train_log, train_log
-    assert "config and layout OK" in train_log and "8 x 2 x 2" in train_log, train_log
+    assert "config, layout, reward and data OK" in train_log and "8 x 2 x 2" in train_log, train_log
     assert "memory per GPU" in train_log and "memory: fits" in train_log, train_log
     assert "Ray runtime started" in head_log
     assert not leftovers, leftovers
