@@ -93,3 +93,18 @@ def test_quick_demo_keeps_more_entropy_with_clip_cov(tmp_path):
         fig = {r["method"]: r for r in json.load(fh)["runs"]}
     assert fig["clip_cov"]["entropy_end"] > fig["grpo"]["entropy_end"], fig
     assert (out / "report.md").is_file() and (out / "curves.png").is_file()
+
+
+def test_bad_demo_arguments_exit_2_with_one_line(tmp_path, capsys):
+    from megacov.cli import main
+
+    assert main(["demo", "entropy", "--methods", "grpo,foo", "--out", str(tmp_path)]) == 2
+    assert "unknown method(s) foo" in capsys.readouterr().err
+    assert main(["demo", "entropy", "--seeds", "a", "--out", str(tmp_path)]) == 2
+    assert main(["demo", "entropy", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path)]) == 2
+    cfg = os.path.join(REPO, "examples", "entropy", "config.yaml")
+    assert main(["demo", "entropy", f"model.path={tmp_path / 'model'}",
+                 f"data.train_files=[{tmp_path / 'd' / 'train.jsonl'}]", f"data.eval_files=[{tmp_path / 'd' / 'eval.jsonl'}]",
+                 f"data.sft_files=[{tmp_path / 'd' / 'sft.jsonl'}]",
+                 "--config", cfg, "--report-only", "--out", str(tmp_path / "empty")]) == 2
+    assert "no finished runs" in capsys.readouterr().err.strip().splitlines()[-1]

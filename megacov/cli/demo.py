@@ -46,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", default=None, help="comma-separated RL seeds (default 0,1; quick 0)")
     parser.add_argument("--steps", type=int, default=None, help="RL steps per run (default: the config's)")
     parser.add_argument("--report-only", action="store_true", help="only (re)write the report from finished runs")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides applied to every run")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides applied to every run (right after 'entropy')")
 
 
 def _plan(args: argparse.Namespace) -> tuple[list[str], list[int], int | None, str]:
