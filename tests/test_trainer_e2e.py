@@ -286,7 +286,7 @@ def test_sigterm_saves_at_the_safe_point_then_resume_falls_back_past_a_damaged_c
     assert proc.returncode == 0, err.decode()[-3000:]
     log_text = open(os.path.join(run_dir, "train.log")).read()
     assert "SIGTERM received" in log_text and "SIGTERM: stopped after step" in log_text
-    assert sorted(_rows(run_dir)) == [1, 2]  # the signal came during step 2: that step was finished
+    assert sorted(_rows(run_dir)) == [0, 1, 2]  # the signal came during step 2: that step was finished
     ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     assert ckpts == ["step_00000001", "step_00000002"]  # nothing half-written
     newest = os.path.join(run_dir, "checkpoints", ckpts[-1], "actor")

@@ -46,7 +46,12 @@ class StopRequest:
         return self.signal_name is not None
 
     def install(self) -> None:
-        """(Re-)install the handlers; called again after Ray's start-up, which sets its own."""
+        """(Re-)install the handlers; called again after Ray's start-up, which sets its own. Only the
+        main thread may install signal handlers: elsewhere (a run driven from a thread) this is a no-op."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in self.SIGNALS:
             previous = signal.signal(sig, self._handle)
             self._previous.setdefault(sig, previous)

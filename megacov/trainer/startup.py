@@ -31,6 +31,8 @@ QUIET_WARNINGS = (
     "ignore::FutureWarning",
     "ignore:Transformer Engine and Apex are not installed:UserWarning",
     "ignore:Apex is not installed:UserWarning",
+    "ignore:full scope is deprecated:UserWarning",  # megatron's config default, not megacov's choice
+    "ignore:When using async grad allreduce it is recommended:UserWarning",  # a CUDA tuning hint, every rank
 )
 
 
