@@ -98,7 +98,10 @@ def _weights(hf_dir):
     return out
 
 
-KILL_RUN = ("trainer.total_steps=3", "checkpoint.save_every=1", "algorithm.policy_loss=clip_cov", "parallel.tp=2")
+# A small KL-to-reference loss term, so that the reference policy is built and actor/kl_ref logged
+# (with algorithm.kl_coef=0 the runtime builds no reference at all).
+KILL_RUN = ("trainer.total_steps=3", "checkpoint.save_every=1", "algorithm.policy_loss=clip_cov", "parallel.tp=2",
+            "algorithm.kl_coef=0.001")
 
 
 @pytest.fixture(scope="module")
