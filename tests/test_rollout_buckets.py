@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import mmap
 import random
 
 import pytest
@@ -149,8 +150,11 @@ def test_mismatch_sample_and_padding():
 
 def test_peak_rss_sees_a_transient_allocation():
     with PeakRss() as peak:
-        block = torch.ones(64 * 2 ** 20, dtype=torch.uint8)  # 64 MiB, touched
-        del block
+        # 64 MiB of fresh pages, touched (an anonymous map: a heap allocation could reuse pages that
+        # earlier tests left resident, and then RSS would not grow)
+        block = mmap.mmap(-1, 64 * 2 ** 20)
+        block.write(b"\x01" * (64 * 2 ** 20))
+        block.close()
     if peak.extra_bytes is None:
         pytest.skip("this kernel does not allow resetting the peak RSS")
     assert 60 * 2 ** 20 <= peak.extra_bytes <= 200 * 2 ** 20

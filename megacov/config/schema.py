@@ -112,8 +112,9 @@ class RolloutConfig:
     sync_bucket_mb: int = 512
     """Size of the buckets in which weights are pushed to the engines after each update."""
     sync_transport: str = "auto"
-    """How buckets reach the engines: ``auto`` (Ray object store on CPU, CUDA IPC when colocated on
-    GPU, NCCL broadcast when disaggregated on GPU), ``object_store``, ``cuda_ipc`` or ``nccl``."""
+    """vLLM weight-transfer engine that carries the buckets: ``auto`` (per engine: ``gloo`` without
+    GPUs or with PP > 1, vLLM's ``ipc`` when the engine shares the exporter's node, its ``nccl``
+    otherwise), ``gloo`` (megacov's engine registered in vLLM's factories), ``ipc`` or ``nccl``."""
     cpus_per_engine: int = 1
     """CPUs reserved by each engine worker (one per engine TP rank); on CPU also its torch threads."""
     enforce_eager: bool = True
