@@ -18,6 +18,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_task
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -33,27 +34,8 @@ RUN = ("trainer.total_steps=3", "checkpoint.save_every=1", "critic.warmup_steps=
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="megacov", log_to_driver=False,
-                   configure_logging=False)
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from megacov.tiny import EXAMPLE_MODEL, build_model, write_task_data
-
-    root = tmp_path_factory.mktemp("ppo-tiny")
-    build_model(str(root / "model"), **EXAMPLE_MODEL)
-    paths = write_task_data(str(root / "data"), n_train=64, n_eval=8)
-    (root / "dense_gae_mod.py").write_text(DENSE)
-    sys.path.insert(0, str(root))
-    yield {"root": str(root), "model": str(root / "model"), **paths}
-    sys.path.remove(str(root))
+    yield from tiny_task(str(tmp_path_factory.mktemp("ppo-tiny")), "dense_gae_mod", DENSE)
 
 
 def _overrides(tiny, name, *extra):

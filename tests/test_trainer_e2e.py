@@ -24,6 +24,7 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_task
 
 pytestmark = pytest.mark.slow
 
@@ -38,27 +39,8 @@ DENSE_REWARD = textwrap.dedent('''
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="megacov", log_to_driver=False,
-                   configure_logging=False)
-    yield ctx.address_info["gcs_address"]
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from megacov.tiny import EXAMPLE_MODEL, build_model, write_task_data
-
-    root = tmp_path_factory.mktemp("tiny")
-    build_model(str(root / "model"), **EXAMPLE_MODEL)
-    paths = write_task_data(str(root / "data"), n_train=64, n_eval=8)
-    (root / "dense_reward_mod.py").write_text(DENSE_REWARD)
-    sys.path.insert(0, str(root))
-    yield {"root": str(root), "model": str(root / "model"), **paths}
-    sys.path.remove(str(root))
+    yield from tiny_task(str(tmp_path_factory.mktemp("tiny")), "dense_reward_mod", DENSE_REWARD)
 
 
 def _overrides(tiny, name, *extra):

@@ -51,12 +51,13 @@ class CriticGroup:
     """``critic.world_size`` DeepSpeed ranks on Ray, initialised from ``init_path`` (or resumed)."""
 
     def __init__(self, cfg: Any, init_path: str, *, seqs_per_update: int, env: dict[str, str],
-                 resume_from: Optional[str] = None) -> None:
+                 resume_from: Optional[str] = None, use_gpu: bool = False) -> None:
+        """``use_gpu`` is the runtime's decision from the cluster's resources, not this process's CUDA."""
         from megacov.workers.group import WorkerGroup
 
         c = cfg.critic
         resume_dir = os.path.join(resume_from, CKPT_SUBDIR) if resume_from else None
-        gpus = 1.0 if torch.cuda.is_available() else 0.0
+        gpus = 1.0 if use_gpu else 0.0
         self.group = WorkerGroup(CriticWorker, int(c.world_size),
                                  args=(c, os.path.abspath(c.model_path or init_path), seqs_per_update),
                                  kwargs={"resume_dir": resume_dir}, cpus_per_worker=c.cpus_per_worker,

@@ -83,7 +83,23 @@ class RunningNorm:
         self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
 
 
-class ScalarRewardModel:
+class _Scorer:
+    """Scores of a batch of texts, normalised by the running statistics when ``norm`` is set."""
+
+    norm: Optional[RunningNorm] = None
+
+    def raw_scores(self, texts: Sequence[str]) -> list[float]:
+        raise NotImplementedError
+
+    def scores(self, texts: Sequence[str]) -> list[float]:
+        raw = self.raw_scores(texts)
+        if self.norm is None:
+            return raw
+        self.norm.update(raw)
+        return self.norm.normalise(raw)
+
+
+class ScalarRewardModel(_Scorer):
     """A sequence-classification model with one label, scoring texts in batches (plain HF, fp32 on CPU)."""
 
     def __init__(self, path: str, *, batch_size: int, normalize: bool, device: Optional[str] = None) -> None:
@@ -115,12 +131,6 @@ class ScalarRewardModel:
                 out.extend(float(x) for x in logits[:, 0].float().cpu())
         return out
 
-    def scores(self, texts: Sequence[str]) -> list[float]:
-        raw = self.raw_scores(texts)
-        if self.norm is None:
-            return raw
-        self.norm.update(raw)
-        return self.norm.normalise(raw)
 
 
 class RewardModelWorker:
@@ -133,19 +143,18 @@ class RewardModelWorker:
         return self.model.raw_scores(texts)
 
 
-class RemoteRewardModel:
+class RemoteRewardModel(_Scorer):
     """The reward model served by its own Ray worker group of ``reward.model_workers`` ranks (one GPU
     each on GPU machines): texts are split into contiguous blocks, one per rank, scored concurrently,
     and normalised in the driver so the running statistics see every score in order."""
 
-    def __init__(self, reward_cfg: Any, env: dict[str, str]) -> None:
-        import torch
-
+    def __init__(self, reward_cfg: Any, env: dict[str, str], use_gpu: bool = False) -> None:
+        """``use_gpu`` is the runtime's decision from the cluster's resources, not this process's CUDA."""
         from megacov.workers.group import WorkerGroup
 
         self.group = WorkerGroup(RewardModelWorker, int(reward_cfg.model_workers),
                                  args=(os.path.abspath(reward_cfg.model_path), int(reward_cfg.model_batch_size)),
-                                 gpus_per_worker=1.0 if torch.cuda.is_available() else 0.0, env=env,
+                                 gpus_per_worker=1.0 if use_gpu else 0.0, env=env,
                                  name="megacov-reward-model")
         self.norm: Optional[RunningNorm] = RunningNorm() if reward_cfg.model_normalize else None
 
@@ -158,12 +167,6 @@ class RemoteRewardModel:
         refs = [self.group.execute_rank_async(r, "raw_scores", blocks[r]) for r in range(n) if blocks[r]]
         return [x for part in ray.get(refs) for x in part]
 
-    def scores(self, texts: Sequence[str]) -> list[float]:
-        raw = self.raw_scores(texts)
-        if self.norm is None:
-            return raw
-        self.norm.update(raw)
-        return self.norm.normalise(raw)
 
     def close(self) -> None:
         self.group.shutdown()

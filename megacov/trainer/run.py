@@ -114,7 +114,8 @@ class RunContext:
             from megacov.runtime.core import worker_env
 
             self.critic = CriticGroup(cfg, self.init_path, seqs_per_update=self.mini_batch_seqs,
-                                      env=worker_env(), resume_from=self.resume_from)
+                                      env=worker_env(), resume_from=self.resume_from,
+                                      use_gpu=self.runtime.use_gpu)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         if self.resume_from is not None or mcore:
@@ -268,7 +269,8 @@ def build_reward_manager(cfg: Any, runtime: Any = None) -> tuple[Any, Any]:
         from megacov.rewards.model import RemoteRewardModel
         from megacov.runtime.core import worker_env
 
-        return RewardManager(r, model=RemoteRewardModel(r, worker_env())), None
+        use_gpu = runtime is not None and runtime.use_gpu
+        return RewardManager(r, model=RemoteRewardModel(r, worker_env(), use_gpu=use_gpu)), None
     if r.name != "judge":
         return RewardManager(r), None
     from megacov.rewards.judge import JudgeReward
