@@ -50,6 +50,15 @@ def _actor(rank: int, world: int, hf_dir: str) -> dict:
 
 
 def _engine(hf_dir: str, tensors: dict, queue) -> None:
+    try:
+        queue.put(_score_stale_then_synced(hf_dir, tensors))
+    except BaseException:  # noqa: BLE001 - report the engine's failure to the test
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+
+
+def _score_stale_then_synced(hf_dir: str, tensors: dict) -> dict:
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
                       VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
     from vllm import LLM, SamplingParams
@@ -69,7 +78,7 @@ def _engine(hf_dir: str, tensors: dict, queue) -> None:
 
     missing = llm.apply_model(load)[0]
     llm.reset_prefix_cache()
-    queue.put({"stale": stale, "synced": score(), "missing": missing})
+    return {"stale": stale, "synced": score(), "missing": missing}
 
 
 def test_vllm_scores_the_exported_moe_weights(tmp_path) -> None:
@@ -85,8 +94,15 @@ def test_vllm_scores_the_exported_moe_weights(tmp_path) -> None:
     queue = ctx.Queue()
     proc = ctx.Process(target=_engine, args=(hf_dir, leader["tensors"], queue))
     proc.start()
-    result = queue.get(timeout=900)
+    result = None
+    while result is None and (proc.is_alive() or not queue.empty()):
+        try:
+            result = queue.get(timeout=5)
+        except Exception:  # noqa: BLE001 - queue.Empty: keep waiting while the engine lives
+            continue
     proc.join(60)
+    assert result is not None, f"the vLLM process died (exit code {proc.exitcode})"
+    assert "error" not in result, result.get("error")
     assert result["missing"] == [], f"vLLM parameters not loaded: {result['missing']}"
     for seq_index, want in enumerate(leader["logprobs"]):
         synced = torch.tensor(result["synced"][seq_index], dtype=torch.float64)
