@@ -21,9 +21,9 @@ from megacov.parallel.spawn import run_distributed
 
 TOL = 1e-4
 MODELS = {
-    "mixed_norm": dict(num_layers=4, mlp_only_layers=(1,), norm_topk_prob=True),
-    "step2_unnorm": dict(num_layers=4, mlp_only_layers=(), decoder_sparse_step=2, norm_topk_prob=False,
-                         tie_word_embeddings=True),
+    "mixed_norm": dict(num_layers=4, num_kv_heads=2, mlp_only_layers=(1,), norm_topk_prob=True),
+    "step2_unnorm": dict(num_layers=4, num_kv_heads=2, mlp_only_layers=(), decoder_sparse_step=2,
+                         norm_topk_prob=False, tie_word_embeddings=True),
 }
 
 

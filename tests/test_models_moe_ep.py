@@ -34,7 +34,9 @@ def _batch(hf_dir: str, batch_size: int = 6, seq_len: int = 16, seed: int = 0):
         resp = int(torch.randint(2, seq_len - prompt + 1, (1,), generator=g))
         mask[r, prompt:prompt + resp] = 1
         ids[r, prompt + resp:] = 0
-    lp, ent = _hf_logprobs(AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64).eval(), ids)
+    # eager experts: transformers' grouped-GEMM experts have no float64 kernel
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float64, experts_implementation="eager").eval()
+    lp, ent = _hf_logprobs(hf, ids)
     old = (lp + 0.15 * torch.randn(lp.shape, generator=g, dtype=torch.float64)) * mask
     adv = (torch.randn(batch_size, 1, generator=g) + 0.1 * torch.randn(batch_size, seq_len, generator=g)) * mask
     batch = ActorBatch(input_ids=ids, position_ids=torch.arange(seq_len).expand(batch_size, seq_len).clone(),
