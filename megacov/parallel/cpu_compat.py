@@ -163,6 +163,18 @@ def _collective_patches() -> None:
 
     _patch(mappings, "dist_reduce_scatter_func", _reduce_scatter)
     _patch(mappings, "dist_all_gather_func", _all_gather)
+    # These allocate with device=torch.cuda.current_device() and also run inside autograd's backward
+    # thread, where the (thread-local) device mode is not active: enter it around them.
+    for name in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"):
+        _patch(mappings, name, _in_cpu_mode(getattr(mappings, name)))
+
+
+def _in_cpu_mode(fn: Callable) -> Callable:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _CpuDeviceMode():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def cuda_available() -> bool:
