@@ -233,9 +233,12 @@ def _check_shapes(mcore_dir: str, arch: Arch, plan: dict, source: str) -> None:
     prefix = "decoder.layers."
     meta = {k: v for k, v in tensor_metadata(mcore_dir).items() if k.startswith(MODEL_KEY_PREFIXES)}
     for key, (shape, _) in sorted(meta.items()):
-        layer = key.startswith(prefix)
-        name = f"{prefix}0.{key[len(prefix):]}" if layer else key
-        one = tuple(shape[1:]) if layer else tuple(shape)
+        name, one = key, tuple(shape)
+        if key.startswith(prefix):  # stacked layers (and, for MoE, experts): one element of the stack
+            parsed = mapping.parse_checkpoint_key(key)
+            layer = parsed.layer if parsed.layer is not None else 0
+            name = mapping.model_name_of_checkpoint_key(key, layer, 0 if parsed.expert else None)
+            one = tuple(shape[parsed.lead_axes:])
         try:
             outs = list(mapping.mcore_to_hf(name, torch.empty(one, device="meta"), rules, dims))
         except Exception as exc:  # noqa: BLE001 - any mapping failure means the config does not fit
