@@ -71,6 +71,7 @@ class RunContext:
         self.group = self.engines = self.judge_engines = self.metrics = None
         self._sync = None
         self._asleep = False
+        self._offload = False
         self.last_saved = 0
 
     # -- lifetime ----------------------------------------------------------------------------------
@@ -90,8 +91,13 @@ class RunContext:
         self._sync = session.make_sync(cfg, self.engines)
         if self.resume_from is not None:
             self._resume(self.resume_from)
+        from megacov.config.validate import offload_enabled
+
+        self._offload = offload_enabled(cfg, on_gpu=self.engines.spec.use_gpu)
         if self.resume_from is not None or mcore:
             self.sync()  # the engines loaded the initial HF weights; the actor holds others
+        elif self._offload:
+            self.group.execute("offload")  # the first rollout has the GPUs to itself
         from megacov.trainer.metrics import MetricsLogger
 
         self.metrics = MetricsLogger(self.run_dir, cfg.logging, run_name=cfg.trainer.name,
@@ -150,6 +156,8 @@ class RunContext:
         if self._colocated_gpu() and not self._asleep:
             self.engines.sleep(level=1)
             self._asleep = True
+        if self._offload:
+            self.group.execute("reload")
 
     def sync(self) -> None:
         """Push the actor's weights into the engines (waking them first when they sleep)."""
@@ -158,6 +166,8 @@ class RunContext:
         if self._asleep:
             self.engines.wake_up(["weights"])
         sync_weights(self._sync, self.group, self.plan)
+        if self._offload:  # before the KV cache comes back
+            self.group.execute("offload")
         if self._asleep:
             self.engines.wake_up(["kv_cache"])
             self._asleep = False
@@ -200,6 +210,8 @@ class RunContext:
     def save(self, step: int) -> str:
         tmp = self.ckpt.begin(step)
         self.group.execute("save_checkpoint", tmp, self.cfg.checkpoint.save_optimizer)
+        if self._offload:  # saving brought the state back; the engines generate next
+            self.group.execute("offload")
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
                  "history": self.history, "init_path": os.path.abspath(self.init_path)}
         path = self.ckpt.commit(tmp, step, state)
