@@ -75,9 +75,6 @@ class ParallelConfig:
     gpu_memory_gib: Optional[float] = None
     """Memory of one GPU for the dry run's memory plan; ``None`` reads GPU 0, or assumes an 80 GB
     card (79.2 GiB) where no GPU is visible."""
-    fp16_loss_scale: Optional[float] = None
-    """``model.dtype=fp16`` only: a static loss scale; ``None`` uses megatron's dynamic loss scaler
-    (fp32 main weights either way)."""
 
 
 @dataclass
@@ -359,6 +356,10 @@ class OptimConfig:
     """Adam epsilon."""
     clip_grad: float = 1.0
     """Global gradient-norm clipping (0 disables)."""
+    loss_scale: Optional[float] = None
+    """``model.dtype=fp16`` only: a static loss scale (a power of two); ``None`` uses megatron's
+    dynamic loss scaler from 2**16. fp16 always trains fp32 main weights; steps whose scaled
+    gradients overflow are skipped and reported."""
 
 
 @dataclass

@@ -246,12 +246,35 @@ def load_hf_weights(model: Any, layout: Any, info: ModelInfo, *, progress: bool 
     return copied
 
 
+TE_EXTRA_STATE = "_extra_state"
+"""Suffix of TransformerEngine's per-module state (FP8 scaling metadata; empty without FP8)."""
+
+
 def load_mcore_checkpoint(model: Any, ckpt_dir: str) -> None:
-    """Load a dist_checkpointing checkpoint into ``model`` at whatever layout it was built with."""
+    """Load a dist_checkpointing checkpoint into ``model`` at whatever layout it was built with.
+
+    Checkpoints cross between layer specs: megatron's local spec (CPU, ``megacov convert``) saves its
+    norms under TransformerEngine's names, so a TE model and a local one ask for the same tensors.
+    The one difference is TE's ``_extra_state`` objects, absent from a local-spec checkpoint: they keep
+    TE's defaults (no FP8 history), which is exact for bf16/fp16/fp32 training. A TE checkpoint
+    loaded into a local model simply leaves its ``_extra_state`` unread. Any other tensor the model
+    needs and the checkpoint lacks is a one-line :class:`CheckpointError` naming it.
+    """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
     bare = unwrap(model)
     if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
         raise CheckpointError(f"{ckpt_dir}: not a megatron dist_checkpointing checkpoint (no metadata.json)")
-    state = dist_checkpointing.load(bare.sharded_state_dict(), ckpt_dir)
-    bare.load_state_dict(state, strict=True)
+    # "unexpected" in megatron's terms: asked for by the model, absent from the checkpoint
+    state, _, absent = dist_checkpointing.load(bare.sharded_state_dict(), ckpt_dir,
+                                               strict=StrictHandling.RETURN_UNEXPECTED)
+    lacking = sorted(k for k in absent if not k.endswith(TE_EXTRA_STATE))
+    if lacking:
+        more = f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint lacks {', '.join(lacking[:3])}{more} "
+                              f"(another model, or an unsupported layer spec)")
+    result = bare.load_state_dict(state, strict=False)
+    left = [k for k in result.missing_keys if not k.endswith(TE_EXTRA_STATE)] + list(result.unexpected_keys)
+    if left:
+        raise CheckpointError(f"{ckpt_dir}: state does not match the model: {', '.join(sorted(left)[:3])}")

@@ -48,6 +48,8 @@ class Runtime:
         self.call_timeout_s = call_timeout_s
         self.cluster: Optional[ClusterView] = None
         self.use_gpu = False
+        self.offload = False
+        """Colocated GPU runs move the actor's training state to host memory while the engines generate."""
         self.layout: Optional[BundleLayout] = None
         self.placement: Any = None
         self.actor: Any = None
@@ -79,6 +81,9 @@ class Runtime:
                 connect_ray(self.cfg.trainer.ray_address)
         self.cluster = ClusterView.from_ray()
         self.use_gpu = decide_gpu(self.cfg, self.cluster)
+        from megacov.config.validate import offload_enabled
+
+        self.offload = offload_enabled(self.cfg, on_gpu=self.use_gpu)
         self.layout = BundleLayout.plan(self.cfg, self.plan.world_size, self.use_gpu)
         log.info("cluster: %g CPU, %g GPU on %d node(s): %s path; %s", self.cluster.cpus, self.cluster.gpus,
                  self.cluster.nodes, "GPU" if self.use_gpu else "CPU", self.layout.describe())
@@ -198,12 +203,16 @@ class Runtime:
         if self.colocated_gpu and not self._asleep:
             self.engines.sleep(level=1)
             self._asleep = True
+        if self.offload:
+            self.actor.reload()
 
     def sync(self) -> Any:
         """Push the actor's weights into the engines (waking them first when they sleep)."""
         if self._asleep:
             self.engines.wake_up(["weights"])
         report = self.connect_sync().sync(self.actor)
+        if self.offload:  # before the KV cache comes back
+            self.actor.offload()
         if self._asleep:
             self.engines.wake_up(["kv_cache"])
             self._asleep = False

@@ -51,6 +51,7 @@ class ActorWorker(WeightSenderMixin):
         from megacov.parallel.optim import build_actor_optim
 
         self.cfg = cfg
+        self._offload: Any = None
         p = cfg.parallel
         self.layout = ParallelLayout.initialize(p.tp, p.pp, ep=p.ep, backend=p.backend, seed=cfg.trainer.seed)
         from megacov.models.moe_metrics import router_overrides
@@ -124,6 +125,7 @@ class ActorWorker(WeightSenderMixin):
 
         if which == "ref" and self.ref is None:
             raise RuntimeError("no reference model was built on this worker")
+        self._resident()
         chunks = self.model if which == "actor" else [self.ref]
         batch = _resolve(batch)
         out = []
@@ -161,6 +163,7 @@ class ActorWorker(WeightSenderMixin):
         """
         from megacov.parallel.actor import train_step
 
+        self._resident()
         hp = algo_cfg if algo_cfg is not None else self.cfg.algorithm
         batch = _resolve(batch)
         results = []
@@ -181,7 +184,7 @@ class ActorWorker(WeightSenderMixin):
                                      **self._kernel_args())
                 finite_loss = all(torch.isfinite(torch.tensor(float(v))) for k, v in metrics.items()
                                   if isinstance(v, (int, float)) and ("loss" in k or k == "entropy"))
-                if finite_loss and self._grads_finite():
+                if finite_loss and (self.optim.checks_overflow or self._grads_finite()):
                     applied, grad_norm = self.optim.step()
                 else:
                     self.optim.zero_grad()
@@ -199,6 +202,7 @@ class ActorWorker(WeightSenderMixin):
         """This stage's weights in HF names, for the weight-transfer engine (see :mod:`megacov.rollout.sync`)."""
         from megacov.rollout.source import MegatronSource
 
+        self._resident()
         return MegatronSource(self.model[0], self.layout, self.info)
 
     def built(self) -> dict[str, Any]:
@@ -212,6 +216,7 @@ class ActorWorker(WeightSenderMixin):
 
         from megacov.models import iter_hf_weights
 
+        self._resident()
         tensors = {n: t.detach().to("cpu").contiguous().clone()
                    for n, t in iter_hf_weights(self.model[0], self.layout, self.info)}
         if self.layout.dp_rank != 0 or not tensors:
@@ -222,6 +227,7 @@ class ActorWorker(WeightSenderMixin):
 
     def state_fingerprint(self) -> float:
         """Sum of every parameter of this rank in float64 (tests compare weights across runs)."""
+        self._resident()
         return float(sum(p.detach().double().sum() for c in self.model for p in c.parameters()))
 
     # -- checkpoints -----------------------------------------------------------------------------------
@@ -230,12 +236,33 @@ class ActorWorker(WeightSenderMixin):
         from megacov.trainer.actor_ckpt import save_actor
 
         self._ckpt_warm.join()
+        self._resident()
         save_actor(self, ckpt_dir, with_optimizer)
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
         from megacov.trainer.actor_ckpt import load_actor
 
+        self._resident()
         load_actor(self, ckpt_dir)
+
+    # -- colocated offload (megacov.parallel.offload) --------------------------------------------------
+
+    def offload(self) -> int:
+        """Actor parameters, gradients and optimizer states, and the reference model, to host memory
+        while the engines generate; returns the bytes freed. Every method above that needs them
+        brings them back first."""
+        if self._offload is None:
+            from megacov.parallel.offload import TrainStateOffload
+
+            self._offload = TrainStateOffload([*self.model, self.ref], [self.optim.optimizer])
+        return self._offload.offload()
+
+    def reload(self) -> int:
+        """Back on the device (a no-op when resident); returns the bytes moved."""
+        return self._offload.reload() if self._offload is not None else 0
+
+    def _resident(self) -> None:
+        self.reload()
 
     def close(self) -> None:
         self.close_weight_transfer()

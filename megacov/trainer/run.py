@@ -120,6 +120,8 @@ class RunContext:
             self._resume(self.resume_from)
         if self.resume_from is not None or mcore:
             self.sync()  # the engines loaded the initial HF weights; the actor holds others
+        elif self.runtime.offload:
+            self.actor.offload()  # the first rollout has the GPUs to itself
         from megacov.trainer.metrics import MetricsLogger
 
         self.stop.install()  # after Ray's start-up, which installs its own SIGTERM handler
@@ -223,6 +225,8 @@ class RunContext:
 
         def write(tmp: str) -> None:
             self.actor.save_checkpoint(tmp, save_optimizer)
+            if self.runtime.offload:  # saving brought the state back; the engines generate next
+                self.actor.offload()
             if self.critic is not None:
                 self.critic.save(tmp)
 

@@ -62,6 +62,14 @@ class ActorGroup:
     def export_hf_shards(self, out_dir: str) -> list[dict[str, str] | None]:
         return self._all("export_hf_shard", out_dir)
 
+    def offload(self) -> None:
+        """Parameters, gradients, optimizer states (and the reference) to host memory (colocated GPU)."""
+        self._all("offload")
+
+    def reload(self) -> None:
+        """Back on the device; a no-op when resident."""
+        self._all("reload")
+
     def save_checkpoint(self, path: str, with_optimizer: bool) -> None:
         self._all("save_checkpoint", path, with_optimizer)
 
