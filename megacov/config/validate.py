@@ -135,7 +135,7 @@ RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "algorithm.entropy_advantage_kappa": _gt(0), "algorithm.rollout_is_cap": _gt(0),
     "algorithm.rollout_mis_low": _ge(0), "algorithm.rollout_mis_high": _gt(0),
     "model.moe_aux_loss_coeff": _ge(0), "model.moe_z_loss_coeff": _ge(0),
-    "parallel.ep": _ge(1), "parallel.fp16_loss_scale": _gt(0), "parallel.gpu_memory_gib": _gt(0),
+    "parallel.ep": _ge(1), "optim.loss_scale": _gt(0), "parallel.gpu_memory_gib": _gt(0),
     "algorithm.gamma": _between(0, 1, low_open=True), "algorithm.lam": _between(0, 1),
     "critic.world_size": _ge(1), "critic.zero_stage": ("2 or 3", lambda v: v in (2, 3)), "critic.lr": _gt(0),
     "critic.lr_warmup_steps": _ge(0), "critic.weight_decay": _ge(0), "critic.clip_grad": _ge(0),
