@@ -55,20 +55,22 @@ def gather(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: Opti
     import ray
     from ray.exceptions import RayActorError
 
-    refs = list(refs)
+    position = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(position)
     pending = list(refs)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         ready, pending = ray.wait(pending, num_returns=1, timeout=left)
         if not ready:
-            who = ", ".join(names[refs.index(r)] for r in pending)
+            who = ", ".join(names[position[r]] for r in pending)
             raise fault(who, call, "wedged", f"no answer in {timeout_s:g} s")
+        i = position[ready[0]]
         try:
-            ray.get(ready[0])
+            results[i] = ray.get(ready[0])
         except RayActorError as exc:
-            raise fault(names[refs.index(ready[0])], call, "died", type(exc).__name__) from exc
-    return ray.get(refs)
+            raise fault(names[i], call, "died", type(exc).__name__) from exc
+    return results
 
 
 class EngineRecovery:

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -356,20 +356,25 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
     return 0
 
 
-def rank_guard(ctx: RunContext, body: Any) -> int:
+def rank_guard(ctx: RunContext, body: Callable[[], int]) -> int:
     """``body()``; a training rank that died or wedged ends the run with one line naming the last good
     checkpoint (the surviving ranks, likely blocked in a collective with it, are killed, not waited for)."""
     from megacov.runtime.recovery import RankFault
 
     try:
         return body()
-    except RankFault as exc:
+    except Exception as error:  # noqa: BLE001 - re-raised unless a rank fault caused it
+        exc = error
+        while exc is not None and not isinstance(exc, RankFault):  # e.g. a SyncError caused by one
+            exc = exc.__cause__
+        if exc is None:
+            raise
         latest = ctx.ckpt.latest()
         where = f"last good checkpoint: {latest} (the same command resumes from it)" if latest else \
             "no checkpoint saved yet (the same command starts over)"
         if ctx.actor is not None:
             ctx.actor.shutdown(timeout_s=1.0)
-        raise RankFault(exc.who, exc.call, exc.kind, f"{exc.detail}; {where}") from exc
+        raise RankFault(exc.who, exc.call, exc.kind, f"{exc.detail}; {where}") from error
 
 
 def _run_sft(cfg: Any, plan: Any, run_dir: str) -> int:
