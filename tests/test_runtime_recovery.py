@@ -62,3 +62,33 @@ def test_other_errors_and_rank_faults_are_not_retried():
         with pytest.raises(type(exc)):
             rec.run("x", work)
     assert rt.restarts == 0
+
+
+def test_rank_fault_names_the_last_checkpoint_even_behind_a_sync_error():
+    from megacov.rollout.buckets import SyncError
+    from megacov.trainer.run import rank_guard
+
+    shut = []
+    ctx = SimpleNamespace(ckpt=SimpleNamespace(latest=lambda: "runs/x/checkpoints/step_00000004"),
+                          actor=SimpleNamespace(shutdown=lambda timeout_s: shut.append(timeout_s)))
+
+    def body():
+        try:
+            raise RankFault("actor rank 1", "send_weights", "died", "ActorDiedError")
+        except RankFault as exc:
+            raise SyncError("weight sync failed") from exc
+
+    with pytest.raises(RankFault) as err:
+        rank_guard(ctx, body)
+    assert str(err.value) == ("actor rank 1 died during send_weights (ActorDiedError); last good checkpoint: "
+                              "runs/x/checkpoints/step_00000004 (the same command resumes from it)")
+    assert shut == [1.0]  # the surviving ranks are killed, not waited for
+
+    def other():
+        raise ValueError("not a rank fault")
+
+    with pytest.raises(ValueError):
+        rank_guard(ctx, other)
+    ctx.ckpt.latest = lambda: None
+    with pytest.raises(RankFault, match="no checkpoint saved yet"):
+        rank_guard(ctx, lambda: (_ for _ in ()).throw(RankFault("actor rank 0", "update", "wedged", "no answer")))

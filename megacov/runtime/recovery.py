@@ -34,9 +34,10 @@ T = TypeVar("T")
 class RemoteFault(RuntimeError):
     """A remote process died or stopped answering during ``call``."""
 
-    def __init__(self, who: str, call: str, kind: str, detail: str = "") -> None:
+    def __init__(self, who: str, call: str, kind: str, detail: str = "", note: str = "") -> None:
         self.who, self.call, self.kind, self.detail = who, call, kind, detail
-        super().__init__(f"{who} {kind} during {call}" + (f" ({detail})" if detail else ""))
+        super().__init__(f"{who} {kind} during {call}" + (f" ({detail})" if detail else "")
+                         + (f"; {note}" if note else ""))
 
 
 class EngineFault(RemoteFault):
@@ -99,8 +100,8 @@ class EngineRecovery:
         """Kill every engine, start fresh ones, rendezvous and sync the actor's current weights."""
         if self.restarts >= self.max_restarts:
             ckpt = self.last_checkpoint() or "none"
-            raise EngineFault(exc.who, exc.call, exc.kind,
-                              f"{exc.detail}; rollout.max_engine_restarts={self.max_restarts} restarts used; "
+            raise EngineFault(exc.who, exc.call, exc.kind, exc.detail,
+                              f"rollout.max_engine_restarts={self.max_restarts} restarts used; "
                               f"last good checkpoint: {ckpt}") from exc
         self.restarts += 1
         log.warning("%s in %s: replacing the engines (restart %d of at most %d)", exc, what, self.restarts,

@@ -374,7 +374,7 @@ def rank_guard(ctx: RunContext, body: Callable[[], int]) -> int:
             "no checkpoint saved yet (the same command starts over)"
         if ctx.actor is not None:
             ctx.actor.shutdown(timeout_s=1.0)
-        raise RankFault(exc.who, exc.call, exc.kind, f"{exc.detail}; {where}") from error
+        raise RankFault(exc.who, exc.call, exc.kind, exc.detail, where) from error
 
 
 def _run_sft(cfg: Any, plan: Any, run_dir: str) -> int:
