@@ -23,6 +23,10 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEDGE_TIMEOUT_S = 20
+DENSE_REWARD = (
+    "def digits(response, answer):\n"
+    "    # dense: a random tiny model gets varied rewards, so every update moves the policy\n"
+    "    return sum(c.isdigit() for c in response) / 6.0\n")
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     build_model(str(root / "model"), **EXAMPLE_MODEL)
+    (root / "fault_reward_mod.py").write_text(DENSE_REWARD)
     return {"root": str(root), "model": str(root / "model"),
             **write_task_data(str(root / "data"), n_train=64, n_eval=8)}
 
@@ -53,8 +58,9 @@ def _cli(tiny, ray_address, name, *extra):
                  "data.batch_size=4", "data.mini_batch_size=4", "rollout.n=4", "parallel.micro_batch_size=4",
                  "rollout.max_response_len=6", "rollout.mismatch_sample=16", "trainer.total_steps=3",
                  "checkpoint.save_every=1", "checkpoint.export_hf=false", "optim.lr=1e-2",
+                 "reward.name=fault_reward_mod:digits", "reward.workers=0", "algorithm.clip_cov_lb=0.0",
                  f"trainer.ray_address={ray_address}", *extra]
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1")
     args = [sys.executable, "-m", "megacov", "train", os.path.join(ROOT, "examples/tiny/config.yaml"), *overrides]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -91,7 +97,8 @@ def test_engine_sigkill_then_sigstop_are_replaced_resynced_and_the_run_finishes(
 
     run_dir = os.path.join(tiny["root"], "runs", "engine-faults")
     proc = _cli(tiny, ray_cluster, "engine-faults", "parallel.tp=1", "rollout.max_engine_restarts=2",
-                f"rollout.generate_timeout_s={WEDGE_TIMEOUT_S}", "trainer.eval_every=0")
+                f"rollout.generate_timeout_s={WEDGE_TIMEOUT_S}",
+                f"rollout.weight_update_timeout_s={WEDGE_TIMEOUT_S}", "trainer.eval_every=0")
     stopped = None
     try:
         first = _wait(lambda: _pids("EngineActor"), proc, "the engine started")
@@ -102,7 +109,7 @@ def test_engine_sigkill_then_sigstop_are_replaced_resynced_and_the_run_finishes(
         _wait(lambda: 2 in _rows(run_dir), proc, "step 2")
         step2_s = time.monotonic() - killed_at
         stopped = second[0]
-        os.kill(stopped, signal.SIGSTOP)  # the rollout of step 3 meets a wedged engine
+        os.kill(stopped, signal.SIGSTOP)  # step 3's rollout (or, if it was done, its sync) meets a wedged engine
         stopped_at = time.monotonic()
         _wait(lambda: 3 in _rows(run_dir), proc, "step 3")
         step3_s = time.monotonic() - stopped_at
@@ -119,16 +126,19 @@ def test_engine_sigkill_then_sigstop_are_replaced_resynced_and_the_run_finishes(
     print(f"engine SIGKILL: step 2 done {step2_s:.1f} s after the kill; "
           f"engine SIGSTOP: step 3 done {step3_s:.1f} s after the stop; exit {proc.returncode}")
     assert proc.returncode == 0, log[-3000:]
-    assert re.search(r"engine 0 died during generate \(\w+\) in the rollout of step 2: replacing the engines "
-                     r"\(restart 1 of at most 2\)", log), log[-3000:]
-    assert f"engine 0 wedged during generate (no answer in {WEDGE_TIMEOUT_S} s) in the rollout of step 3" in log
+    # a fault is met by step 2's rollout, or (if the rollout was done) by the liveness check before its sync
+    assert re.search(r"engine 0 died during (generate|a liveness check) \(\w+\) in the (rollout of step 2|weight "
+                     r"sync): replacing the engines \(restart 1 of at most 2\)", log), log[-3000:]
+    assert re.search(rf"engine 0 wedged during (generate|a liveness check) \(no answer in {WEDGE_TIMEOUT_S} s\) "
+                     r"in the (rollout of step 3|weight sync)", log), log[-3000:]
     assert len(re.findall(r"engines replaced and re-synced to weight version \d+ in [\d.]+ s", log)) == 2
     assert step3_s > WEDGE_TIMEOUT_S  # the deadline fired, nothing else ended the hang
     rows = _rows(run_dir)
     assert sorted(rows) == [1, 2, 3]
     healthy = rows[1]["rollout/logprob_diff_max"]
+    assert rows[1]["reward/std"] > 0  # non-zero advantages: the policy moved, a stale replacement would show
     for step in (2, 3):  # rolled out by a replacement: it holds the updated policy, as the actor does
-        assert rows[step]["rollout/logprob_diff_max"] < max(1e-2, 10 * healthy), (step, rows[step])
+        assert rows[step]["rollout/logprob_diff_max"] < max(1e-3, 10 * healthy), (step, rows[step])
     # nothing lost or repeated: 3 steps x 4 prompts consumed, as in a run without faults
     state = load_trainer_state(os.path.join(run_dir, "checkpoints", "step_00000003"))
     assert state["loader"]["cursor"] == 12 and state["loader"]["epoch"] == 0
@@ -148,9 +158,10 @@ def test_rank_sigkill_ends_the_run_with_one_line_naming_the_last_checkpoint(ray_
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    last = err.decode().strip().splitlines()[-1]
-    print(f"rank SIGKILL: exit {proc.returncode} {exit_s:.1f} s after the kill: {last}")
-    assert proc.returncode == 1
+    errors = [ln for ln in err.decode().splitlines() if ln.startswith("megacov: error:")]
+    print(f"rank SIGKILL: exit {proc.returncode} {exit_s:.1f} s after the kill: {errors}")
+    assert proc.returncode == 1 and len(errors) == 1, err.decode()[-3000:]
+    last = errors[0]
     assert re.fullmatch(r"megacov: error: RankFault: actor rank [01] died during \w+ \(\w+\); last good checkpoint: "
                         r"\S+/step_0000000[12] \(the same command resumes from it\) \(traceback in \S+train\.log\)",
                         last), last

@@ -379,6 +379,13 @@ class RolloutEngines:
         return [lp for chunk in gather(refs, names, "score", self.spec.generate_timeout_s, EngineFault)
                 for lp in chunk]
 
+    def probe(self, timeout_s: float | None = None) -> None:
+        """A cheap call to every engine: raises EngineFault for one that is dead or does not answer
+        (checked before a weight sync, whose transfer would otherwise wait on it)."""
+        refs = [a.info.remote() for a in self.actors]
+        gather(refs, [f"engine {e}" for e in range(len(refs))], "a liveness check", timeout_s or self.call_timeout_s,
+               EngineFault)
+
     def _fan_out(self, parts: Sequence[range], submit: Any) -> tuple[list[Any], list[str]]:
         """One call per engine with a non-empty part; the futures and the names of their engines."""
         used = [(e, a, r) for e, (a, r) in enumerate(zip(self.actors, parts)) if len(r)]

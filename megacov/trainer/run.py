@@ -179,7 +179,15 @@ class RunContext:
         self.runtime.release_engines()
 
     def sync(self) -> None:
-        """Push the actor's weights into the engines (waking them first when they sleep)."""
+        """Push the actor's weights into the engines (waking them first when they sleep). An engine
+        found dead or wedged first is replaced instead (the replacement receives the same weights)."""
+        from megacov.runtime.recovery import EngineFault
+
+        try:
+            self.engines.probe()
+        except EngineFault as exc:
+            self.recovery.replace("the weight sync", exc)
+            return
         self.runtime.sync()
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
