@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any, Callable, Optional, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 log = logging.getLogger("megacov.runtime")
 
@@ -48,7 +48,7 @@ class RankFault(RemoteFault):
     """A training rank died or wedged; the run ends (its shard of the state is gone)."""
 
 
-def gather(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: Optional[float],
+def gather(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: float | None,
            fault: type[RemoteFault]) -> list[Any]:
     """``ray.get(refs)`` with a deadline: a dead process raises ``fault`` at once, one that misses
     the deadline raises ``fault`` naming it; task errors (exceptions raised by the method) pass as
@@ -77,7 +77,7 @@ def gather(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: Opti
 class EngineRecovery:
     """Retries work that uses the engines after replacing them, ``max_restarts`` times per run."""
 
-    def __init__(self, runtime: Any, max_restarts: int, last_checkpoint: Callable[[], Optional[str]]) -> None:
+    def __init__(self, runtime: Any, max_restarts: int, last_checkpoint: Callable[[], str | None]) -> None:
         self.runtime = runtime
         self.max_restarts = max_restarts
         self.last_checkpoint = last_checkpoint
@@ -85,7 +85,7 @@ class EngineRecovery:
         self.seconds: list[float] = []
         """Wall-clock seconds of every restart (kill, start, rendezvous, re-sync)."""
 
-    def run(self, what: str, work: Callable[[], T], before_retry: Optional[Callable[[], None]] = None) -> T:
+    def run(self, what: str, work: Callable[[], T], before_retry: Callable[[], None] | None = None) -> T:
         """``work()``; on an :class:`EngineFault` replace the engines, call ``before_retry`` (put back
         what the failed attempt consumed) and try again."""
         while True:
