@@ -120,6 +120,14 @@ class RolloutConfig:
     """Sequences per step whose actor log-probs are compared with the rollout log-probs."""
     seed: int = 0
     """Sampling seed of the engines."""
+    generate_timeout_s: float = 1800.0
+    """Deadline of one engine's ``generate`` / ``score`` call; an engine that misses it is wedged and is
+    replaced like a dead one."""
+    weight_update_timeout_s: float = 600.0
+    """Deadline of a weight sync and of the engines' control calls (weight state, sleep, wake-up)."""
+    max_engine_restarts: int = 3
+    """Engine replacements allowed per run (each one logged); one more fault ends the run, naming
+    the last good checkpoint. 0: the first engine fault ends the run."""
 
 
 @dataclass
@@ -401,6 +409,9 @@ class TrainerConfig:
     max_skipped_steps: int = 3
     """Stop the run after this many consecutive steps whose updates were skipped as non-finite
     (every such step is warned about); 0 only warns."""
+    rank_timeout_s: float = 3600.0
+    """Deadline of one call into the training ranks (log-probs, an update, a checkpoint save): a rank
+    that misses it is wedged and ends the run, naming the last good checkpoint."""
 
 
 @dataclass

@@ -120,6 +120,8 @@ RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "rollout.max_response_len": _ge(1), "rollout.gpu_memory_utilization": _between(0, 1, low_open=True),
     "rollout.cpu_kvcache_space_gb": _ge(1), "rollout.sync_bucket_mb": _ge(1), "rollout.cpus_per_engine": _ge(1),
     "rollout.mismatch_sample": _ge(0), "rollout.seed": _ge(0),
+    "rollout.generate_timeout_s": _gt(0), "rollout.weight_update_timeout_s": _gt(0),
+    "rollout.max_engine_restarts": _ge(0), "trainer.rank_timeout_s": _gt(0),
     "algorithm.clip_ratio_low": _between(0, 1), "algorithm.clip_ratio_high": _ge(0),
     "algorithm.clip_ratio_c": _gt(1), "algorithm.clip_cov_ratio": _between(0, 1, low_open=True),
     "algorithm.clip_cov_lb": _ANY, "algorithm.clip_cov_ub": _ANY,

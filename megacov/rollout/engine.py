@@ -31,6 +31,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from megacov.runtime.recovery import EngineFault, gather
 from megacov.workers.group import GPU_FRACTION_COLOCATED, BundleSpec, Placement
 
 EXTENSION_CLS = "megacov.rollout.extension.WeightReceiver"
@@ -67,6 +68,8 @@ class EngineSpec:
     transfer_backend: str = "megacov_gloo"
     """vLLM weight-transfer backend of this engine's workers (chosen by :mod:`megacov.rollout.plan`)."""
     env: dict[str, str] = field(default_factory=dict)
+    generate_timeout_s: float | None = None
+    """Deadline of one ``generate`` / ``score`` call (None waits): a wedged engine raises EngineFault."""
 
     @classmethod
     def from_config(cls, cfg: Any, model_path: str | None = None, use_gpu: bool = False) -> EngineSpec:
@@ -79,7 +82,8 @@ class EngineSpec:
         return cls(model_path=model_path or cfg.model.path, tp=ro.tp, seed=ro.seed, dtype=dtype,
                    enforce_eager=ro.enforce_eager, max_model_len=cfg.data.max_prompt_len + ro.max_response_len,
                    gpu_memory_utilization=ro.gpu_memory_utilization, cpu_kvcache_space_gb=ro.cpu_kvcache_space_gb,
-                   cpus_per_worker=ro.cpus_per_engine, use_gpu=use_gpu, colocated=ro.placement == "colocated")
+                   cpus_per_worker=ro.cpus_per_engine, use_gpu=use_gpu, colocated=ro.placement == "colocated",
+                   generate_timeout_s=ro.generate_timeout_s)
 
     def resolved_dtype(self) -> str:
         if self.dtype != "auto":
@@ -360,22 +364,32 @@ class RolloutEngines:
                  top_k: int, max_tokens: int, stop: Sequence[str] | None = None,
                  seed: int | None = None) -> list[Sample]:
         """Samples ordered by prompt, ``n`` consecutive samples per prompt."""
-        import ray
-
         params = {"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens,
                       "stop": list(stop or []), "seed": seed}
         indexed = [(i, list(p)) for i, p in enumerate(prompt_token_ids)]
         parts = [r for r in _chunks(len(indexed), self.count)]
-        refs = [a.generate.remote(indexed[r.start:r.stop], params) for a, r in zip(self.actors, parts) if len(r)]
-        return [Sample(**s) for chunk in ray.get(refs) for s in chunk]
+        refs, names = self._fan_out(parts, lambda a, r: a.generate.remote(indexed[r.start:r.stop], params))
+        chunks = gather(refs, names, "generate", self.spec.generate_timeout_s, EngineFault)
+        return [Sample(**s) for chunk in chunks for s in chunk]
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
-        import ray
-
         seqs = [list(s) for s in sequences]
         parts = _chunks(len(seqs), self.count)
-        refs = [a.score.remote(seqs[r.start:r.stop]) for a, r in zip(self.actors, parts) if len(r)]
-        return [lp for chunk in ray.get(refs) for lp in chunk]
+        refs, names = self._fan_out(parts, lambda a, r: a.score.remote(seqs[r.start:r.stop]))
+        return [lp for chunk in gather(refs, names, "score", self.spec.generate_timeout_s, EngineFault)
+                for lp in chunk]
+
+    def probe(self, timeout_s: float | None = None) -> None:
+        """A cheap call to every engine: raises EngineFault for one that is dead or does not answer
+        (checked before a weight sync, whose transfer would otherwise wait on it)."""
+        refs = [a.info.remote() for a in self.actors]
+        gather(refs, [f"engine {e}" for e in range(len(refs))], "a liveness check", timeout_s or self.call_timeout_s,
+               EngineFault)
+
+    def _fan_out(self, parts: Sequence[range], submit: Any) -> tuple[list[Any], list[str]]:
+        """One call per engine with a non-empty part; the futures and the names of their engines."""
+        used = [(e, a, r) for e, (a, r) in enumerate(zip(self.actors, parts)) if len(r)]
+        return [submit(a, r) for _, a, r in used], [f"engine {e}" for e, _, _ in used]
 
     # -- weight updates (driven by megacov.rollout.sync) -----------------------------------------
 

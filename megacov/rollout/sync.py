@@ -92,6 +92,10 @@ class WeightSync:
         self._connected = actor
         self.version = max([s["version"] for s in self.engines.weight_states()] + [self.version])
 
+    def disconnect(self) -> None:
+        """Forget the rendezvous (the engines were replaced): the next sync connects again."""
+        self._connected = None
+
     def sync(self, actor: Any) -> SyncReport:
         """Push the actor's current weights into every engine; raise :class:`SyncError` if any is stale."""
         self.connect(actor)

@@ -43,9 +43,13 @@ def cpus_needed(cfg: Any, world: int) -> int:
 class Runtime:
     """Ray + actor group + rollout engines + weight sync of one job, built from ``cfg`` and ``plan``."""
 
-    def __init__(self, cfg: Any, plan: Any, *, call_timeout_s: Optional[float] = None) -> None:
+    def __init__(self, cfg: Any, plan: Any, *, call_timeout_s: Optional[float] = None,
+                 rank_timeout_s: Optional[float] = None) -> None:
         self.cfg, self.plan = cfg, plan
         self.call_timeout_s = call_timeout_s
+        """Deadline of the engines' control calls and of a weight sync (None: wait)."""
+        self.rank_timeout_s = rank_timeout_s if rank_timeout_s is not None else call_timeout_s
+        """Deadline of calls into the actor ranks (None: wait)."""
         self.cluster: Optional[ClusterView] = None
         self.use_gpu = False
         self.offload = False
@@ -130,7 +134,7 @@ class Runtime:
         group = WorkerGroup(worker_cls, world_size or self.plan.world_size, args=args, kwargs=kwargs or {},
                             cpus_per_worker=self.layout.rank_cpus, gpus_per_worker=self.layout.rank_gpus,
                             placement=placement, env=env, backend=backend, name="megacov-actor")
-        self.actor = ActorGroup(group, timeout_s=self.call_timeout_s)
+        self.actor = ActorGroup(group, timeout_s=self.rank_timeout_s)
         return self.actor
 
     def stop_actor(self) -> None:
@@ -179,7 +183,8 @@ class Runtime:
 
         if self.weight_sync is None:
             self.weight_sync = WeightSync(self.engines, bucket_mb=self.cfg.rollout.sync_bucket_mb,
-                                          transport=self.engines.spec.transfer_backend)
+                                          transport=self.engines.spec.transfer_backend,
+                                          **({} if self.call_timeout_s is None else {"timeout_s": self.call_timeout_s}))
             self.started.append("sync")
         return self.weight_sync
 
@@ -217,6 +222,15 @@ class Runtime:
             self.engines.wake_up(["kv_cache"])
             self._asleep = False
         return report
+
+    def restart_engines(self) -> Any:
+        """Replace every engine (fresh processes, same HF directory), rendezvous the weight transfer
+        again and push the actor's current weights: what :mod:`megacov.runtime.recovery` calls."""
+        self.engines.restart()
+        self._asleep = False
+        if self.weight_sync is not None:
+            self.weight_sync.disconnect()
+        return self.sync()
 
     # -- stop --------------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from megacov.trainer.batching import (
     response_positions,
     seq_multiple,
 )
-from megacov.trainer.rollout import Timer, collect
+from megacov.trainer.rollout import Timer
 
 if TYPE_CHECKING:
     from megacov.trainer.run import RunContext
@@ -53,7 +53,7 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
     timer = Timer()
 
     # 1. experience: n samples per prompt, scored (dynamic sampling refills uninformative groups)
-    ro = collect(ctx.engines, ctx.loader, ctx.rewards, cfg, step, timer)
+    ro = ctx.collect(step, timer)  # an engine that dies or wedges is replaced, re-synced, the rollout redone
     with timer("rollout"):
         ctx.release_engines()  # colocated GPU: vLLM gives its memory back while the actor trains
     truncated = ro.flat("truncated")

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -51,7 +51,8 @@ class RunContext:
         from megacov.trainer.evaluate import unique_names
 
         self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
-        self.runtime = Runtime(cfg, plan)
+        self.runtime = Runtime(cfg, plan, call_timeout_s=cfg.rollout.weight_update_timeout_s,
+                               rank_timeout_s=cfg.trainer.rank_timeout_s)
         self.tokenizer = _tokenizer(cfg.model.path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         report = LoadReport()
@@ -66,6 +67,10 @@ class RunContext:
         self.ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, with_hashes=cfg.checkpoint.manifest_hashes)
         self.ckpt.remove_partial()
         self.resume_from = self.ckpt.resolve_resume(cfg.trainer.resume)
+        from megacov.runtime.recovery import EngineRecovery
+
+        self.recovery = EngineRecovery(self.runtime, cfg.rollout.max_engine_restarts, self.ckpt.latest)
+        """Dead or wedged engines are replaced, re-synced, and the work that hit them is redone."""
         # faults: safe-point stop on SIGTERM/SIGINT, non-finite storms, row N before checkpoint N
         from megacov.trainer.faults import NonFiniteGuard, StopRequest
 
@@ -153,6 +158,16 @@ class RunContext:
 
     # -- what the loop calls -----------------------------------------------------------------------
 
+    def collect(self, step: int, timer: Timer) -> Any:
+        """The step's experience. An engine that dies or wedges is replaced (and re-synced), and the
+        rollout is redone from the same data position and seeds: no prompt is skipped or repeated."""
+        from megacov.trainer.rollout import collect
+
+        position = self.loader.state_dict()
+        return self.recovery.run(f"the rollout of step {step}",
+                                 lambda: collect(self.engines, self.loader, self.rewards, self.cfg, step, timer),
+                                 before_retry=lambda: self.loader.load_state_dict(position))
+
     def log_probs(self, batch: Any, which: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """[B, L] log-probs (and entropies for the actor) of the whole batch, in row order."""
         import ray
@@ -179,7 +194,15 @@ class RunContext:
         self.runtime.release_engines()
 
     def sync(self) -> None:
-        """Push the actor's weights into the engines (waking them first when they sleep)."""
+        """Push the actor's weights into the engines (waking them first when they sleep). An engine
+        found dead or wedged first is replaced instead (the replacement receives the same weights)."""
+        from megacov.runtime.recovery import EngineFault
+
+        try:
+            self.engines.probe()
+        except EngineFault as exc:
+            self.recovery.replace("the weight sync", exc)
+            return
         self.runtime.sync()
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
@@ -192,8 +215,9 @@ class RunContext:
         from megacov.trainer.evaluate import evaluate
 
         t = self.cfg.trainer
-        return evaluate(self.eval_sets, self.generate, self.rewards, k=t.eval_n, temperature=t.eval_temperature,
-                        seed=t.seed + EVAL_SEED_OFFSET)
+        return self.recovery.run("the evaluation", lambda: evaluate(
+            self.eval_sets, self.generate, self.rewards, k=t.eval_n, temperature=t.eval_temperature,
+            seed=t.seed + EVAL_SEED_OFFSET))
 
     def after_update(self, step: int, metrics: dict[str, float], timer: Timer) -> None:
         """Eval, ceiling prediction and checkpoint, when due (their time is reported apart)."""
@@ -356,7 +380,7 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
         ctx.start()
         from megacov.trainer.loop import rl_loop
 
-        last = rl_loop(ctx)
+        last = rank_guard(ctx, lambda: rl_loop(ctx))
         if ctx.stopped_by:  # SIGTERM / SIGINT: saved at the safe point; exit 0 so the job is requeued
             return 0
         if last > ctx.last_saved and last > ctx.start_step:  # stopped early (trainer.total_epochs)
@@ -372,6 +396,27 @@ def _run(cfg: Any, plan: Any, run_dir: str) -> int:
     _finish(cfg, run_dir)
     log.info("run finished in %.0f s: %s", time.perf_counter() - start, run_dir)
     return 0
+
+
+def rank_guard(ctx: RunContext, body: Callable[[], int]) -> int:
+    """``body()``; a training rank that died or wedged ends the run with one line naming the last good
+    checkpoint (the surviving ranks, likely blocked in a collective with it, are killed, not waited for)."""
+    from megacov.runtime.recovery import RankFault
+
+    try:
+        return body()
+    except Exception as error:  # noqa: BLE001 - re-raised unless a rank fault caused it
+        exc = error
+        while exc is not None and not isinstance(exc, RankFault):  # e.g. a SyncError caused by one
+            exc = exc.__cause__
+        if exc is None:
+            raise
+        latest = ctx.ckpt.latest()
+        where = f"last good checkpoint: {latest} (the same command resumes from it)" if latest else \
+            "no checkpoint saved yet (the same command starts over)"
+        if ctx.actor is not None:
+            ctx.actor.shutdown(timeout_s=1.0)
+        raise RankFault(exc.who, exc.call, exc.kind, exc.detail, where) from error
 
 
 def _run_sft(cfg: Any, plan: Any, run_dir: str) -> int:

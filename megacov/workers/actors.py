@@ -3,7 +3,8 @@
 :class:`~megacov.workers.group.WorkerGroup` is generic (any class, methods by name); the loop and
 the runtime talk to :class:`ActorGroup`, whose methods are the actor's real operations. Every call
 fans out to all ranks and takes a ``timeout_s`` (None waits), so a wedged rank surfaces as a
-``GetTimeoutError`` at the call that hung instead of a silent hang.
+:class:`~megacov.runtime.recovery.RankFault` at the call that hung instead of a silent hang, and a
+dead rank as one at once (not after its peers' collective times out).
 """
 from __future__ import annotations
 
@@ -32,9 +33,11 @@ class ActorGroup:
         return self.group.infos
 
     def _all(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
-        import ray
+        from megacov.runtime.recovery import RankFault, gather
 
-        return ray.get(self.group.execute_async(method, *args, **kwargs), timeout=timeout_s or self.timeout_s)
+        refs = self.group.execute_async(method, *args, **kwargs)
+        return gather(refs, [f"actor rank {r}" for r in range(len(refs))], method, timeout_s or self.timeout_s,
+                      RankFault)
 
     # -- compute -----------------------------------------------------------------------------------
 
@@ -86,5 +89,6 @@ class ActorGroup:
 
     # -- lifetime ----------------------------------------------------------------------------------
 
-    def shutdown(self) -> None:
-        self.group.shutdown()
+    def shutdown(self, timeout_s: float = 60.0) -> None:
+        """Tear the ranks down (waiting at most ``timeout_s`` for them to leave their groups), kill them."""
+        self.group.shutdown(timeout_s=timeout_s)
