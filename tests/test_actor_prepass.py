@@ -20,6 +20,8 @@ from megacov.verify.exactness import RunOptions, TinySpec, full_weights, make_ba
 class _Optim:
     """The optimiser interface update() uses; step() changes the weights like a real step would."""
 
+    checks_overflow = False  # fp32: the worker checks the gradients itself
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.model, self.lr = [model], 0.0
 
@@ -54,7 +56,7 @@ def _worker(rank: int, world: int, batch_size: int, mini_batch_seqs: int, policy
             algorithm=hp, parallel=SimpleNamespace(micro_batch_size=mini_batch_seqs, logprob_workspace_mib=16.0),
             rollout=SimpleNamespace(temperature=1.0, max_response_len=batch.seq_len))
         worker.layout, worker.info, worker.optim = layout, SimpleNamespace(vocab_size=spec.vocab), _Optim(model)
-        worker.router_load = None  # a dense model
+        worker.router_load, worker._offload = None, None  # a dense model, never offloaded
         # old log-probs as the trainer computes them: the actor, on the micro-batches of the update
         parts = [compute_log_probs([chunk], layout, batch.rows(s, s + mini_batch_seqs), temperature=1.0,
                                    chunk_size=7, real_vocab_size=spec.vocab, with_entropy=False)[0]
