@@ -180,6 +180,8 @@ def test_sbatch_launcher_runs_head_driver_and_cleans_up(tmp_path):
     model = tmp_path / "qwen32b"
     model.mkdir()
     (model / "config.json").write_text(json.dumps(QWEN32B_SHAPE))
+    rows = tmp_path / "train.jsonl"  # the dry run reads the data files; the example's are not here
+    rows.write_text('{"prompt": "1+1?", "reward_model": "2"}\n')
     ray_tmp = tempfile.mkdtemp(prefix="mcsl", dir="/tmp")  # Ray's socket paths must stay < 108 bytes
     logs = tmp_path / "logs"
     with private_slurm() as slurm, contextlib.ExitStack() as stack:
@@ -193,7 +195,8 @@ def test_sbatch_launcher_runs_head_driver_and_cleans_up(tmp_path):
         env.pop("RAY_ADDRESS", None)
         out_file = tmp_path / "job.out"
         sub = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--gpus-per-node=8",
-                              f"--output={out_file}", SBATCH, EXAMPLE, f"model.path={model}", "--dry-run"],
+                              f"--output={out_file}", SBATCH, EXAMPLE, f"model.path={model}",
+                              f"data.train_files={rows}", "data.eval_files=[]", "--dry-run"],
                              capture_output=True, text=True, env=env, cwd=REPO, timeout=60)
         assert sub.returncode == 0, sub.stderr
         job = sub.stdout.strip().split(";")[0]
