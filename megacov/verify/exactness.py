@@ -435,6 +435,8 @@ class RunOptions:
     max_tokens: int | None = None
     """Token-budget micro-batches and token-balanced DP shares (``parallel.max_tokens_per_micro_batch``)
     instead of the case's micro-batch count and contiguous shares."""
+    pack: bool = False
+    """Run every micro-batch packed into one row (``parallel.pack_sequences``)."""
 
 
 def _build(spec: TinySpec, layout: Any, opts: RunOptions, seq_len: int, w: dict) -> tuple[Any, Any]:
@@ -481,14 +483,15 @@ def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinyS
                      else batch.balanced_shard(layout.dp_rank, layout.dp))
             lp, ent = compute_log_probs([chunk], layout, shard, temperature=opts.temperature, chunk_size=7,
                                         real_vocab_size=spec.vocab, micro_batch_size=2,
-                                        max_tokens_per_micro_batch=opts.max_tokens)
+                                        max_tokens_per_micro_batch=opts.max_tokens, pack=opts.pack)
             partition = {global_param_name(model, n): (p.partition_dim if getattr(p, "tensor_model_parallel", False)
                                                        else None) for n, p in model.named_parameters()}
             for case in cases:
                 kw = {"step": opts.step, "temperature": opts.temperature, "real_vocab_size": spec.vocab,
                       "micro_batch_size": micro_batch_size(shard.batch_size, case.micro_batches),
                       "max_tokens_per_micro_batch": opts.max_tokens}
-                metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5, **kw)
+                metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5,
+                                     pack=opts.pack, **kw)
                 # the same choice when the caller supplies current log-probs instead of the pre-pass
                 reused = prepare_selection([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5,
                                            current_log_prob=lp, current_entropy=ent, **kw)
@@ -691,7 +694,7 @@ def parse_list(text: str, kind: type = str) -> list[Any]:
 def main(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[str], vocab_sizes: Sequence[int],
          *, seed: int, dtype_name: str, scopes: Sequence[str], ddp: bool = False,
          entropy_top: float | None = None, mutation: str | None = None, out: Any | None = None,
-         max_tokens: int | None = None) -> int:
+         max_tokens: int | None = None, pack: bool = False) -> int:
     """Run, print the table, return 0 when every row matches (1 otherwise, or when the batch
     cannot tell the scopes apart)."""
     import sys
@@ -701,7 +704,7 @@ def main(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[
     try:
         rows = run_exactness(layouts, micro_batches, losses, vocab_sizes, scopes=scopes, entropy_top=entropy_top,
                              opts=RunOptions(seed=seed, dtype_name=dtype_name, ddp=ddp, mutation=mutation,
-                                             max_tokens=max_tokens))
+                                             max_tokens=max_tokens, pack=pack))
     except WeakBatchError as exc:
         print(f"the test batch is too weak to check anything:\n{exc}", file=sys.stderr)
         return 1
@@ -738,6 +741,8 @@ def add_arguments(parser: Any) -> None:
     parser.add_argument("--max-tokens-per-micro-batch", type=int, default=None,
                         help="cut micro-batches by this token budget and balance DP shares by tokens "
                              "(cov_scope global / global_old only: micro_batch scope depends on the cut)")
+    parser.add_argument("--pack", action="store_true",
+                        help="run every micro-batch packed into one row (block-diagonal causal mask)")
 
 
 def run(args: Any) -> int:
@@ -772,4 +777,5 @@ def run(args: Any) -> int:
     if max_tokens is not None and (max_tokens < 1 or "micro_batch" in scopes):
         return fail("--max-tokens-per-micro-batch must be >= 1 and needs --scopes global / global_old", 2)
     return main(layouts, micro, losses, vocab, seed=args.seed, dtype_name=args.dtype, scopes=scopes, ddp=args.ddp,
-                entropy_top=args.entropy_top_ratio or None, mutation=args.mutate, max_tokens=max_tokens)
+                entropy_top=args.entropy_top_ratio or None, mutation=args.mutate, max_tokens=max_tokens,
+                pack=args.pack)
