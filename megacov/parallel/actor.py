@@ -35,6 +35,7 @@ from megacov.algorithms.losses import METRIC_REDUCTIONS, LossNormalizer, loss_se
 from megacov.algorithms.objective import actor_loss
 from megacov.parallel.batch import ActorBatch
 from megacov.parallel.layout import ParallelLayout
+from megacov.parallel.packing import per_sequence_rotary
 from megacov.parallel.selection import (
     GlobalSelection,
     global_normalizer,
@@ -160,7 +161,8 @@ def compute_log_probs(model_chunks: Any, layout: ParallelLayout, batch: ActorBat
     def forward_step(data: Iterator[tuple[ActorBatch, Any]], model: torch.nn.Module) -> tuple[Any, Callable]:
         mb, row = next(data)
         feed, mask = (mb, None) if row is None else (row, row.attention_mask)
-        output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
+        with per_sequence_rotary(model, row):
+            output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
 
         def collect(logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
             lp, ent = token_logprob_entropy(logits, feed.input_ids, tp_group=layout.tp_group,
@@ -346,7 +348,8 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     def forward_step(data: Iterator[tuple[ActorBatch, Any]], model: torch.nn.Module) -> tuple[Any, Callable]:
         mb, row = next(data)
         feed, mask = (mb, None) if row is None else (row, row.attention_mask)
-        output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
+        with per_sequence_rotary(model, row):
+            output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
 
         def loss_fn(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             lp, ent = token_logprob_entropy(logits, feed.input_ids, tp_group=layout.tp_group,

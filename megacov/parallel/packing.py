@@ -5,8 +5,10 @@ long-tailed. Packed, its sequences sit end to end in one row of ``sum(token_coun
 an explicit block-diagonal causal mask keeps each sequence from seeing the others: megatron-core's
 local ``DotProductAttention`` applies a given ``attention_mask`` (True = masked) in place of its
 own causal mask. Rotary embeddings run over the packed row's positions; attention scores depend
-only on the *difference* of the query and key positions, which packing keeps within a sequence,
-so the model's outputs are those of the padded rows (up to rounding).
+only on the *difference* of the query and key positions, but megatron's angle table (like HF's) is
+float32, so angles at other absolute positions round differently: :func:`per_sequence_rotary` hands
+the model the table rows of each token's position within its sequence instead, which makes the
+packed outputs those of the padded rows up to the order of floating-point sums.
 
 The per-token log-probs and entropies of the packed row are scattered back onto the micro-batch's
 [B, L] columns (a differentiable copy), so the loss, the normaliser and the global Clip-Cov / KL-Cov
@@ -18,7 +20,10 @@ branch is not wired here, so packing requires the local layer spec.
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +53,30 @@ class PackedRow:
         """[1, T] per-token values -> [B, L] (zeros where nothing was computed); keeps autograd."""
         out = values.new_zeros(self.shape[0] * self.shape[1])
         return out.index_copy(0, self.dest, values.reshape(-1).index_select(0, self.source)).view(self.shape)
+
+
+@contextlib.contextmanager
+def per_sequence_rotary(model: Any, row: PackedRow | None) -> Iterator[None]:
+    """While the model runs ``row``, its rotary table has one entry per packed token, taken at the
+    token's position within its sequence (what megatron's THD path does from ``cu_seqlens``)."""
+    from megacov.models.loader import unwrap
+
+    rope = getattr(unwrap(model), "rotary_pos_emb", None)
+    if row is None or rope is None or type(rope).__name__ != "RotaryEmbedding":
+        yield
+        return
+    table = rope.forward
+    positions = row.position_ids[0]
+
+    def forward(max_seq_len: int, *args: Any, **kwargs: Any) -> torch.Tensor:
+        full = table(int(positions.max()) + 1, *args, **kwargs)  # [S, 1, 1, D]
+        return full.index_select(0, positions.to(full.device))
+
+    rope.forward = forward
+    try:
+        yield
+    finally:
+        del rope.forward
 
 
 def packed_length(mb: ActorBatch) -> int:
