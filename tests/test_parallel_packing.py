@@ -65,7 +65,9 @@ def _run_variant(layout: Any, dtype_name: str) -> dict[str, Any]:
 
 
 def _worker(rank: int, world: int, tp: int, pp: int) -> dict[str, Any]:
-    from megacov.parallel import packing
+    import contextlib
+
+    from megacov.parallel import actor, packing
     from megacov.parallel.layout import ParallelLayout
 
     layout = ParallelLayout.initialize(tp, pp, seed=0)
@@ -75,6 +77,10 @@ def _worker(rank: int, world: int, tp: int, pp: int) -> dict[str, Any]:
             real, packing.pack = packing.pack, _leaky_pack(packing.pack)
             out["leaky"] = _run_variant(layout, "float64")
             packing.pack = real
+            # the rotary table at packed-row positions: float32 angles round differently
+            rotary, actor.per_sequence_rotary = actor.per_sequence_rotary, lambda *a: contextlib.nullcontext()
+            out["row_rotary"] = _run_variant(layout, "float64")
+            actor.per_sequence_rotary = rotary
         return out
     finally:
         layout.destroy()
@@ -97,6 +103,7 @@ def test_packed_equals_padded(tp: int, pp: int, dp: int) -> None:
             assert max(_errors(out[dtype_name])) <= tol, (dtype_name, _errors(out[dtype_name]))
         if "leaky" in out:  # the same check fails when sequences see each other
             assert _errors(out["leaky"])[0] > 1e-3, _errors(out["leaky"])
+            assert max(_errors(out["row_rotary"])) > 1e-12, _errors(out["row_rotary"])
 
 
 def test_cli_refuses_a_token_budget_with_the_micro_batch_scope(capsys) -> None:
