@@ -53,7 +53,8 @@ def _worker(rank: int, world: int, batch_size: int, mini_batch_seqs: int, policy
         worker = ActorWorker.__new__(ActorWorker)
         hp = algorithm_hparams(policy_loss=policy_loss, clip_cov_ratio=0.1, clip_cov_lb=0.0)
         worker.cfg = SimpleNamespace(
-            algorithm=hp, parallel=SimpleNamespace(micro_batch_size=mini_batch_seqs, logprob_workspace_mib=16.0),
+            algorithm=hp, parallel=SimpleNamespace(micro_batch_size=mini_batch_seqs, logprob_workspace_mib=16.0,
+                                                    max_tokens_per_micro_batch=None, pack_sequences=False),
             rollout=SimpleNamespace(temperature=1.0, max_response_len=batch.seq_len))
         worker.layout, worker.info, worker.optim = layout, SimpleNamespace(vocab_size=spec.vocab), _Optim(model)
         worker.router_load, worker._offload = None, None  # a dense model, never offloaded

@@ -60,6 +60,15 @@ class ParallelConfig:
     """Number of training processes (GPUs, or CPU processes on gloo). ``None``: tp * pp * (dp or 1)."""
     micro_batch_size: int = 1
     """Sequences per micro-batch fed through Megatron's pipeline schedule."""
+    max_tokens_per_micro_batch: Optional[int] = None
+    """``None``: micro-batches of ``micro_batch_size`` sequences, DP shares cut contiguously. Set:
+    micro-batches of at most this many tokens (prompt + response, a longer sequence goes alone) and
+    DP shares balanced by tokens (greedy longest-first), so no rank waits for one holding the long
+    responses. The loss normaliser and the Clip-Cov / KL-Cov choice are unchanged by the cut."""
+    pack_sequences: bool = False
+    """Run each training micro-batch as one row without padding (sequences end to end, block-diagonal
+    causal mask). Needs megatron's local attention: refused where TransformerEngine is installed
+    (its packed THD path is not wired). Pair it with ``max_tokens_per_micro_batch``."""
     backend: str = "auto"
     """torch.distributed backend: ``auto`` (nccl with CUDA, gloo without), ``nccl`` or ``gloo``."""
     sequence_parallel: bool = False

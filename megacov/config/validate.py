@@ -114,7 +114,8 @@ _ANY: tuple[str, Callable[[Any], bool]] = ("finite", lambda v: True)
 RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "model.vocab_divisible_by": _ge(1),
     "parallel.tp": _ge(1), "parallel.pp": _ge(1), "parallel.dp": _ge(1), "parallel.world_size": _ge(1),
-    "parallel.micro_batch_size": _ge(1), "parallel.num_gpus": _ge(0), "parallel.logprob_workspace_mib": _gt(0),
+    "parallel.micro_batch_size": _ge(1), "parallel.max_tokens_per_micro_batch": _ge(1),
+    "parallel.num_gpus": _ge(0), "parallel.logprob_workspace_mib": _gt(0),
     "rollout.engines": _ge(1), "rollout.tp": _ge(1), "rollout.n": _ge(1), "rollout.temperature": _gt(0),
     "rollout.top_p": _between(0, 1, low_open=True), "rollout.top_k": ("-1 (off) or >= 1", lambda v: v == -1 or v >= 1),
     "rollout.max_response_len": _ge(1), "rollout.gpu_memory_utilization": _between(0, 1, low_open=True),
@@ -304,6 +305,11 @@ def validate(cfg: MegacovConfig, check_model: bool = True, check_inputs: bool = 
     shape = ModelShape.from_hf(model_hf_config(cfg)[0]) if check_model else None
     plan = plan_layout(cfg, shape)
     _check_choices(cfg)
+    if cfg.parallel.pack_sequences:
+        from megacov.models.core import transformer_engine_available  # lazy: pulls in megatron
+
+        _require(not transformer_engine_available(), "parallel.pack_sequences=true needs megatron's local "
+                 "attention, but TransformerEngine is installed (its packed THD path is not wired)")
     _check_critic_and_reward_model(cfg, plan, check_model)
     from megacov.algorithms.checks import warn_algorithm_config  # lazy: pulls in torch
 

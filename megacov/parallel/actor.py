@@ -35,6 +35,7 @@ from megacov.algorithms.losses import METRIC_REDUCTIONS, LossNormalizer, loss_se
 from megacov.algorithms.objective import actor_loss
 from megacov.parallel.batch import ActorBatch
 from megacov.parallel.layout import ParallelLayout
+from megacov.parallel.packing import per_sequence_rotary
 from megacov.parallel.selection import (
     GlobalSelection,
     global_normalizer,
@@ -110,55 +111,84 @@ def _broadcast_object_from_last_stage(obj: Any, layout: ParallelLayout) -> Any:
 
 
 def _run_schedule(chunks: list[torch.nn.Module], layout: ParallelLayout, micro: list[ActorBatch],
-                  forward_step: Callable[..., Any], forward_only: bool) -> list:
+                  forward_step: Callable[..., Any], forward_only: bool, data: Sequence[Any] | None = None,
+                  shape: tuple[int, int] | None = None) -> list:
+    """``data`` (default ``micro``) feeds ``forward_step``; ``shape`` (rows, columns) is what one
+    micro-batch sends between pipeline stages (default: that of ``micro[0]``)."""
     kwargs: dict[str, Any] = {"pg_collection": layout.pg_collection}
     if layout.pp > 1:  # the pipelined schedules take the groups only together with a communicator
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
         kwargs["p2p_communicator"] = P2PCommunicator(pp_group=layout.pp_group,
                                                      config=_model_config(chunks[0]))
+    rows, cols = shape or (micro[0].batch_size, micro[0].seq_len)
     return _schedule(layout)(
-        forward_step_func=forward_step, data_iterator=iter(micro), model=chunks,
-        num_microbatches=len(micro), seq_length=micro[0].seq_len,
-        micro_batch_size=micro[0].batch_size, forward_only=forward_only,
+        forward_step_func=forward_step, data_iterator=iter(micro if data is None else data), model=chunks,
+        num_microbatches=len(micro), seq_length=cols,
+        micro_batch_size=rows, forward_only=forward_only,
         collect_non_loss_data=forward_only, **kwargs)
+
+
+def _micro_batches(batch: ActorBatch, layout: ParallelLayout, micro_batch_size: int,
+                   max_tokens: int | None) -> list[ActorBatch]:
+    """``micro_batch_size`` sequences at a time, or token-budget micro-batches when ``max_tokens``
+    is set; padded to one shape under a pipeline schedule."""
+    if max_tokens is None:
+        return batch.micro_batches(micro_batch_size, pad_last=layout.pp > 1)
+    return batch.token_budget_micro_batches(max_tokens, pad_rows=layout.pp > 1)
 
 
 def compute_log_probs(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *,
                       temperature: float, real_vocab_size: int,
                       workspace_mib: float = DEFAULT_WORKSPACE_MIB, chunk_size: int | None = None,
-                      with_entropy: bool = True, micro_batch_size: int | None = None
+                      with_entropy: bool = True, micro_batch_size: int | None = None,
+                      max_tokens_per_micro_batch: int | None = None, pack: bool = False
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward-only log-probs (and entropies) of this DP rank's ``batch``: two [B, L] tensors.
 
     Runs in eval mode without autograd, ``micro_batch_size`` sequences at a time (default: the
-    whole batch at once). The results are computed on the last pipeline stage and broadcast, so
+    whole batch at once; ``max_tokens_per_micro_batch`` cuts by tokens instead). The results are computed on the last pipeline stage and broadcast, so
     every rank of the model-parallel group returns the same tensors; column 0 is 0. ``entropy``
-    is None when ``with_entropy`` is False (that pass is then skipped).
+    is None when ``with_entropy`` is False (that pass is then skipped). ``pack`` runs each
+    micro-batch as one row without padding; it computes a row's columns only up to its last
+    trained target (:attr:`ActorBatch.token_counts`), the rest are 0.
     """
     chunks = _chunks(model_chunks)
     mbs = micro_batch_size or batch.batch_size
-    micro = batch.micro_batches(mbs, pad_last=layout.pp > 1)
+    micro = _micro_batches(batch, layout, mbs, max_tokens_per_micro_batch)
+    rows = _packed_rows(micro, layout) if pack else [None] * len(micro)
 
-    def forward_step(data: Iterator[ActorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        mb = next(data)
-        output = model(mb.input_ids, mb.position_ids, attention_mask=None)
+    def forward_step(data: Iterator[tuple[ActorBatch, Any]], model: torch.nn.Module) -> tuple[Any, Callable]:
+        mb, row = next(data)
+        feed, mask = (mb, None) if row is None else (row, row.attention_mask)
+        with per_sequence_rotary(model, row):
+            output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
 
         def collect(logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
-            lp, ent = token_logprob_entropy(logits, mb.input_ids, tp_group=layout.tp_group,
+            lp, ent = token_logprob_entropy(logits, feed.input_ids, tp_group=layout.tp_group,
                                             real_vocab_size=real_vocab_size, temperature=temperature,
                                             workspace_mib=workspace_mib, chunk_size=chunk_size,
                                             with_entropy=with_entropy)
+            if row is not None:
+                lp, ent = row.unpack(lp), row.unpack(ent)
             return torch.stack([lp, ent])
 
         return output, collect
 
     with torch.no_grad(), _eval_mode(chunks):
-        store = _run_schedule(chunks, layout, micro, forward_step, forward_only=True)
+        store = _run_schedule(chunks, layout, micro, forward_step, forward_only=True, data=list(zip(micro, rows)),
+                              shape=(1, rows[0].length) if pack else None)
     dtype = compute_dtype(_model_config(chunks[0]).params_dtype)
     out = torch.empty(2, batch.batch_size, batch.seq_len, dtype=dtype, device=layout.device)
-    if layout.is_last_stage:
+    if layout.is_last_stage and max_tokens_per_micro_batch is None:
         out.copy_(torch.cat(list(store), dim=1)[:, :batch.batch_size])
+    elif layout.is_last_stage:  # token-budget micro-batches reorder rows: put them back by global id
+        where = {int(g): j for j, g in enumerate(torch.cat([mb.global_seq_ids for mb in micro]).tolist())
+                 if g >= 0}
+        rows = [i for i, g in enumerate(batch.global_seq_ids.tolist()) if g >= 0]
+        done = torch.cat(list(store), dim=1)
+        out.zero_()
+        out[:, rows] = done[:, [where[int(batch.global_seq_ids[i])] for i in rows]]
     out = _broadcast_from_last_stage(out, layout)
     return out[0], (out[1] if with_entropy else None)
 
@@ -219,6 +249,7 @@ def _needs(rules: Sequence[str]) -> set[str]:
 def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, algo_cfg: Any,
                       step: int, temperature: float, real_vocab_size: int, micro_batch_size: int,
                       workspace_mib: float = DEFAULT_WORKSPACE_MIB, chunk_size: int | None = None,
+                      max_tokens_per_micro_batch: int | None = None,
                       current_log_prob: torch.Tensor | None = None,
                       current_entropy: torch.Tensor | None = None) -> StepSelection | None:
     """The global token choices of ``algo_cfg.cov_scope`` (None for ``micro_batch``).
@@ -246,7 +277,8 @@ def prepare_selection(model_chunks: Any, layout: ParallelLayout, batch: ActorBat
                                                   workspace_mib=workspace_mib, chunk_size=chunk_size,
                                                   real_vocab_size=real_vocab_size,
                                                   with_entropy="entropy" in needs,
-                                                  micro_batch_size=micro_batch_size)
+                                                  micro_batch_size=micro_batch_size,
+                                                  max_tokens_per_micro_batch=max_tokens_per_micro_batch)
             forwards = 1
         log_prob = log_prob if log_prob is not None else batch.old_log_prob
     stats = global_scope_stats(log_prob, batch.advantages, batch.mask, layout.dp_group)
@@ -272,7 +304,8 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
                workspace_mib: float = DEFAULT_WORKSPACE_MIB, chunk_size: int | None = None,
                zero_grad_fn: Callable[[], None] | None = None, controls: Any = None,
                max_len: int | None = None, current_log_prob: torch.Tensor | None = None,
-               current_entropy: torch.Tensor | None = None) -> dict[str, Any]:
+               current_entropy: torch.Tensor | None = None,
+               max_tokens_per_micro_batch: int | None = None, pack: bool = False) -> dict[str, Any]:
     """Forward and backward of one mini-batch (``batch`` = this DP rank's share of it).
 
     Gradients equal those of the single-device mini-batch loss (summed over DP for raw modules,
@@ -284,7 +317,9 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     under the current weights when the caller has them (the old log-probs, on the first mini-batch
     of the first epoch), which saves the pre-pass of ``cov_scope=global`` (``current_entropy``
     likewise, for the high-entropy tokens). Returns metrics reduced over DP, identical on every
-    rank.
+    rank. ``max_tokens_per_micro_batch`` cuts micro-batches by tokens instead of sequences; the
+    normaliser and the selection read the whole mini-batch, so they do not depend on the cut.
+    ``pack`` runs each micro-batch as one row without padding (:mod:`megacov.parallel.packing`).
     """
     chunks = _chunks(model_chunks)
     t0 = time.perf_counter()
@@ -293,6 +328,7 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
                                   temperature=temperature, workspace_mib=workspace_mib,
                                   chunk_size=chunk_size,
                                   real_vocab_size=real_vocab_size, micro_batch_size=micro_batch_size,
+                                  max_tokens_per_micro_batch=max_tokens_per_micro_batch,
                                   current_log_prob=current_log_prob, current_entropy=current_entropy)
     t1 = time.perf_counter()
     averaged = _grad_averaged_over_dp(chunks)
@@ -304,19 +340,24 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
                 c.zero_grad_buffer()
             for p in c.parameters():
                 p.grad = None
-    micro = batch.micro_batches(micro_batch_size, pad_last=layout.pp > 1)
+    micro = _micro_batches(batch, layout, micro_batch_size, max_tokens_per_micro_batch)
     scale = float(len(micro) * (layout.dp if averaged else 1))
     own_rule = loss_selection(algo_cfg.policy_loss)
+    rows = _packed_rows(micro, layout) if pack else [None] * len(micro)
 
-    def forward_step(data: Iterator[ActorBatch], model: torch.nn.Module) -> tuple[Any, Callable]:
-        mb = next(data)
-        output = model(mb.input_ids, mb.position_ids, attention_mask=None)
+    def forward_step(data: Iterator[tuple[ActorBatch, Any]], model: torch.nn.Module) -> tuple[Any, Callable]:
+        mb, row = next(data)
+        feed, mask = (mb, None) if row is None else (row, row.attention_mask)
+        with per_sequence_rotary(model, row):
+            output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
 
         def loss_fn(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
-            lp, ent = token_logprob_entropy(logits, mb.input_ids, tp_group=layout.tp_group,
+            lp, ent = token_logprob_entropy(logits, feed.input_ids, tp_group=layout.tp_group,
                                             real_vocab_size=real_vocab_size, temperature=temperature,
                                             workspace_mib=workspace_mib, chunk_size=chunk_size,
                                             inplace_backward=True)
+            if row is not None:
+                lp, ent = row.unpack(lp), (None if ent is None else row.unpack(ent))
             ids = mb.global_token_ids
             loss, metrics = actor_loss(
                 lp, mb.old_log_prob, mb.advantages, mb.mask, hp=algo_cfg, norm=norm,
@@ -328,7 +369,8 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
 
         return output, loss_fn
 
-    store = _run_schedule(chunks, layout, micro, forward_step, forward_only=False)
+    store = _run_schedule(chunks, layout, micro, forward_step, forward_only=False, data=list(zip(micro, rows)),
+                          shape=(1, rows[0].length) if pack else None)
     if not averaged:
         _sum_grads_over_dp(chunks, layout)
     t2 = time.perf_counter()
@@ -338,6 +380,14 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     metrics["prepass_forwards"] = selection.prepass_forwards if selection else 0
     metrics["timing/update_s"] = t2 - t1
     return metrics
+
+
+def _packed_rows(micro: list[ActorBatch], layout: ParallelLayout) -> list[Any]:
+    """Each micro-batch as one packed row; one row length for all under a pipeline schedule."""
+    from megacov.parallel.packing import pack, packed_length
+
+    length = max(packed_length(mb) for mb in micro) if layout.pp > 1 else None
+    return [pack(mb, length) for mb in micro]
 
 
 def _reduce_metrics(store: list[dict[str, Any]], layout: ParallelLayout,

@@ -109,6 +109,34 @@ class ActorBatch:
             out[-1] = out[-1].padded(micro_batch_size)
         return out
 
+    @property
+    def token_counts(self) -> torch.Tensor:
+        """[B] int64 tokens of each row up to its last trained target (0 on padding rows, 1 on rows
+        with nothing to train): what a row costs when packed, used to balance the cut."""
+        cols = torch.arange(1, self.seq_len + 1, device=self.input_ids.device)
+        last = (self.response_mask.bool() * cols).amax(dim=1).clamp(min=1) if self.seq_len else cols
+        return torch.where(self.global_seq_ids >= 0, last, torch.zeros_like(last)).to(torch.int64)
+
+    def select(self, index: Sequence[int]) -> ActorBatch:
+        """The rows ``index`` (in that order); each keeps its global sequence id."""
+        idx = torch.as_tensor(list(index), dtype=torch.int64, device=self.input_ids.device)
+        return self._map(lambda t: t.index_select(0, idx))
+
+    def balanced_shard(self, dp_rank: int, dp_size: int) -> ActorBatch:
+        """This DP rank's share when ranks carry near-equal tokens (:func:`balanced_partition`)."""
+        from megacov.parallel.partition import balanced_partition
+
+        return self.select(balanced_partition(self.token_counts.tolist(), dp_size)[dp_rank])
+
+    def token_budget_micro_batches(self, max_tokens: int, pad_rows: bool = False) -> list[ActorBatch]:
+        """Micro-batches of at most ``max_tokens`` tokens (:attr:`token_counts`; a longer row goes
+        alone). ``pad_rows`` gives all of them the row count of the largest (pipeline schedules)."""
+        from megacov.parallel.partition import token_budget_groups
+
+        out = [self.select(g) for g in token_budget_groups(self.token_counts.tolist(), max_tokens)]
+        rows = max(mb.batch_size for mb in out) if pad_rows and out else 0
+        return [mb.padded(rows) for mb in out]
+
     def padded(self, rows: int) -> ActorBatch:
         """This batch with padding rows appended up to ``rows`` sequences."""
         extra = rows - self.batch_size

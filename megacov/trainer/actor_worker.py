@@ -112,15 +112,23 @@ class ActorWorker(WeightSenderMixin):
         return self.layout.tp_rank == 0 and self.layout.pp_rank == 0
 
     def _my_parts(self, batch: ActorBatch, mini_batch_seqs: int) -> list[ActorBatch]:
-        """This rank's DP share of every mini-batch, in order."""
-        return [batch.rows(s, s + mini_batch_seqs).shard(self.layout.dp_rank, self.layout.dp)
-                for s in range(0, batch.batch_size, mini_batch_seqs)]
+        """This rank's DP share of every mini-batch, in order: contiguous, or token-balanced over the
+        DP ranks when micro-batches are cut by tokens (``parallel.max_tokens_per_micro_batch``)."""
+        minis = [batch.rows(s, s + mini_batch_seqs) for s in range(0, batch.batch_size, mini_batch_seqs)]
+        if self.cfg.parallel.max_tokens_per_micro_batch is None:
+            return [m.shard(self.layout.dp_rank, self.layout.dp) for m in minis]
+        return [m.balanced_shard(self.layout.dp_rank, self.layout.dp) for m in minis]
+
+    def _micro_args(self) -> dict[str, Any]:
+        p = self.cfg.parallel
+        return dict(micro_batch_size=p.micro_batch_size, max_tokens_per_micro_batch=p.max_tokens_per_micro_batch)
 
     # -- forward-only passes -------------------------------------------------------------------------
 
     def log_probs(self, batch: ActorBatch, mini_batch_seqs: int, which: str = "actor"
-                  ) -> Optional[list[tuple[torch.Tensor, Optional[torch.Tensor]]]]:
-        """Log-probs (and entropies, actor only) of this rank's share of every mini-batch."""
+                  ) -> Optional[list[tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]]]:
+        """Log-probs (and entropies, actor only) of this rank's share of every mini-batch, with the
+        global sequence ids of its rows (the share need not be contiguous)."""
         from megacov.parallel.actor import compute_log_probs
 
         if which == "ref" and self.ref is None:
@@ -132,8 +140,8 @@ class ActorWorker(WeightSenderMixin):
         for part in self._my_parts(batch, mini_batch_seqs):
             part = part.to(self.layout.device)
             lp, ent = compute_log_probs(chunks, self.layout, part, with_entropy=which == "actor",
-                                        micro_batch_size=self.cfg.parallel.micro_batch_size, **self._kernel_args())
-            out.append((lp.cpu(), None if ent is None else ent.cpu()))
+                                        **self._micro_args(), **self._kernel_args())
+            out.append((lp.cpu(), None if ent is None else ent.cpu(), part.global_seq_ids.cpu()))
         return out if self._returns() else None
 
     # -- training ------------------------------------------------------------------------------------
@@ -178,7 +186,7 @@ class ActorWorker(WeightSenderMixin):
                 # these very micro-batches): the global selection needs no pre-pass forward.
                 current = part.old_log_prob if epoch == 0 and j == 0 else None
                 metrics = train_step(self.model, self.layout, part, algo_cfg=hp, step=step,
-                                     micro_batch_size=self.cfg.parallel.micro_batch_size,
+                                     **self._micro_args(), pack=self.cfg.parallel.pack_sequences,
                                      zero_grad_fn=self.optim.zero_grad, controls=controls,
                                      max_len=self.cfg.rollout.max_response_len, current_log_prob=current,
                                      **self._kernel_args())

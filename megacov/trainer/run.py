@@ -175,11 +175,14 @@ class RunContext:
         from megacov.trainer.session import gather_shards
 
         replicas = gather_shards(self.actor.log_probs(ray.put(batch), self.mini_batch_seqs, which))
-        n_mb = len(replicas[0])
-        lp = torch.cat([torch.cat([rep[j][0] for rep in replicas]) for j in range(n_mb)])
+        parts = [part for rep in replicas for part in rep]
+        rows = torch.cat([part[2] for part in parts])  # global sequence id = row of the batch
+        lp = torch.empty((len(rows),) + tuple(parts[0][0].shape[1:]), dtype=parts[0][0].dtype)
+        lp[rows] = torch.cat([part[0] for part in parts])
         ent = None
-        if replicas[0][0][1] is not None:
-            ent = torch.cat([torch.cat([rep[j][1] for rep in replicas]) for j in range(n_mb)])
+        if parts[0][1] is not None:
+            ent = torch.empty_like(lp)
+            ent[rows] = torch.cat([part[1] for part in parts])
         return lp, ent
 
     def update(self, batch: Any, step: int, controls: Any) -> list[dict[str, Any]]:

@@ -432,6 +432,11 @@ class RunOptions:
     finalised ``main_grad`` instead of the raw ``.grad`` summed over DP by ``train_step``."""
     mutation: str | None = None
     """Name in :data:`MUTATIONS` applied in every rank before the cases (None: the real code)."""
+    max_tokens: int | None = None
+    """Token-budget micro-batches and token-balanced DP shares (``parallel.max_tokens_per_micro_batch``)
+    instead of the case's micro-batch count and contiguous shares."""
+    pack: bool = False
+    """Run every micro-batch packed into one row (``parallel.pack_sequences``)."""
 
 
 def _build(spec: TinySpec, layout: Any, opts: RunOptions, seq_len: int, w: dict) -> tuple[Any, Any]:
@@ -474,15 +479,19 @@ def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinyS
     try:
         for spec, batch, w in zip(specs, batches, weights):
             model, chunk = _build(spec, layout, opts, batch.seq_len, w)
-            shard = batch.shard(layout.dp_rank, layout.dp)
+            shard = (batch.shard(layout.dp_rank, layout.dp) if opts.max_tokens is None
+                     else batch.balanced_shard(layout.dp_rank, layout.dp))
             lp, ent = compute_log_probs([chunk], layout, shard, temperature=opts.temperature, chunk_size=7,
-                                        real_vocab_size=spec.vocab, micro_batch_size=2)
+                                        real_vocab_size=spec.vocab, micro_batch_size=2,
+                                        max_tokens_per_micro_batch=opts.max_tokens, pack=opts.pack)
             partition = {global_param_name(model, n): (p.partition_dim if getattr(p, "tensor_model_parallel", False)
                                                        else None) for n, p in model.named_parameters()}
             for case in cases:
                 kw = {"step": opts.step, "temperature": opts.temperature, "real_vocab_size": spec.vocab,
-                      "micro_batch_size": micro_batch_size(shard.batch_size, case.micro_batches)}
-                metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5, **kw)
+                      "micro_batch_size": micro_batch_size(shard.batch_size, case.micro_batches),
+                      "max_tokens_per_micro_batch": opts.max_tokens}
+                metrics = train_step([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5,
+                                     pack=opts.pack, **kw)
                 # the same choice when the caller supplies current log-probs instead of the pre-pass
                 reused = prepare_selection([chunk], layout, shard, algo_cfg=case_hparams(case), chunk_size=5,
                                            current_log_prob=lp, current_entropy=ent, **kw)
@@ -493,6 +502,7 @@ def layout_worker(rank: int, world: int, tp: int, pp: int, specs: Sequence[TinyS
                 results.append({"spec": spec, "case": case, "metrics": metrics,
                                 "grads": _grads(model, chunk, layout, opts), "tp_rank": layout.tp_rank,
                                 "dp_rank": layout.dp_rank, "log_prob": lp.double(), "entropy": ent.double(),
+                                "rows": shard.global_seq_ids.tolist(),
                                 "params": partition})
     finally:
         layout.destroy()
@@ -567,7 +577,7 @@ def compare(results: list[list[dict[str, Any]]], refs: dict[tuple, dict[str, Any
         for rank_results in results:
             res = rank_results[i]
             grad_rel = max(grad_rel, _grad_error(res, ref["grads"], tp))
-            shard_rows = _shard_rows(ref["log_prob"].shape[0], res["dp_rank"], dp)
+            shard_rows = res["rows"]  # global sequence id = row of the reference batch
             logp_abs = max(logp_abs, _masked_max(res["log_prob"] - ref["log_prob"][shard_rows], ref["mask"][shard_rows]))
             ent_abs = max(ent_abs, _masked_max(res["entropy"] - ref["entropy"][shard_rows], ref["mask"][shard_rows]))
         same = _ids_equal(results, i, ref, "selected_ids")
@@ -586,12 +596,6 @@ def _ids_equal(results: list[list[dict[str, Any]]], i: int, ref: dict[str, Any],
     got = [r[i]["metrics"].get(key, []) for r in results]
     got += [r[i]["metrics"][f"reused_{key}"] for r in results if f"reused_{key}" in r[i]["metrics"]]
     return all(list(x) == ref[key] for x in got)
-
-
-def _shard_rows(batch_size: int, dp_rank: int, dp: int) -> slice:
-    base, rem = divmod(batch_size, dp)
-    start = dp_rank * base + min(dp_rank, rem)
-    return slice(start, start + base + (1 if dp_rank < rem else 0))
 
 
 def _masked_max(diff: torch.Tensor, mask: torch.Tensor) -> float:
@@ -635,6 +639,9 @@ def run_exactness(layouts: Sequence[str], micro_batches: Sequence[int], losses: 
     """
     from megacov.parallel.spawn import run_distributed
 
+    if opts.max_tokens is not None and "micro_batch" in scopes:
+        raise ValueError("token-budget micro-batches need cov_scope global / global_old: the micro_batch "
+                         "scope's choice depends on the cut, which its reference does not follow")
     specs = [TinySpec(vocab=v) for v in vocab_sizes]
     cases = [Case(loss=lo, micro_batches=m, scope=s) for lo in losses for m in micro_batches for s in scopes]
     if entropy_top is not None:
@@ -686,7 +693,8 @@ def parse_list(text: str, kind: type = str) -> list[Any]:
 
 def main(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[str], vocab_sizes: Sequence[int],
          *, seed: int, dtype_name: str, scopes: Sequence[str], ddp: bool = False,
-         entropy_top: float | None = None, mutation: str | None = None, out: Any | None = None) -> int:
+         entropy_top: float | None = None, mutation: str | None = None, out: Any | None = None,
+         max_tokens: int | None = None, pack: bool = False) -> int:
     """Run, print the table, return 0 when every row matches (1 otherwise, or when the batch
     cannot tell the scopes apart)."""
     import sys
@@ -695,7 +703,8 @@ def main(layouts: Sequence[str], micro_batches: Sequence[int], losses: Sequence[
     tol = Tolerances.for_dtype(dtype_name)
     try:
         rows = run_exactness(layouts, micro_batches, losses, vocab_sizes, scopes=scopes, entropy_top=entropy_top,
-                             opts=RunOptions(seed=seed, dtype_name=dtype_name, ddp=ddp, mutation=mutation))
+                             opts=RunOptions(seed=seed, dtype_name=dtype_name, ddp=ddp, mutation=mutation,
+                                             max_tokens=max_tokens, pack=pack))
     except WeakBatchError as exc:
         print(f"the test batch is too weak to check anything:\n{exc}", file=sys.stderr)
         return 1
@@ -729,6 +738,11 @@ def add_arguments(parser: Any) -> None:
                         help="wrap the model in megatron DistributedDataParallel, as training does")
     parser.add_argument("--mutate", default=None, choices=sorted(MUTATIONS),
                         help="break one component on purpose; the check must then fail (shows it has teeth)")
+    parser.add_argument("--max-tokens-per-micro-batch", type=int, default=None,
+                        help="cut micro-batches by this token budget and balance DP shares by tokens "
+                             "(cov_scope global / global_old only: micro_batch scope depends on the cut)")
+    parser.add_argument("--pack", action="store_true",
+                        help="run every micro-batch packed into one row (block-diagonal causal mask)")
 
 
 def run(args: Any) -> int:
@@ -759,5 +773,9 @@ def run(args: Any) -> int:
         return fail("--ddp reduces gradients in float32; use it with --dtype float32", 2)
     if not 0 <= args.entropy_top_ratio <= 1:
         return fail(f"--entropy-top-ratio {args.entropy_top_ratio} must be in [0, 1]", 2)
+    max_tokens = args.max_tokens_per_micro_batch
+    if max_tokens is not None and (max_tokens < 1 or "micro_batch" in scopes):
+        return fail("--max-tokens-per-micro-batch must be >= 1 and needs --scopes global / global_old", 2)
     return main(layouts, micro, losses, vocab, seed=args.seed, dtype_name=args.dtype, scopes=scopes, ddp=args.ddp,
-                entropy_top=args.entropy_top_ratio or None, mutation=args.mutate)
+                entropy_top=args.entropy_top_ratio or None, mutation=args.mutate, max_tokens=max_tokens,
+                pack=args.pack)
