@@ -48,6 +48,10 @@ class RankFault(RemoteFault):
     """A training rank died or wedged; the run ends (its shard of the state is gone)."""
 
 
+#: How long a task error waits for a peer's death to surface before it is reported as it is.
+DEATH_GRACE_S = 5.0
+
+
 def gather(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: float | None,
            fault: type[RemoteFault]) -> list[Any]:
     """``ray.get(refs)`` with a deadline: a dead process raises ``fault`` at once, one that misses
@@ -71,7 +75,33 @@ def gather(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: floa
             results[i] = ray.get(ready[0])
         except RayActorError as exc:
             raise fault(names[i], call, "died", type(exc).__name__) from exc
+        except Exception as exc:
+            # A peer's death often reaches the survivors first, as a collective's error (gloo:
+            # connection reset): name the process that died, when one did, rather than its symptom.
+            dead = _first_dead(pending, position, names)
+            if dead is not None:
+                raise fault(dead[0], call, "died", dead[1]) from exc
+            raise
     return results
+
+
+def _first_dead(pending: Sequence[Any], position: dict, names: Sequence[str],
+                grace_s: float = DEATH_GRACE_S) -> tuple[str, str] | None:
+    """``(name, error)`` of a process behind ``pending`` that turns out dead within ``grace_s``."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    left, end = list(pending), time.monotonic() + grace_s
+    while left and time.monotonic() < end:
+        ready, left = ray.wait(left, num_returns=len(left), timeout=max(0.0, end - time.monotonic()))
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except RayActorError as exc:
+                return names[position[ref]], type(exc).__name__
+            except Exception:  # noqa: BLE001 - another survivor's symptom; keep looking for the cause
+                continue
+    return None
 
 
 class EngineRecovery:
