@@ -138,6 +138,14 @@ def _micro_batches(batch: ActorBatch, layout: ParallelLayout, micro_batch_size: 
     return batch.token_budget_micro_batches(max_tokens, pad_rows=layout.pp > 1)
 
 
+def _forward(model: torch.nn.Module, mb: ActorBatch, row: Any) -> tuple[Any, Any]:
+    """The model's output on micro-batch ``mb``, run as the packed ``row`` when one is given; and
+    the batch whose token ids the output's columns follow."""
+    feed, mask = (mb, None) if row is None else (row, row.attention_mask)
+    with per_sequence_rotary(model, row):
+        return model(feed.input_ids, feed.position_ids, attention_mask=mask), feed
+
+
 def compute_log_probs(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *,
                       temperature: float, real_vocab_size: int,
                       workspace_mib: float = DEFAULT_WORKSPACE_MIB, chunk_size: int | None = None,
@@ -160,9 +168,7 @@ def compute_log_probs(model_chunks: Any, layout: ParallelLayout, batch: ActorBat
 
     def forward_step(data: Iterator[tuple[ActorBatch, Any]], model: torch.nn.Module) -> tuple[Any, Callable]:
         mb, row = next(data)
-        feed, mask = (mb, None) if row is None else (row, row.attention_mask)
-        with per_sequence_rotary(model, row):
-            output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
+        output, feed = _forward(model, mb, row)
 
         def collect(logits: torch.Tensor, non_loss_data: bool = True) -> torch.Tensor:
             lp, ent = token_logprob_entropy(logits, feed.input_ids, tp_group=layout.tp_group,
@@ -347,9 +353,7 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
 
     def forward_step(data: Iterator[tuple[ActorBatch, Any]], model: torch.nn.Module) -> tuple[Any, Callable]:
         mb, row = next(data)
-        feed, mask = (mb, None) if row is None else (row, row.attention_mask)
-        with per_sequence_rotary(model, row):
-            output = model(feed.input_ids, feed.position_ids, attention_mask=mask)
+        output, feed = _forward(model, mb, row)
 
         def loss_fn(logits: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
             lp, ent = token_logprob_entropy(logits, feed.input_ids, tp_group=layout.tp_group,
