@@ -34,3 +34,12 @@ def tiny_task(root: str, reward_module: str, reward_source: str) -> Iterator[dic
         yield {"root": root, "model": os.path.join(root, "model"), **paths}
     finally:
         sys.path.remove(root)
+
+
+def task_overrides(tiny: dict[str, Any], name: str) -> list[str]:
+    """The overrides every end-to-end run on :func:`tiny_task` shares: its files, its run folder, no
+    warm-start, quiet logging."""
+    return [f"model.path={tiny['model']}", f"data.train_files=[{tiny['train']}]",
+            f"data.eval_files=[{tiny['eval']}]", "data.sft_files=[]", f"trainer.output_dir={tiny['root']}/runs",
+            f"trainer.name={name}", "trainer.sft_steps=0", "logging.progress_bar=false",
+            "logging.tensorboard=false"]

@@ -24,7 +24,7 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_task
+from conftest import task_overrides, tiny_task
 
 pytestmark = pytest.mark.slow
 
@@ -44,9 +44,7 @@ def tiny(tmp_path_factory):
 
 
 def _overrides(tiny, name, *extra):
-    return [f"model.path={tiny['model']}", f"data.train_files=[{tiny['train']}]", f"data.eval_files=[{tiny['eval']}]",
-            "data.sft_files=[]", f"trainer.output_dir={tiny['root']}/runs", f"trainer.name={name}",
-            "trainer.sft_steps=0", "logging.progress_bar=false", "logging.tensorboard=false",
+    return [*task_overrides(tiny, name),
             "reward.name=dense_reward_mod:digits", "reward.workers=0", "data.batch_size=4", "data.mini_batch_size=4",
             "rollout.n=4", "parallel.micro_batch_size=4", "rollout.max_response_len=6", "trainer.eval_every=2",
             "trainer.eval_n=2", "rollout.mismatch_sample=16", "algorithm.clip_cov_lb=0.0", "optim.lr=1e-3", *extra]
