@@ -47,13 +47,18 @@ def test_export_creates_parent_folders_and_removes_stale_temps(converted, tmp_pa
     assert _leftovers(tmp_path) == []
 
 
-def test_config_that_does_not_fit_the_weights_is_one_line_exit_2(converted, tmp_path, capsys):
-    wrong = tmp_path / "wrong"
-    shutil.copytree(converted["hf"], wrong)
-    cfg = json.loads((wrong / "config.json").read_text())
-    (wrong / "config.json").write_text(json.dumps(dict(cfg, intermediate_size=96)))
-    code = main(["convert", "mcore-to-hf", "--mcore", converted["actor"], "--hf", str(wrong),
+def _export_with_hf_config(converted, tmp_path, name, **changes) -> int:
+    """mcore-to-hf of the trained actor with ``--hf`` a copy of its HF model whose config has ``changes``."""
+    hf = tmp_path / name
+    shutil.copytree(converted["hf"], hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps(dict(cfg, **changes)))
+    return main(["convert", "mcore-to-hf", "--mcore", converted["actor"], "--hf", str(hf),
                  "--out", str(tmp_path / "out"), "--quiet"])
+
+
+def test_config_that_does_not_fit_the_weights_is_one_line_exit_2(converted, tmp_path, capsys):
+    code = _export_with_hf_config(converted, tmp_path, "wrong", intermediate_size=96)
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "linear_fc1" in err and ("does not fit" in err or "expects" in err)
@@ -61,12 +66,7 @@ def test_config_that_does_not_fit_the_weights_is_one_line_exit_2(converted, tmp_
 
 
 def test_smaller_vocab_in_hf_config_is_refused_not_cut(converted, tmp_path, capsys):
-    small = tmp_path / "small"
-    shutil.copytree(converted["hf"], small)
-    cfg = json.loads((small / "config.json").read_text())
-    (small / "config.json").write_text(json.dumps(dict(cfg, vocab_size=60)))
-    code = main(["convert", "mcore-to-hf", "--mcore", converted["actor"], "--hf", str(small),
-                 "--out", str(tmp_path / "out"), "--quiet"])
+    code = _export_with_hf_config(converted, tmp_path, "small", vocab_size=60)
     err = capsys.readouterr().err
     assert code == 2 and "vocab_size=60" in err and "not padding" in err
     # the right HF model: rows past its vocabulary are megatron's zero padding and are dropped
