@@ -22,13 +22,11 @@ def worker_env() -> dict[str, str]:
     """Environment of every rank and engine: megacov importable from the driver's tree, and the
     libraries' known warnings filtered at the source (remote nodes do not inherit the driver's env)."""
     import megacov
-    from megacov.trainer.startup import QUIET_WARNINGS
+    from megacov.trainer.startup import quiet_warnings_env
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(megacov.__file__)))
     paths = [root] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p != root]
-    present = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
-    quiet = present + [w for w in QUIET_WARNINGS if w not in present]
-    return {"PYTHONPATH": os.pathsep.join(paths), "PYTHONWARNINGS": ",".join(quiet)}
+    return {"PYTHONPATH": os.pathsep.join(paths), "PYTHONWARNINGS": quiet_warnings_env()}
 
 
 def cpus_needed(cfg: Any, world: int) -> int:

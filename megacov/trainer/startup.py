@@ -76,10 +76,15 @@ def prepare_run_dir(run_dir: str, resume: str, overwrite: bool) -> None:
     log.info("trainer.overwrite=true: removed the previous run's outputs in %s", run_dir)
 
 
+def quiet_warnings_env() -> str:
+    """``PYTHONWARNINGS`` with the known noise filtered, keeping what the user set."""
+    present = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
+    return ",".join(present + [w for w in QUIET_WARNINGS if w not in present])
+
+
 def quiet_library_warnings() -> None:
     """Filter the known noise here and in every process started from now on."""
-    present = [w for w in os.environ.get("PYTHONWARNINGS", "").split(",") if w]
-    os.environ["PYTHONWARNINGS"] = ",".join(present + [w for w in QUIET_WARNINGS if w not in present])
+    os.environ["PYTHONWARNINGS"] = quiet_warnings_env()
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).*", category=UserWarning)
