@@ -61,3 +61,16 @@ def test_save_resume_bit_identical(init_dir, tmp_path, stage, offload):
     assert _max_diff(straight, resumed) == 0.0
     assert sorted(os.listdir(ckpt)) == ["critic_state.json", "model.safetensors", "optim_rank00000.safetensors",
                                        "optim_rank00001.safetensors"]
+
+
+def test_epochs_repeat_the_mini_batch_steps(init_dir, tmp_path):
+    """``epochs=2`` is two passes of one optimizer step per mini-batch (values clipped around the same
+    old values): bit-identical to two one-pass updates, twice the steps of one, and not a no-op."""
+    def run(name, passes, epochs):
+        return run_layout(LayoutRun(init_dir, str(tmp_path / f"{name}.safetensors"), dp=1, zero_stage=2,
+                                    micro_batch_size=2, passes=passes, epochs=epochs))
+
+    once, twice, two_epochs = run("once", 1, 1), run("twice", 2, 1), run("epochs", 1, 2)
+    assert int(once["__updates__"]) == 2 and int(two_epochs["__updates__"]) == 4  # 8 rows / 4 per update
+    assert _max_diff(twice, two_epochs) == 0.0
+    assert _max_diff(once, two_epochs) > 1e-4

@@ -307,6 +307,9 @@ class CriticConfig:
     """Global gradient-norm clipping of the critic (0 disables)."""
     micro_batch_size: int = 8
     """Sequences per critic forward/backward on one rank."""
+    ppo_epochs: Optional[int] = None
+    """Passes of the critic over each RL batch, one optimizer step per mini-batch
+    (``data.mini_batch_size`` prompts) in each; ``None`` follows ``algorithm.ppo_epochs``."""
     value_clip: Optional[float] = 0.2
     """PPO value clipping: new values stay within this of the values the advantages used (None: off)."""
     warmup_steps: int = 0

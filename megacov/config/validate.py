@@ -143,7 +143,7 @@ RANGES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "critic.world_size": _ge(1), "critic.zero_stage": ("2 or 3", lambda v: v in (2, 3)), "critic.lr": _gt(0),
     "critic.lr_warmup_steps": _ge(0), "critic.weight_decay": _ge(0), "critic.clip_grad": _ge(0),
     "critic.micro_batch_size": _ge(1), "critic.value_clip": _ge(0), "critic.warmup_steps": _ge(0),
-    "critic.cpus_per_worker": _ge(1), "critic.seed": _ge(0),
+    "critic.cpus_per_worker": _ge(1), "critic.seed": _ge(0), "critic.ppo_epochs": _ge(1),
     "reward.model_batch_size": _ge(1), "reward.model_workers": _ge(0), "reward.model_weight": _ANY,
     "reward.rule_weight": _ANY,
     "data.max_prompt_len": _ge(1), "data.batch_size": _ge(1), "data.mini_batch_size": _ge(1), "data.seed": _ge(0),

@@ -143,37 +143,53 @@ class CriticEngine:
         return float(self.cfg.lr) * (min(1.0, (self.updates + 1) / w) if w > 0 else 1.0)
 
     def update(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
-               returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, float]:
-        """One optimizer step per mini-batch of ``shape.seqs_per_update`` rows; returns the metrics of
-        the whole batch (identical on every rank)."""
-        m_seqs, mbs = self.shape.seqs_per_update, self.shape.micro_batch_size
+               returns: torch.Tensor, old_values: torch.Tensor, *, epochs: int = 1) -> dict[str, float]:
+        """``epochs`` passes over the batch, one optimizer step per mini-batch of
+        ``shape.seqs_per_update`` rows (in row order, as the actor's passes); the value clip stays
+        anchored at ``old_values`` in every pass. Returns the metrics of all passes (identical on
+        every rank): token-mean value loss and clip fraction, mean grad norm, optimizer steps."""
+        m_seqs = self.shape.seqs_per_update
         b = input_ids.shape[0]
         if b % m_seqs:
             raise ValueError(f"critic: batch of {b} rows is not a multiple of {m_seqs} sequences per update")
+        if epochs < 1:
+            raise ValueError(f"critic: epochs={epochs} must be >= 1")
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, clipped tokens, tokens
-        grad_norms, lr = [], self._lr()
-        for start in range(0, b, m_seqs):
-            n_tokens = float(mask[start:start + m_seqs].sum())
-            lo = start + self.rank * self.shape.per_rank
-            lr = self._lr()
-            for g in self.engine.optimizer.param_groups:
-                g["lr"] = lr
-            for k in range(self.shape.grad_accum):
-                sl = slice(lo + k * mbs, lo + (k + 1) * mbs)
-                v = self.engine(input_ids[sl].to(self.device), position_ids[sl].to(self.device))
-                loss_sum, m = value_loss_sum(v, old_values[sl].to(v), returns[sl].to(v), mask[sl].to(self.device),
-                                             self.cfg.value_clip)
-                self.engine.backward(loss_sum * self._loss_scale(n_tokens, m["tokens"]), scale_wrt_gas=False)
-                self.engine.step()
-                totals += torch.tensor([float(loss_sum.detach()), float(m["clipped"]), float(m["tokens"])],
-                                       dtype=torch.float64)
-            self.updates += 1
-            gn = self.engine.get_global_grad_norm()
-            grad_norms.append(float(gn) if gn is not None else float("nan"))
+        grad_norms: list[float] = []
+        lr = self._lr()
+        for _ in range(epochs):
+            for start in range(0, b, m_seqs):
+                lr = self._lr()
+                totals += self._step(input_ids, position_ids, mask, returns, old_values, start, lr)
+                gn = self.engine.get_global_grad_norm()
+                grad_norms.append(float(gn) if gn is not None else float("nan"))
         dist.all_reduce(totals)
         n = max(float(totals[2]), 1.0)
         return {"critic/value_loss": float(totals[0]) / n, "critic/vf_clipfrac": float(totals[1]) / n,
-                "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "critic/lr": lr}
+                "critic/grad_norm": sum(grad_norms) / max(len(grad_norms), 1), "critic/lr": lr,
+                "critic/updates": float(len(grad_norms))}
+
+    def _step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor,
+              returns: torch.Tensor, old_values: torch.Tensor, start: int, lr: float) -> torch.Tensor:
+        """One optimizer step on the mini-batch of rows ``start ..``; this rank's [loss sum, clipped
+        tokens, tokens] (float64)."""
+        m_seqs, mbs = self.shape.seqs_per_update, self.shape.micro_batch_size
+        totals = torch.zeros(3, dtype=torch.float64)
+        n_tokens = float(mask[start:start + m_seqs].sum())
+        lo = start + self.rank * self.shape.per_rank
+        for g in self.engine.optimizer.param_groups:
+            g["lr"] = lr
+        for k in range(self.shape.grad_accum):
+            sl = slice(lo + k * mbs, lo + (k + 1) * mbs)
+            v = self.engine(input_ids[sl].to(self.device), position_ids[sl].to(self.device))
+            loss_sum, m = value_loss_sum(v, old_values[sl].to(v), returns[sl].to(v), mask[sl].to(self.device),
+                                         self.cfg.value_clip)
+            self.engine.backward(loss_sum * self._loss_scale(n_tokens, m["tokens"]), scale_wrt_gas=False)
+            self.engine.step()
+            totals += torch.tensor([float(loss_sum.detach()), float(m["clipped"]), float(m["tokens"])],
+                                   dtype=torch.float64)
+        self.updates += 1
+        return totals
 
     def _loss_scale(self, mini_batch_tokens: float, micro_tokens: torch.Tensor) -> float:
         """Factor of a micro-batch's loss sum: 1 / (the mini-batch's tokens), times DP because

@@ -16,6 +16,12 @@ import torch
 CKPT_SUBDIR = "critic"
 
 
+def critic_epochs(cfg: Any) -> int:
+    """Passes of the critic over an RL batch: ``critic.ppo_epochs``, else the actor's ``algorithm.ppo_epochs``."""
+    c = cfg.critic.ppo_epochs
+    return int(c) if c is not None else int(cfg.algorithm.ppo_epochs)
+
+
 def _resolve(obj: Any) -> Any:
     """The batch travels once through the object store as a reference nested in the call's arguments,
     which Ray does not resolve by itself."""
@@ -39,9 +45,10 @@ class CriticWorker:
         batch = _resolve(batch)
         return self.engine.values(batch.input_ids, batch.position_ids)
 
-    def update(self, batch: Any, returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, float]:
+    def update(self, batch: Any, returns: torch.Tensor, old_values: torch.Tensor, epochs: int) -> dict[str, float]:
         batch = _resolve(batch)
-        return self.engine.update(batch.input_ids, batch.position_ids, batch.mask, returns, old_values)
+        return self.engine.update(batch.input_ids, batch.position_ids, batch.mask, returns, old_values,
+                                  epochs=epochs)
 
     def save(self, out_dir: str) -> None:
         self.engine.save(out_dir)
@@ -58,6 +65,7 @@ class CriticGroup:
         c = cfg.critic
         resume_dir = os.path.join(resume_from, CKPT_SUBDIR) if resume_from else None
         gpus = 1.0 if use_gpu else 0.0
+        self.epochs = critic_epochs(cfg)
         self.group = WorkerGroup(CriticWorker, int(c.world_size),
                                  args=(c, os.path.abspath(c.model_path or init_path), seqs_per_update),
                                  kwargs={"resume_dir": resume_dir}, cpus_per_worker=c.cpus_per_worker,
@@ -70,10 +78,10 @@ class CriticGroup:
         return torch.cat(self.group.execute("values", ray.put(batch)))
 
     def update(self, batch: Any, returns: torch.Tensor, old_values: torch.Tensor) -> dict[str, float]:
-        """One optimizer step per mini-batch; the batch's value-loss metrics."""
+        """``critic_epochs(cfg)`` passes, one optimizer step per mini-batch in each; the value-loss metrics."""
         import ray
 
-        return self.group.execute("update", ray.put(batch), returns, old_values)[0]
+        return self.group.execute("update", ray.put(batch), returns, old_values, self.epochs)[0]
 
     def save(self, ckpt_dir: str) -> None:
         """Into ``<ckpt_dir>/critic/`` (the trainer's temp folder, renamed into place with the actor's)."""

@@ -3,7 +3,7 @@ micro-batch size) must give the same weights, and a save + resume must continue 
 
 :func:`run_layout` spawns one gloo world of ``dp`` processes that builds a
 :class:`~megacov.critic.engine.CriticEngine`, computes old values, runs ``updates`` optimizer steps
-on a fixed ragged batch (optionally saving after the first batch pass and resuming in a fresh engine)
+on a fixed ragged batch (``passes`` update calls of ``epochs`` passes each; optionally saving after the first batch pass and resuming in a fresh engine)
 and writes rank 0's final weights to a safetensors file. The tests compare those files.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ class LayoutRun:
     ckpt_dir: Optional[str] = None
     offload: bool = False
     lr: float = 1e-3
+    epochs: int = 1  # critic passes per update call
     micro_mean: bool = False  # deliberately wrong normalisation (token mean per micro-batch), to show the check fails
 
 
@@ -92,9 +93,10 @@ def _worker(rank: int, run: LayoutRun, port: int) -> None:
                 engine.save(run.ckpt_dir)
                 del engine
                 engine = _engine(run, run.ckpt_dir)
-            engine.update(b["input_ids"], b["position_ids"], b["mask"], b["returns"], old)
+            engine.update(b["input_ids"], b["position_ids"], b["mask"], b["returns"], old, epochs=run.epochs)
         weights = engine.full_state_dict()
         weights["__values__"] = all_values(engine)
+        weights["__updates__"] = torch.tensor([engine.updates])
         if rank == 0:
             from safetensors.torch import save_file
 
