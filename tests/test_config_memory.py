@@ -222,3 +222,91 @@ def test_disaggregated_rollout_gpus_are_planned_apart():
     assert names == ["generate (rollout GPUs)", "train"]
     assert "vLLM weights" not in plan.phases[1].items and "optimizer states" not in plan.phases[0].items
     assert plan.fits
+
+
+# -- the critic's and the reward model's own GPUs ------------------------------------------------------
+
+def _side_plan(overrides, critic="qwen2.5-7b", reward=None):
+    from megacov.config.memory import value_model_params
+
+    cfg = load_config(EXAMPLE_32B, ["algorithm.advantage=gae", *overrides])
+    plan = plan_memory(cfg, _arch("qwen2.5-32b", 8), dp=2, micro_batches=4, gpu_bytes=80 * GIB, offload=True,
+                       critic_arch=_arch(critic) if critic else None, reward_arch=_arch(reward) if reward else None)
+    return cfg, plan, value_model_params(_arch(critic or reward))
+
+
+def test_critic_rows_by_hand_zero2_and_zero3_shard_by_dp():
+    a = _arch("qwen2.5-7b")
+    pc = hf_params(a) - a.vocab_size * a.hidden_size + a.hidden_size + 1  # no LM head, a scalar head
+    tokens = 4 * (2048 + 8192)  # critic.micro_batch_size x (max_prompt_len + max_response_len)
+    acts = 28 * tokens * 2 * (4 * 3584 + 2 * 3584 + 2 * 512 + 3 * 18944)
+    _, z2, n = _side_plan(["critic.zero_stage=2", "critic.world_size=2", "critic.micro_batch_size=4"])
+    assert n == pc
+    g = z2.groups["critic"]
+    assert g.items["critic params"] == 2 * pc  # ZeRO-2: parameters replicated
+    assert g.items["critic grads"] == 2 * pc / 2
+    assert g.items["critic optimizer states"] == 16 * pc / 2  # fp32 master + grads + Adam m, v over DP 2
+    assert g.items["critic activations"] == pytest.approx(acts)
+    assert g.host == {}
+    _, z3, _ = _side_plan(["critic.zero_stage=3", "critic.world_size=4", "critic.micro_batch_size=4"])
+    g3 = z3.groups["critic"]
+    assert g3.items["critic params"] == 2 * pc / 4 + 2 * a.vocab_size * a.hidden_size  # + the gathered embedding
+    assert g3.items["critic grads"] == 2 * pc / 4 and g3.items["critic optimizer states"] == 16 * pc / 4
+    assert g3.total < g.total
+    table = z3.table()
+    assert "critic GPU (x 4, DeepSpeed ZeRO-3, bf16, optimizer offload off)" in table
+    assert "total per critic GPU" in table and "reward model" not in table
+
+
+def test_critic_offload_moves_optimizer_states_to_host_and_fp32_counts_12_bytes():
+    a = _arch("qwen2.5-7b")
+    _, plan, pc = _side_plan(["critic.offload_optimizer=true", "critic.world_size=2"])
+    g = plan.groups["critic"]
+    assert g.items["critic optimizer states"] == 0.0
+    assert g.host == {"critic optimizer states (host)": 16 * pc / 2}
+    assert "critic optimizer states (host)" in plan.table() and "optimizer offload on" in plan.table()
+    _, fp32, _ = _side_plan(["critic.dtype=fp32", "critic.world_size=2"])
+    f = fp32.groups["critic"]
+    assert f.items["critic optimizer states"] == 12 * pc / 2 and f.items["critic params"] == 4 * pc
+    del a
+
+
+def test_a_critic_too_big_for_its_gpu_breaks_the_plan_with_zero_suggestions():
+    short = ["data.max_prompt_len=512", "rollout.max_response_len=1536", "critic.micro_batch_size=1"]
+    _, plan, _ = _side_plan(["critic.zero_stage=2", "critic.world_size=1", *short], critic="qwen2.5-72b")
+    assert not plan.fits
+    assert "the critic GPU needs" in plan.failure and "breaking item: critic optimizer states" in plan.failure
+    assert any("critic.zero_stage=3" in s for s in plan.suggestions)
+    assert any("critic.offload_optimizer=true" in s for s in plan.suggestions)
+    _, sharded, _ = _side_plan(["critic.zero_stage=3", "critic.world_size=16", "critic.offload_optimizer=true",
+                                *short], critic="qwen2.5-72b")
+    assert sharded.fits, sharded.table()
+    _, long, _ = _side_plan(["critic.zero_stage=3", "critic.world_size=16", "critic.micro_batch_size=8"],
+                            critic="qwen2.5-72b")
+    assert "breaking item: critic activations" in long.failure
+    assert any("lower critic.micro_batch_size (now 8)" in s for s in long.suggestions)
+
+
+def test_reward_model_rows():
+    _, plan, pr = _side_plan(["reward.name=model", "reward.model_batch_size=8", "reward.model_workers=2"],
+                             critic=None, reward="qwen2.5-7b")
+    a = _arch("qwen2.5-7b")
+    g = plan.groups["reward model"]
+    assert g.items["reward model params"] == 2 * (pr - 1)  # bf16, a bias-free scalar head
+    assert g.items["reward model activations"] == pytest.approx(8 * (2048 + 8192) * 2 * (
+        4 * 3584 + 2 * 3584 + 2 * 512 + 3 * 18944))
+    assert g.gpus == 2 and "critic" not in plan.groups
+    assert "reward model GPU (x 2, bf16)" in plan.table()
+    del a
+
+
+def test_dry_run_prints_the_critic_rows(capsys, tmp_path):
+    rows = tmp_path / "train.jsonl"
+    rows.write_text('{"prompt": "1+1?", "reward_model": "2"}\n')
+    args = ["train", EXAMPLE_32B, "parallel.gpu_memory_gib=79.2", f"data.train_files={rows}", "data.eval_files=[]",
+            "algorithm.advantage=gae", "parallel.num_gpus=40", "critic.world_size=8", "critic.zero_stage=3",
+            "critic.micro_batch_size=1", "critic.offload_optimizer=true", "data.max_prompt_len=512",
+            "rollout.max_response_len=1536", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "critic GPU (x 8, DeepSpeed ZeRO-3" in out and "critic optimizer states" in out and "memory: fits" in out

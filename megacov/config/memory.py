@@ -46,6 +46,21 @@ Phases of a colocated step: *generate* (vLLM awake; the actor's state is residen
 and without offloading the allocator also still caches the last training pass) and *train* (vLLM
 asleep at level 1: weights on CPU, KV cache freed). The verdict is the worse phase. These are
 planning estimates from formulas, not measurements; they err on the side of warning.
+
+The PPO critic and the scalar reward model sit on GPUs of their own (one per rank), so they get their
+own columns. With ``Pc`` the value model's parameters (the backbone without LM head, plus a
+``h + 1`` head) on ``N = critic.world_size`` ranks in ZeRO stage ``z``::
+
+    critic params     = Pc B / (N if z == 3 else 1)  (+ z == 3: the largest gathered tensor, B max(layer, V h))
+    critic grads      = Pc B / N                     (reduce-scattered partition)
+    critic optimizer  = 16 Pc / N if B == 2 else 12 Pc / N
+                        (fp32 master + Adam m, v, and the fp32 gradient partition when training in 16 bits)
+                        -- in host memory, not on the GPU, with ``critic.offload_optimizer``
+    critic activations = a_layer (t = s = 1) per layer for ``critic.micro_batch_size`` sequences (HF, no recompute)
+
+(DeepSpeed's own ``estimate_zero2_model_states_mem_needs`` counts 2 + 18/N bytes per parameter for
+bf16 ZeRO-2, the same sum.) The reward model (``Pr`` parameters, forward only, bf16) holds
+``Pr B`` plus one layer's working set for ``reward.model_batch_size`` sequences.
 """
 from __future__ import annotations
 
@@ -105,6 +120,24 @@ class Phase:
 
 
 @dataclass
+class DeviceGroup:
+    """A model on GPUs of its own (the critic, the reward model): what one of its GPUs holds."""
+
+    name: str
+    gpus: int
+    title: str
+    items: dict[str, float]
+    """Item -> bytes on one of the group's GPUs."""
+    notes: dict[str, str]
+    host: dict[str, float] = field(default_factory=dict)
+    """Item -> bytes in host memory per rank (offloaded optimizer states)."""
+
+    @property
+    def total(self) -> float:
+        return sum(self.items.values())
+
+
+@dataclass
 class MemoryPlan:
     gpu_bytes: float
     dtype: str
@@ -123,6 +156,8 @@ class MemoryPlan:
     suggestions: list[str] = field(default_factory=list)
     also: list[str] = field(default_factory=list)
     """Other phases that do not fit either."""
+    groups: dict[str, DeviceGroup] = field(default_factory=dict)
+    """``critic`` / ``reward model`` on their own GPUs, when the run has them."""
 
     @property
     def fits(self) -> bool:
@@ -137,6 +172,11 @@ class MemoryPlan:
                 f"{self.placement}, actor offload {'on' if self.offload else 'off'})")
         rows = [(k, f"{v / GIB:8.2f} GiB", self.notes.get(k, "")) for k, v in self.items.items()]
         rows += [(f"phase: {ph.name}", f"{ph.total / GIB:8.2f} GiB", " + ".join(ph.items)) for ph in self.phases]
+        for g in self.groups.values():
+            rows.append((f"{g.name} GPU ({g.title})", "", ""))
+            rows += [(k, f"{v / GIB:8.2f} GiB", g.notes.get(k, "")) for k, v in g.items.items()]
+            rows += [(k, f"{v / GIB:8.2f} GiB", g.notes.get(k, "")) for k, v in g.host.items()]
+            rows.append((f"total per {g.name} GPU", f"{g.total / GIB:8.2f} GiB", f"x {g.gpus} GPU(s)"))
         width = max(len(r[0]) for r in rows)
         lines = [head] + [f"  {k:<{width}}  {v}  {n}".rstrip() for k, v, n in rows]
         peak = self.peak()
@@ -155,8 +195,9 @@ def _gib(x: float) -> str:
 
 
 def plan_memory(cfg: Any, arch: Any, *, dp: int, micro_batches: int, gpu_bytes: float,
-                offload: bool) -> MemoryPlan:
-    """The plan for ``cfg`` (a :class:`~megacov.config.schema.MegacovConfig`) on GPUs of ``gpu_bytes``."""
+                offload: bool, critic_arch: Any = None, reward_arch: Any = None) -> MemoryPlan:
+    """The plan for ``cfg`` (a :class:`~megacov.config.schema.MegacovConfig`) on GPUs of ``gpu_bytes``;
+    ``critic_arch`` / ``reward_arch`` add the columns of the critic and the reward model."""
     p, r, m = cfg.parallel, cfg.rollout, cfg.model
     tp, pp = p.tp, p.pp
     dtype = "fp32" if m.dtype == "fp32" else ("fp16" if m.dtype == "fp16" else "bf16")
@@ -201,9 +242,76 @@ def plan_memory(cfg: Any, arch: Any, *, dp: int, micro_batches: int, gpu_bytes: 
             "context/NCCL/fragmentation": CONTEXT_GIB * GIB + FRAGMENTATION * gpu_bytes})))
     plan = MemoryPlan(gpu_bytes=gpu_bytes, dtype=dtype, stage=stage, pp=pp, offload=offload,
                       placement=r.placement, items=items, notes=notes, phases=phases, kv_tokens=kv_tokens,
-                      seq_len=seq)
+                      seq_len=seq, groups=model_groups(cfg, critic_arch, reward_arch, gpu_bytes))
     _verdict(plan, cfg, colocated)
     return plan
+
+
+def value_model_params(arch: Any) -> int:
+    """Parameters of the HF backbone without LM head plus a scalar head of ``h`` (+ 1 bias)."""
+    return arch.num_layers * layer_params(arch, 1) + arch.hidden_size + arch.vocab_size * arch.hidden_size \
+        + arch.hidden_size + 1
+
+
+def _layer_activations(arch: Any, tokens: int, nb: int) -> float:
+    """Saved activations of one decoder layer, no tensor or sequence parallelism (``a_layer``)."""
+    h, f = arch.hidden_size, arch.ffn_hidden_size
+    q, kv = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    return tokens * nb * (4 * h + 2 * q + 2 * kv + 3 * f)
+
+
+def critic_group(cfg: Any, arch: Any) -> DeviceGroup:
+    """One critic rank's GPU: DeepSpeed ZeRO-2/3 state, optionally with the optimizer on the host."""
+    c = cfg.critic
+    nb = 4 if c.dtype == "fp32" else 2  # ``auto`` is bf16 on GPU
+    n, z, off = value_model_params(arch), int(c.zero_stage), bool(c.offload_optimizer)
+    gathered = nb * max(layer_params(arch, 1), arch.vocab_size * arch.hidden_size) if z == 3 else 0.0
+    params = n * nb / (c.world_size if z == 3 else 1) + gathered
+    opt = (16 if nb == 2 else 12) * n / c.world_size
+    seq = cfg.data.max_prompt_len + cfg.rollout.max_response_len
+    acts = arch.num_layers * _layer_activations(arch, c.micro_batch_size * seq, nb)
+    items = {"critic params": params, "critic grads": n * nb / c.world_size,
+             "critic optimizer states": 0.0 if off else opt, "critic activations": acts,
+             "critic context/fragmentation": CONTEXT_GIB * GIB}
+    shard = f"sharded over critic.world_size={c.world_size}"
+    notes = {"critic params": (f"{n / 1e9:.3f}B params, " + (f"{shard} + one gathered layer" if z == 3
+                                                              else "replicated (ZeRO-2)")),
+             "critic grads": f"partition, {shard}",
+             "critic optimizer states": ("offloaded to host memory" if off else
+                                         f"{'fp32 master + fp32 grads + ' if nb == 2 else 'fp32 master + '}"
+                                         f"Adam m, v, {shard}"),
+             "critic activations": f"micro-batch {c.micro_batch_size} x {seq} tokens, {arch.num_layers} layers",
+             "critic context/fragmentation": f"one CUDA process x {CONTEXT_GIB:g} GiB"}
+    host = {"critic optimizer states (host)": opt} if off else {}
+    if off:
+        notes["critic optimizer states (host)"] = f"fp32 master + Adam m, v, {shard}, per rank"
+    title = (f"x {c.world_size}, DeepSpeed ZeRO-{z}, {'fp32' if nb == 4 else 'bf16'}, "
+             f"optimizer offload {'on' if off else 'off'}")
+    return DeviceGroup("critic", int(c.world_size), title, items, notes, host)
+
+
+def reward_group(cfg: Any, arch: Any) -> DeviceGroup:
+    """One reward-model rank's GPU: bf16 weights and one layer's working set of a scoring batch."""
+    r = cfg.reward
+    n, nb = value_model_params(arch) - 1, 2  # sequence-classification head: h x 1, no bias
+    seq = cfg.data.max_prompt_len + cfg.rollout.max_response_len
+    items = {"reward model params": n * nb,
+             "reward model activations": _layer_activations(arch, r.model_batch_size * seq, nb),
+             "reward model context/fragmentation": CONTEXT_GIB * GIB}
+    notes = {"reward model params": f"{n / 1e9:.3f}B params, forward only",
+             "reward model activations": f"one layer at a time, batch {r.model_batch_size} x {seq} tokens",
+             "reward model context/fragmentation": f"one CUDA process x {CONTEXT_GIB:g} GiB"}
+    where = f"x {r.model_workers}" if r.model_workers else "in the driver process"
+    return DeviceGroup("reward model", max(int(r.model_workers), 1), f"{where}, bf16", items, notes)
+
+
+def model_groups(cfg: Any, critic_arch: Any, reward_arch: Any, gpu_bytes: float) -> dict[str, DeviceGroup]:
+    out = {}
+    if critic_arch is not None:
+        out["critic"] = critic_group(cfg, critic_arch)
+    if reward_arch is not None:
+        out["reward model"] = reward_group(cfg, reward_arch)
+    return out
 
 
 def _stage_items(cfg: Any, arch: Any, stage: int, nb: int, dp: int, micro_batches: int
@@ -258,12 +366,38 @@ def _verdict(plan: MemoryPlan, cfg: Any, colocated: bool) -> None:
                         f"{plan.seq_len} (max_prompt_len + max_response_len)")
         plan.suggestions.append(f"raise rollout.tp (now {r.tp}) or rollout.gpu_memory_utilization")
     over = [ph for ph in plan.phases if ph.total > gpu]
+    _group_verdict(plan, cfg)
     if plan.failure is None and over:
         phase = max(over, key=lambda ph: ph.total)
         plan.failure = f"the {phase.name} phase needs {_gib(phase.total)} of {_gib(gpu)}; {_breaking_item(phase)}"
         _suggest(plan, cfg, phase, colocated)
         plan.also = [f"the {ph.name} phase needs {_gib(ph.total)} too; {_breaking_item(ph)}"
                      for ph in over if ph is not phase]
+
+
+def _group_verdict(plan: MemoryPlan, cfg: Any) -> None:
+    """A critic or reward-model GPU that overflows breaks the plan like an actor phase does."""
+    for g in plan.groups.values():
+        if g.total <= plan.gpu_bytes:
+            continue
+        item, size = max(g.items.items(), key=lambda kv: kv[1])
+        msg = f"the {g.name} GPU needs {_gib(g.total)} of {_gib(plan.gpu_bytes)}; breaking item: {item} ({_gib(size)})"
+        if plan.failure is None:
+            plan.failure = msg
+        else:
+            plan.also.append(msg)
+        c = cfg.critic
+        if item.endswith("activations"):
+            key = "critic.micro_batch_size" if g.name == "critic" else "reward.model_batch_size"
+            now = c.micro_batch_size if g.name == "critic" else cfg.reward.model_batch_size
+            plan.suggestions.append(f"lower {key} (now {now}) or the sequence lengths")
+        if g.name == "critic":
+            if c.zero_stage == 2:
+                plan.suggestions.append("set critic.zero_stage=3 (parameters sharded too)")
+            if not c.offload_optimizer:
+                plan.suggestions.append("set critic.offload_optimizer=true (optimizer states in host memory)")
+            plan.suggestions.append(f"raise critic.world_size (now {c.world_size}): the ZeRO state per GPU "
+                                    f"scales with 1/world_size")
 
 
 def _breaking_item(phase: Phase) -> str:

@@ -434,5 +434,27 @@ def memory_plan(cfg: MegacovConfig, plan: LayoutPlan):  # -> megacov.config.memo
         arch = arch_from_hf(hf, vocab_divisible_by=cfg.model.vocab_divisible_by, tp=plan.tp)
     except (UnsupportedModelError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{source}: {exc}") from None
+    critic_arch = reward_arch = None
+    if cfg.algorithm.advantage == "gae":  # the critic: its own checkpoint, or the actor's architecture
+        critic_arch = _side_arch(cfg, "critic.model_path", cfg.critic.model_path) if cfg.critic.model_path else arch
+    if cfg.reward.name == "model" and cfg.reward.model_path:
+        reward_arch = _side_arch(cfg, "reward.model_path", cfg.reward.model_path)
     return plan_memory(cfg, arch, dp=plan.dp, micro_batches=plan.micro_batches_per_mini_batch,
-                       gpu_bytes=_gpu_memory_bytes(cfg), offload=offload_enabled(cfg, on_gpu=True))
+                       gpu_bytes=_gpu_memory_bytes(cfg), offload=offload_enabled(cfg, on_gpu=True),
+                       critic_arch=critic_arch, reward_arch=reward_arch)
+
+
+def _side_arch(cfg: MegacovConfig, key: str, path: str):  # -> megacov.models.arch.Arch
+    """The architecture of the critic's or the reward model's own checkpoint (its config.json)."""
+    from megacov.models.arch import arch_from_hf
+    from megacov.models.family import UnsupportedModelError
+
+    cfg_file = os.path.join(path, "config.json")
+    try:
+        with open(cfg_file) as fh:
+            hf = json.load(fh)
+        return arch_from_hf(hf, vocab_divisible_by=cfg.model.vocab_divisible_by, tp=1)
+    except FileNotFoundError:
+        raise ConfigError(f"{key}='{path}': no config.json") from None
+    except (UnsupportedModelError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{key}='{path}': {str(exc).splitlines()[0]}") from None
