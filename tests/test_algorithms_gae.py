@@ -126,3 +126,21 @@ def test_clipped_value_loss_and_explained_variance():
     assert abs(float(plain) - 0.5 * float(((v - ret) ** 2)[mask].sum())) < 1e-12
     assert explained_variance(ret, ret, mask) == 1.0
     assert abs(explained_variance(ret, torch.full_like(ret, float(ret[mask].mean())), mask)) < 1e-12
+
+
+def test_explained_variance_at_the_last_token():
+    from megacov.algorithms.value import last_tokens, value_metrics
+
+    mask = torch.tensor([[0, 1, 1, 0], [1, 1, 1, 1], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.bool)
+    expect = torch.zeros_like(mask)
+    expect[0, 2] = expect[1, 3] = expect[3, 2] = True
+    assert torch.equal(last_tokens(mask), expect)
+    # a critic right at every last token but wrong before it: perfect there, poor over all tokens
+    returns = torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 1, 0]], dtype=torch.float32)
+    values = torch.where(expect, returns, 0.5 * torch.ones_like(returns))
+    m = value_metrics(returns, values, mask)
+    assert m["critic/explained_var_last"] == 1.0
+    assert m["critic/explained_var"] < 0.5
+    r, v = returns[expect].double(), torch.full((3,), 0.5, dtype=torch.float64)
+    assert value_metrics(returns, 0.5 * torch.ones_like(returns), mask)["critic/explained_var_last"] == \
+        pytest.approx(float(1 - (r - v).var(unbiased=False) / r.var(unbiased=False)))

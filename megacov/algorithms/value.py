@@ -42,10 +42,23 @@ def explained_variance(returns: torch.Tensor, values: torch.Tensor, mask: torch.
     return float(1.0 - (r - v).var(unbiased=False) / var_r)
 
 
+def last_tokens(mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] bool: each row's last valid token (none for an empty row)."""
+    m = mask.bool()
+    following = torch.cat([m[:, 1:], torch.zeros_like(m[:, :1])], dim=1)
+    later = following.flip(1).cumsum(1).flip(1) > 0  # some valid token after this column
+    return m & ~later
+
+
 def value_metrics(returns: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """Per-step numbers of the critic before its update: ``critic/{explained_var,return_mean,value_mean}``."""
+    """Per-step numbers of the critic before its update: ``critic/{explained_var,explained_var_last,
+    return_mean,value_mean}``. ``explained_var_last`` is taken over each response's last token only,
+    where the value has read every generated token but the last: with an outcome reward it says
+    whether the critic can tell a good response from a bad one, which the all-token figure blurs
+    with the early tokens, whose outcome is not yet decided."""
     m = mask.bool()
     n = max(int(m.sum()), 1)
     return {"critic/explained_var": explained_variance(returns, values, mask),
+            "critic/explained_var_last": explained_variance(returns, values, last_tokens(mask)),
             "critic/return_mean": float(returns.double()[m].sum() / n),
             "critic/value_mean": float(values.double()[m].sum() / n)}

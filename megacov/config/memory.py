@@ -274,17 +274,16 @@ def critic_group(cfg: Any, arch: Any) -> DeviceGroup:
              "critic optimizer states": 0.0 if off else opt, "critic activations": acts,
              "critic context/fragmentation": CONTEXT_GIB * GIB}
     shard = f"sharded over critic.world_size={c.world_size}"
+    state = f"{'fp32 master + fp32 grads + ' if nb == 2 else 'fp32 master + '}Adam m, v, {shard}"
     notes = {"critic params": (f"{n / 1e9:.3f}B params, " + (f"{shard} + one gathered layer" if z == 3
                                                               else "replicated (ZeRO-2)")),
              "critic grads": f"partition, {shard}",
-             "critic optimizer states": ("offloaded to host memory" if off else
-                                         f"{'fp32 master + fp32 grads + ' if nb == 2 else 'fp32 master + '}"
-                                         f"Adam m, v, {shard}"),
+             "critic optimizer states": "offloaded to host memory" if off else state,
              "critic activations": f"micro-batch {c.micro_batch_size} x {seq} tokens, {arch.num_layers} layers",
              "critic context/fragmentation": f"one CUDA process x {CONTEXT_GIB:g} GiB"}
     host = {"critic optimizer states (host)": opt} if off else {}
     if off:
-        notes["critic optimizer states (host)"] = f"fp32 master + Adam m, v, {shard}, per rank"
+        notes["critic optimizer states (host)"] = f"{state}, per rank"
     title = (f"x {c.world_size}, DeepSpeed ZeRO-{z}, {'fp32' if nb == 4 else 'bf16'}, "
              f"optimizer offload {'on' if off else 'off'}")
     return DeviceGroup("critic", int(c.world_size), title, items, notes, host)

@@ -290,7 +290,8 @@ class CriticConfig:
 
     model_path: Optional[str] = None
     """HF directory the backbone is initialised from; ``None`` uses the actor's initial weights
-    (after the supervised warm-start, when there is one). The value head starts from zero."""
+    (after the supervised warm-start, when there is one). The value head is drawn from
+    N(0, 1/(hidden+1)^2) with ``critic.seed``, bias 0."""
     world_size: int = 1
     """Data-parallel DeepSpeed ranks of the critic (one Ray actor each; gloo on CPU)."""
     zero_stage: int = 2

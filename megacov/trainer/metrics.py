@@ -170,8 +170,14 @@ def plot_curves(metrics_path: str, out_png: str) -> Optional[str]:
 
     panels = [("token entropy", ["actor/entropy"]), ("reward / accuracy", ["reward/mean", "val/acc"]),
               ("response length (tokens)", ["response/len_mean"])]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    if any("critic/value_loss" in r for r in rows):  # PPO-GAE: how well the critic fits the returns
+        panels.append(("critic (explained variance clipped at -1)",
+                       ["critic/value_loss", "critic/explained_var", "critic/explained_var_last"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.6))
     for ax, (title, keys) in zip(axes, panels):
+        if title.startswith("critic"):
+            ax.set_ylim(-1.0, 1.05)
+            ax.axhline(0.0, color="grey", lw=0.5)
         for key in keys:
             xs, ys = series(key)
             if xs:
