@@ -79,6 +79,8 @@ def test_ppo_gae_run(straight):
         for key in ("critic/value_loss", "critic/vf_clipfrac", "critic/return_mean", "critic/value_mean",
                     "critic/grad_norm"):
             assert math.isfinite(rows[step][key]), (step, key)
+        assert rows[step]["critic/updates"] == 2  # critic.ppo_epochs=2 of the example, one 16-row mini-batch
+        assert "critic/explained_var_last" in rows[step]
     assert "actor/pg_loss" not in rows[1] and "actor/pg_loss" in rows[2]  # step 1: critic warm-up only
     ckpt = os.path.join(straight, "checkpoints", "step_00000003", "critic")
     assert sorted(os.listdir(ckpt)) == ["critic_state.json", "model.safetensors", "optim_rank00000.safetensors",

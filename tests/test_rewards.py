@@ -51,6 +51,13 @@ def test_tiny_reward_is_exact():
     assert tiny_reward("4", "46") == 0.0
 
 
+def test_tiny_parity_reads_the_first_generated_digit():
+    from megacov.rewards.tiny import first_digit_even
+
+    assert "tiny_parity" in list_rewards()
+    assert [first_digit_even(r, "46") for r in ("46", " 8", "0", "71", "", "x2")] == [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+
+
 FLAKY = textwrap.dedent('''
     import os, time
     def flaky(response, answer, question=""):

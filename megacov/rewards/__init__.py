@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, str] = {
     "tiny": "megacov.rewards.tiny:tiny_reward",
+    "tiny_parity": "megacov.rewards.tiny:first_digit_even",
     "math": "megacov.rewards.math:math_reward",
     "explore": "megacov.rewards.explore:explore_reward",
 }
