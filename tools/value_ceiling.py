@@ -75,13 +75,10 @@ def probes(model, tok, samples, n_train: int) -> dict[str, float]:
     for name, x in feats.items():
         x = x.double()
         mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
-
-        def design(m: torch.Tensor) -> torch.Tensor:
-            return torch.cat([(x[m] - mu) / sd, torch.ones(int(m.sum()), 1, dtype=torch.float64)], 1)
-
-        a = design(train)
+        a, t = (torch.cat([(x[m] - mu) / sd, torch.ones(int(m.sum()), 1, dtype=torch.float64)], 1)
+                for m in (train, test))
         w = torch.linalg.solve(a.T @ a + 10.0 * torch.eye(a.shape[1], dtype=torch.float64), a.T @ y[train])
-        out[name] = ev(y[test], design(test) @ w)
+        out[name] = ev(y[test], t @ w)
     return out
 
 
