@@ -59,6 +59,39 @@ def test_token_keys_shape_and_dependence():
         sel.token_keys(0, 0, ids.to(torch.int32))
 
 
+def test_key_stream_epoch_zero_keeps_the_step_and_later_epochs_draw_anew():
+    # Epoch 0 must reproduce the keys of runs made before the epoch joined the key.
+    assert sel.key_stream(7) == sel.key_stream(7, 0) == 7
+    assert sel.token_keys_reference(3, sel.key_stream(7, 0), 11) == sel.token_keys_reference(3, 7, 11)
+    ids = torch.arange(4096, dtype=torch.int64)
+    orders = [torch.argsort(sel.token_keys(3, sel.key_stream(7, e), ids)) for e in range(3)]
+    assert not torch.equal(orders[0], orders[1]) and not torch.equal(orders[1], orders[2])
+    # No (step, epoch) pair shares another's stream.
+    streams = {sel.key_stream(s, e) for s in (0, 1, 2**39, 2**40 - 1) for e in range(4)}
+    assert len(streams) == 16
+    for bad in ((-1, 0), (2**40, 0), (0, -1)):
+        with pytest.raises(ValueError):
+            sel.key_stream(*bad)
+
+
+def test_clip_cov_choice_changes_with_the_epoch():
+    from megacov.algorithms import algorithm_hparams
+
+    torch.manual_seed(0)
+    b, t = 16, 32
+    log_prob = -torch.rand(b, t, dtype=torch.float64) * 3
+    advantages = torch.randn(b, 1, dtype=torch.float64).expand(b, t).contiguous()
+    mask = torch.ones(b, t, dtype=torch.bool)
+    hp = algorithm_hparams(clip_cov_ratio=0.05, clip_cov_lb=-1e9, clip_cov_ub=1e9, seed=1)
+    ids = sel.default_global_ids(mask)
+    stats = sel.scope_stats(log_prob, advantages, mask)
+    pick = [sel.select_clip_cov(log_prob, log_prob, advantages, mask, ids, stats, hp=hp,
+                                step=sel.key_stream(5, e)) for e in (0, 1)]
+    assert int(pick[0].sum()) == int(pick[1].sum()) > 0
+    assert torch.equal(pick[0], sel.select_clip_cov(log_prob, log_prob, advantages, mask, ids, stats, hp=hp, step=5))
+    assert not torch.equal(pick[0], pick[1])
+
+
 def _reference_choice(order, candidates, ids, n, largest):
     items = [(o, i) for o, c, i in zip(order, candidates, ids) if c]
     items.sort(key=lambda t: ((-t[0] if largest else t[0]), t[1]))

@@ -25,7 +25,7 @@ def _write_run(path, *, h_end: float, full_end: float, val_end: float, seed: int
     with open(os.path.join(path, "metrics.jsonl"), "w") as fh:
         fh.write(json.dumps({"step": 0, "val/acc": 0.01}) + "\n")
         for i, step in enumerate(s):
-            row = {"step": int(step), "actor/entropy": float(h[i]), "reward/acc": float(full[i]),
+            row = {"step": int(step), "actor/entropy": float(h[i]), "reward/full": float(full[i]),
                    "reward/mean": float(0.4 + 0.5 * full[i]), "div/rewarded_rate": 0.8,
                    "div/distinct_rewarded": float(1 + 6 * h[i]), "div/distinct": float(1 + 7 * h[i])}
             if step % 10 == 0:

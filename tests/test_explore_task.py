@@ -16,7 +16,7 @@ from megacov.rewards import RewardManager, reward_spec
 from megacov.tasks.explore import (
     RESPONSE_DIGITS,
     ExploreSpec,
-    bonus_pairs,
+    bonus_strings,
     explore_score,
     split_prompts,
     task_rows,
@@ -26,7 +26,7 @@ from megacov.tasks.explore import (
 
 
 def test_reward_partial_full_and_invalid():
-    assert explore_score("11111111", "8|31") == 0.5          # valid, no bonus
+    assert explore_score("11111111", "8|31") == 0.6          # valid, no bonus
     assert explore_score("31111010", "8|31") == 1.0          # valid with the bonus pair
     assert explore_score(" 31111010\n", "8|31") == 1.0       # surrounding whitespace is not a decision
     assert explore_score("31111011", "8|31") == 0.0          # wrong sum, bonus or not
@@ -35,19 +35,22 @@ def test_reward_partial_full_and_invalid():
     assert explore_score("1111111a", "7|31") == 0.0
     rm = RewardManager(types.SimpleNamespace(name="explore", workers=0, timeout_s=1.0, overlong_penalty=0.0))
     batch = rm.score(["31111010", "11111111", "x"], ["8|31"] * 3, ["q"] * 3)
-    assert batch.raw.tolist() == [1.0, 0.5, 0.0] and batch.correct.tolist() == [True, False, False]
+    # a valid answer is correct; full credit is the bonus on top
+    assert batch.raw.tolist() == [1.0, 0.6, 0.0] and batch.correct.tolist() == [True, True, False]
     assert reward_spec("explore") == "megacov.rewards.explore:explore_reward"
 
 
-def test_task_has_many_answers_recurring_prompts_and_a_rare_bonus(tmp_path):
+def test_task_has_many_answers_recurring_prompts_and_common_and_rare_bonuses(tmp_path):
     spec = ExploreSpec()
     rows = task_rows(spec)
     train, held = split_prompts(spec)
-    assert len(rows["train"]) == len(train) == 36 and len(rows["eval"]) == len(held) == 12
+    assert len(rows["train"]) == len(train) == 42 and len(rows["eval"]) == len(held) == 18
     assert not {r["prompt"] for r in rows["train"]} & {r["prompt"] for r in rows["eval"]}
     assert {p[0] for p in held} == set(spec.keys)  # every key is evaluated on targets it never trained on
-    pairs = bonus_pairs(spec)
-    assert sorted(pairs.values()) == sorted(spec.bonus_pairs)
+    pairs = bonus_strings(spec)
+    assert sorted(pairs.values()) == sorted(spec.bonus_strings)
+    for key, target in train + held:   # every prompt can earn full credit
+        assert explore_score(sample_with(pairs[key], target), f"{target}|{pairs[key]}") == 1.0
     # many distinct valid answers per prompt in the warm-start data, each at least 8 decision tokens
     by_prompt: dict[str, set] = {}
     for r in rows["sft"]:
@@ -56,7 +59,9 @@ def test_task_has_many_answers_recurring_prompts_and_a_rare_bonus(tmp_path):
     assert min(len(v) for v in by_prompt.values()) >= 20
     rates = warm_start_rates(spec)
     assert 0.7 < rates["valid"] < 0.9          # imperfect: a fifth is off by one
-    assert 0.01 < rates["full"] < 0.08         # the full-credit behaviour is rare, not absent
+    common = [rates[f"full/{b}"] for b in ("111", "222", "00")]   # sharpening finds these
+    rare = [rates[f"full/{b}"] for b in ("31", "13", "30")]       # present, but kept only by exploring
+    assert min(common) > max(rare) and min(rare) > 0.01
     # deterministic and atomic; a second call keeps the files
     paths = write_explore_data(str(tmp_path / "d"), spec)
     def contents(files):
@@ -72,6 +77,18 @@ def test_task_has_many_answers_recurring_prompts_and_a_rare_bonus(tmp_path):
     assert json.loads(first["train"].splitlines()[0])["answer"].count("|") == 1
     # a different seed hides the bonus elsewhere
     assert task_rows(ExploreSpec(seed=3))["train"] != rows["train"]
+
+
+def sample_with(bonus: str, target: int) -> str:
+    """Eight digits with the given sum that hold ``bonus`` (the bonus first, the rest filled greedily)."""
+    rest = target - sum(int(c) for c in bonus)
+    digits = []
+    for _ in range(RESPONSE_DIGITS - len(bonus)):
+        d = min(9, rest)
+        digits.append(d)
+        rest -= d
+    assert rest == 0
+    return bonus + "".join(map(str, digits))
 
 
 def test_group_diversity_counts_distinct_pass_and_avg():

@@ -286,7 +286,8 @@ def clip_cov_loss(log_prob: torch.Tensor, old_log_prob: torch.Tensor, advantages
     """Clip-Cov (Cui et al. 2025): PPO-clip, but a few high-covariance tokens lose their gradient.
 
     The chosen tokens (``selected``, or chosen here from the whole scope with keys from
-    ``(hp.seed, step, global id)``) get loss x 0 and stay in the denominator. No dual clip, as in
+    ``(hp.seed, step, global id)``, ``step`` being the pass's key stream of RL step and PPO
+    epoch) get loss x 0 and stay in the denominator. No dual clip, as in
     the reference. clipfrac = share of valid tokens PPO clipped or Clip-Cov detached.
     """
     p = _Prepared(log_prob, old_log_prob, advantages, response_mask, global_ids, stats)

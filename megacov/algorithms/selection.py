@@ -9,8 +9,8 @@ with the micro-batch size and the data-parallel degree) and draws Clip-Cov's ran
 unseeded ``torch.randperm`` (so no run can be reproduced). Here every decision is a pure function of
 *scope statistics* (valid-token count, mean log-prob, mean advantage) and of per-token *global ids*:
 
-* Clip-Cov ranks eligible tokens by a counter-based hash of ``(seed, step, global id)`` and keeps
-  the ``n`` smallest keys. A token's key does not depend on where the token lives, so any split of
+* Clip-Cov ranks eligible tokens by a counter-based hash of ``(seed, step, PPO epoch, global id)``
+  and keeps the ``n`` smallest keys (each epoch draws anew, as the reference's fresh ``randperm``). A token's key does not depend on where the token lives, so any split of
   the scope over ranks and micro-batches chooses the same set once the candidates are combined.
 * KL-Cov keeps the ``k`` largest covariances, ties going to the smaller global id.
 * The high-entropy tokens are the ``k`` largest entropies, ``k`` the count at or above the scope's
@@ -105,8 +105,25 @@ def _splitmix64_limbs(limbs: list[torch.Tensor]) -> list[torch.Tensor]:
     return _xor_shift_right(z, 31)
 
 
+#: The PPO epoch enters the key stream above this bit, so steps below 2**40 never collide with it.
+EPOCH_SHIFT = 40
+
+
+def key_stream(step: int, epoch: int = 0) -> int:
+    """The number that picks one optimiser pass's Clip-Cov keys: ``step + epoch * 2**40``.
+
+    Epoch 0 gives the step itself, so a run with ``ppo_epochs = 1`` draws exactly the keys it drew
+    before the epoch was part of the key; every later epoch of the same step draws anew.
+    """
+    if epoch < 0 or not 0 <= step < (1 << EPOCH_SHIFT):
+        raise ValueError(f"key_stream needs 0 <= step < 2**{EPOCH_SHIFT} and epoch >= 0, got {step}, {epoch}")
+    return step + (epoch << EPOCH_SHIFT)
+
+
 def token_keys(seed: int, step: int, global_ids: torch.Tensor) -> torch.Tensor:
     """Clip-Cov sort keys: ``splitmix64(splitmix64(splitmix64(seed) ^ step) ^ id) >> 1``.
+
+    ``step`` is the key stream of the pass (:func:`key_stream`: the RL step and the PPO epoch).
 
     ``global_ids`` must be non-negative int64 (any shape); the result has the same shape, is
     non-negative int64, and equals :func:`token_keys_reference` element for element.

@@ -60,7 +60,7 @@ def run_figures(run: RunMetrics, method: str, seed: int, *, batch_samples: int, 
     if ent:
         v["entropy_start"], v["entropy_end"] = ent["start"], ent["end"]
         v["entropy_ratio"] = ent["end"] / ent["start"] if ent["start"] > 0 else math.nan
-    for key, name in (("reward/mean", "reward"), ("reward/acc", "full_rate"), ("div/rewarded_rate", "valid_rate"),
+    for key, name in (("reward/mean", "reward"), ("reward/full", "full_rate"), ("div/rewarded_rate", "valid_rate"),
                       ("div/distinct_rewarded", "distinct_rewarded"), ("div/distinct", "distinct")):
         lv = _levels(run, key)
         if lv:
@@ -142,10 +142,10 @@ TABLE_ROWS = (
     ("entropy end / start", "entropy_ratio"),
     ("training reward, start", "reward_start"),
     ("training reward, end", "reward_end"),
-    ("full-credit rate (reward/acc), end", "full_rate_end"),
+    ("full-credit rate (reward/full), end", "full_rate_end"),
     ("valid-answer rate, end", "valid_rate_end"),
     ("distinct rewarded answers per prompt, end", "distinct_rewarded_end"),
-    ("val/acc (full credit, held-out), step 0", "val_start"),
+    ("val/acc (valid answers, held-out prompts), step 0", "val_start"),
     ("val/acc, final", "val_end"),
     ("R² of R = -a·exp(H) + b (val/acc vs H)", "law_r2"),
     ("final val/acc predicted from the first quarter", "pred_final"),
@@ -197,7 +197,7 @@ def check_bars(methods: list[MethodFigures]) -> list[Bar]:
                             bool(a >= b) if math.isfinite(a) and math.isfinite(b) else None))
     clear = []
     for m in others:
-        for key in ("full_rate_end", "val_end"):
+        for key in ("full_rate_end",):
             diff, se = m.mean(key) - base.mean(key), math.hypot(m.se(key), base.se(key))
             clear.append((diff > 2 * se, f"{m.method} {key} {diff:+.3f} (2 SE = {2 * se:.3f})"))
     bars.append(Bar("at least one entropy method clearly higher (> 2 SE) on full credit",
@@ -231,7 +231,7 @@ def bars_table(bars: list[Bar]) -> str:
 
 
 CURVE_PANELS = (("actor/entropy", "token entropy (nats)", True), ("reward/mean", "training reward", False),
-                ("reward/acc", "full-credit rate", False), ("div/distinct_rewarded", "distinct rewarded answers / prompt", True),
+                ("reward/full", "full-credit rate", False), ("div/distinct_rewarded", "distinct rewarded answers / prompt", True),
                 ("val/acc", "val/acc (held-out)", False))
 
 

@@ -311,7 +311,8 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
                zero_grad_fn: Callable[[], None] | None = None, controls: Any = None,
                max_len: int | None = None, current_log_prob: torch.Tensor | None = None,
                current_entropy: torch.Tensor | None = None,
-               max_tokens_per_micro_batch: int | None = None, pack: bool = False) -> dict[str, Any]:
+               max_tokens_per_micro_batch: int | None = None, pack: bool = False,
+               epoch: int = 0) -> dict[str, Any]:
     """Forward and backward of one mini-batch (``batch`` = this DP rank's share of it).
 
     Gradients equal those of the single-device mini-batch loss (summed over DP for raw modules,
@@ -326,8 +327,11 @@ def train_step(model_chunks: Any, layout: ParallelLayout, batch: ActorBatch, *, 
     rank. ``max_tokens_per_micro_batch`` cuts micro-batches by tokens instead of sequences; the
     normaliser and the selection read the whole mini-batch, so they do not depend on the cut.
     ``pack`` runs each micro-batch as one row without padding (:mod:`megacov.parallel.packing`).
+    ``epoch`` (the PPO epoch of this pass) joins ``step`` in Clip-Cov's random keys, so every epoch
+    draws anew (:func:`megacov.algorithms.selection.key_stream`; epoch 0 keeps the step's keys).
     """
     chunks = _chunks(model_chunks)
+    step = sel.key_stream(step, epoch)
     t0 = time.perf_counter()
     norm = global_normalizer(batch.mask, layout.dp_group, max_len or batch.seq_len)
     selection = prepare_selection(chunks, layout, batch, algo_cfg=algo_cfg, step=step,

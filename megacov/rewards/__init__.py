@@ -2,7 +2,7 @@
 
 A reward function is ``fn(response: str, answer: str[, question: str]) -> float`` (a bool, or a
 dict with a ``score`` entry, also works). Built in: ``tiny`` (exact answer of the demo task), ``explore`` (the entropy demo's task:
-partial credit for a valid answer, full credit for a rare one, :mod:`megacov.tasks.explore`),
+partial credit for a valid answer, full credit for a rarer one, :mod:`megacov.tasks.explore`),
 ``math`` (final answer checked with math-verify) and ``judge`` (a judge model's probability of the
 "correct" verdict, :mod:`megacov.rewards.judge`). Rule-based functions run in a process pool with a
 per-call timeout (:mod:`megacov.rewards.pool`); ``reward.workers=0`` runs them in-process instead

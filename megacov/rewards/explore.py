@@ -1,7 +1,8 @@
 """``explore``: the reward of the embedded exploration task (:mod:`megacov.tasks.explore`).
 
-0 for anything but eight digits with the target sum, 0.5 for such a string, 1.0 when it also holds
-the prompt key's hidden bonus pair. Only full credit counts as correct (``reward/acc``, ``val/acc``).
+0 for anything but eight digits with the target sum, 0.6 for such a string, 1.0 when it also holds
+the prompt key's hidden bonus string. Both count as correct (``reward/acc``, ``val/acc``: a valid
+answer); ``reward/full`` is the full-credit rate.
 """
 from __future__ import annotations
 

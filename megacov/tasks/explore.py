@@ -1,23 +1,33 @@
 """``explore``: an embedded task where keeping entropy pays, so entropy collapse is visible and costly.
 
-A prompt ``c9=`` asks for eight digits that sum to 9. Any such string earns partial credit (0.5);
-one that also contains the prompt key's *bonus pair* (here, say, ``31``) earns full credit (1.0).
-The bonus pair is hidden: it appears in no prompt and no warm-start example on purpose, and it
-contains the digit 3, which the warm-start emits rarely. So:
+A prompt ``c9=`` asks for eight digits that sum to 9. Any such string earns partial credit (0.6);
+one that also contains the prompt key's hidden *bonus string* (here, say, ``31``) earns full credit
+(1.0). Bonus strings come in two kinds, like the easy and hard problems of a benchmark:
+
+* *common* ones (``111``, ``222``, ``00``): a fifth to a third of the warm-start's valid strings
+  hold them, so sharpening alone raises the full-credit rate of their keys -- every method's
+  accuracy rises as its entropy falls;
+* *rare* ones (``31``, ``13``, ``30``): they contain the digit 3, which the warm-start emits
+  rarely (a few percent of its valid strings hold one), so they are found only by a policy that
+  keeps sampling away from its favourite strings.
+
+So:
 
 * many correct behaviours per prompt (hundreds of digit strings sum to each target);
 * eight decision tokens per response, plus EOS;
 * a diverse but imperfect warm-start: SFT on random valid strings drawn from a skewed digit
   distribution, a fifth of them deliberately off by one, so the policy starts with high entropy,
   a moderate hit rate on the sum and a full-credit rate well below 1%;
-* recurring prompts: 6 keys x 6 targets in training, each seen every few steps, and 12 held-out
+* recurring prompts: 6 keys x 7 targets in training, each seen every few steps, and 18 held-out
   (key, target) pairs for evaluation, so a bonus found on one target of a key transfers to the others;
 * a payoff for exploration: policy-gradient sharpening drives the policy onto a few common strings
-  per prompt (entropy collapse); once there, the rare bonus is never sampled again and the reward
-  stalls at the partial credit. Methods that keep entropy keep finding the bonus.
+  per prompt (entropy collapse); once there, a rare bonus is never sampled again and the reward of
+  its keys stalls at the partial credit. Methods that keep entropy keep finding rare bonuses.
 
-``correct`` (``reward/acc``, ``val/acc``) means full credit, because the rewards module counts a
-response as correct only above 0.5; the rate of merely valid answers is ``div/rewarded_rate``.
+``correct`` (``reward/acc``, ``val/acc``) means a valid answer -- the question asked is the sum --
+since partial credit (0.6) is above the rewards module's threshold of 0.5; the full-credit rate is
+``reward/full``. Validity is what every method learns and what transfers to the held-out targets;
+the bonus strings are learnt per prompt, so the full-credit payoff shows on the training prompts.
 
 Everything is generated from a seed; nothing is downloaded.
 """
@@ -30,7 +40,7 @@ from dataclasses import dataclass, field
 
 #: Number of digits in a response (the decision tokens; EOS follows).
 RESPONSE_DIGITS = 8
-PARTIAL_CREDIT = 0.5
+PARTIAL_CREDIT = 0.6
 FULL_CREDIT = 1.0
 
 
@@ -39,12 +49,13 @@ class ExploreSpec:
     """Everything that determines the generated data (part of the warm-start cache key via the files)."""
 
     keys: str = "abcdef"
-    targets: tuple[int, ...] = (6, 7, 8, 9, 10, 11, 12, 13)
-    eval_targets_per_key: int = 2
+    targets: tuple[int, ...] = (6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+    eval_targets_per_key: int = 3
     #: Warm-start digit distribution for 0, 1, 2, 3 (other digits never appear in the warm-start data).
     digit_weights: tuple[float, ...] = (0.30, 0.40, 0.285, 0.015)
-    #: Candidate bonus pairs; each contains the rare digit 3, so the warm-start seldom emits them.
-    bonus_pairs: tuple[str, ...] = ("30", "03", "31", "13", "32", "23")
+    #: Bonus strings, one per key (a seeded assignment): common ones that sharpening finds, and
+    #: rare ones holding the digit 3 that only exploration finds.
+    bonus_strings: tuple[str, ...] = ("111", "222", "00", "31", "13", "30")
     sft_rows_per_prompt: int = 48
     #: Share of warm-start examples with one digit moved by +-1 (a wrong sum): the imperfection.
     sft_noise: float = 0.2
@@ -53,13 +64,13 @@ class ExploreSpec:
 
 
 def parse_answer(answer: str) -> tuple[int, str]:
-    """``"9|31"`` -> (9, "31"): the target sum and the bonus pair."""
+    """``"9|31"`` -> (9, "31"): the target sum and the bonus string."""
     target, _, bonus = answer.strip().partition("|")
     return int(target), bonus
 
 
 def explore_score(response: str, answer: str) -> float:
-    """0 unless ``response`` is exactly eight digits summing to the target; then 0.5, or 1.0 with the bonus."""
+    """0 unless ``response`` is exactly eight digits summing to the target; then 0.6, or 1.0 with the bonus."""
     target, bonus = parse_answer(answer)
     text = response.strip()
     if len(text) != RESPONSE_DIGITS or not text.isdigit() or sum(int(c) for c in text) != target:
@@ -67,9 +78,9 @@ def explore_score(response: str, answer: str) -> float:
     return FULL_CREDIT if bonus and bonus in text else PARTIAL_CREDIT
 
 
-def bonus_pairs(spec: ExploreSpec) -> dict[str, str]:
-    """The hidden bonus pair of every key (a seeded assignment of ``spec.bonus_pairs``)."""
-    pairs = list(spec.bonus_pairs)
+def bonus_strings(spec: ExploreSpec) -> dict[str, str]:
+    """The hidden bonus string of every key (a seeded assignment of ``spec.bonus_strings``)."""
+    pairs = list(spec.bonus_strings)
     random.Random(spec.seed + 17).shuffle(pairs)
     return {k: pairs[i % len(pairs)] for i, k in enumerate(spec.keys)}
 
@@ -111,7 +122,7 @@ def prompt_text(key: str, target: int) -> str:
 
 def task_rows(spec: ExploreSpec) -> dict[str, list[dict]]:
     """The ``train``, ``eval`` and ``sft`` rows (JSON-ready). SFT rows' answer is the response itself."""
-    bonus = bonus_pairs(spec)
+    bonus = bonus_strings(spec)
     train, held = split_prompts(spec)
     rng = random.Random(spec.seed + 41)
     rows: dict[str, list[dict]] = {
@@ -156,13 +167,19 @@ def build_explore_example(model_dir: str, data_dir: str, spec: ExploreSpec | Non
 def warm_start_rates(spec: ExploreSpec | None = None, samples: int = 20000, seed: int = 1) -> dict[str, float]:
     """What a policy equal to the warm-start *data* would score: the ideal SFT, for the docs and tests.
 
-    The trained warm-start is worse at the sum (a tiny model) and so has fewer valid answers.
+    ``valid`` and ``full`` over all training prompts, and ``full/<bonus>`` over the prompts of the
+    key whose bonus string that is. The trained warm-start is worse at the sum (a tiny model) and
+    so has fewer valid answers.
     """
     spec = spec or ExploreSpec()
     rng = random.Random(seed)
     rows = task_rows(spec)
     answers = {r["prompt"]: r["answer"] for r in rows["train"]}
     sft = [r for r in rows["sft"] if r["prompt"] in answers]
-    scores = [explore_score(r["answer"], answers[r["prompt"]]) for r in rng.choices(sft, k=samples)]
-    return {"valid": sum(s > 0 for s in scores) / samples,
-            "full": sum(s == FULL_CREDIT for s in scores) / samples}
+    picked = rng.choices(sft, k=samples)
+    scores = [explore_score(r["answer"], answers[r["prompt"]]) for r in picked]
+    out = {"valid": sum(s > 0 for s in scores) / samples, "full": sum(s == FULL_CREDIT for s in scores) / samples}
+    for bonus in sorted(set(bonus_strings(spec).values())):
+        mine = [s for r, s in zip(picked, scores) if parse_answer(answers[r["prompt"]])[1] == bonus]
+        out[f"full/{bonus}"] = sum(s == FULL_CREDIT for s in mine) / max(len(mine), 1)
+    return out

@@ -189,7 +189,7 @@ class ActorWorker(WeightSenderMixin):
                                      **self._micro_args(), pack=self.cfg.parallel.pack_sequences,
                                      zero_grad_fn=self.optim.zero_grad, controls=controls,
                                      max_len=self.cfg.rollout.max_response_len, current_log_prob=current,
-                                     **self._kernel_args())
+                                     epoch=epoch, **self._kernel_args())
                 finite_loss = all(torch.isfinite(torch.tensor(float(v))) for k, v in metrics.items()
                                   if isinstance(v, (int, float)) and ("loss" in k or k == "entropy"))
                 if finite_loss and (self.optim.checks_overflow or self._grads_finite()):

@@ -36,6 +36,8 @@ def rollout_metrics(ro: Rollout, max_len: int) -> dict[str, float]:
     return {
         "reward/mean": float(scores.mean()), "reward/std": float(scores.std()),
         "reward/acc": float(correct.mean()), "reward/raw_mean": float(ro.array("raw").mean()),
+        # full credit (raw >= 1), apart from "correct" for graded rewards such as the explore task's
+        "reward/full": float((ro.array("raw") >= 1.0).mean()),
         "response/len_mean": float(lengths.mean()), "response/len_max": float(lengths.max()),
         "response/clip_frac": float(np.mean(ro.flat("truncated"))),
         "batch/informative_groups": float(np.mean([g.informative for g in ro.groups])),
