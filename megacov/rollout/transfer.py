@@ -239,8 +239,11 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        from megacov.rollout.reload import reprocess_cpu_moe_on_reload
+
         self._reset()
         self._peak = PeakRss().__enter__()
+        reprocess_cpu_moe_on_reload(self.model)  # vLLM skips the CPU experts' pre-packing on updates
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:
