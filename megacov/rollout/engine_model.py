@@ -1,4 +1,8 @@
-"""Make vLLM's layer-wise reload re-run the CPU MoE experts' weight pre-packing.
+"""What the weight sync needs to know about, and do to, the model inside a vLLM engine worker.
+
+:func:`engine_fusion_map` names the tensors the engine expects and the groups it fuses, including a
+MoE layer's experts (:func:`expert_hf_names`). :func:`reprocess_cpu_moe_on_reload` makes vLLM's
+layer-wise reload re-run the CPU MoE experts' weight pre-packing, for the reason below.
 
 vLLM's CPU MoE experts (``CPUUnquantizedExperts`` and its x86/Arm/Power variants in
 ``vllm/model_executor/layers/fused_moe/experts/cpu_moe.py``) do not compute on the checkpoint layout
@@ -64,3 +68,36 @@ def reprocess_cpu_moe_on_reload(model: torch.nn.Module) -> int:
         method.process_weights_after_loading = process
         setattr(method, _MARK, True)
     return wrapped
+
+
+def expert_hf_names(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Engine MoE parameter -> the HF tensor names its weight loader fills, from vLLM's own mapping.
+
+    A vLLM ``RoutedExperts`` layer (``…mlp.experts.routed_experts``) holds every expert of a layer in
+    two parameters, ``w13_weight`` (gate and up) and ``w2_weight`` (down); its ``get_expert_mapping()``
+    lists ``(param, checkpoint name, expert, shard)`` for every expert, with checkpoint names relative
+    to the layer's ``layer_name`` (``model.layers.0.mlp.experts``). Those are the names a sync sends.
+    """
+    out: dict[str, list[str]] = {}
+    for prefix, module in model.named_modules():
+        mapping = getattr(module, "get_expert_mapping", None)
+        layer_name = getattr(module, "layer_name", None)
+        if not callable(mapping) or not isinstance(layer_name, str):
+            continue
+        base = layer_name.rpartition("experts")[0]  # "model.layers.0.mlp."
+        for param_prefix, weight_name, _expert, _shard in mapping():
+            pname = f"{prefix}.{param_prefix.removeprefix('experts.')}weight"
+            hf_name = f"{base}{weight_name}weight"
+            names = out.setdefault(pname, [])
+            if hf_name not in names:  # redundant (EPLB) experts repeat a logical expert's name
+                names.append(hf_name)
+    return out
+
+
+def engine_fusion_map(model: torch.nn.Module) -> Any:
+    """The engine's :class:`~megacov.rollout.buckets.FusionMap`: fused modules and MoE expert groups."""
+    from megacov.rollout.buckets import FusionMap
+
+    names = [n for n, _ in model.named_parameters()]
+    return FusionMap.from_engine_params(names, getattr(model, "packed_modules_mapping", None),
+                                        expanded=expert_hf_names(model))
