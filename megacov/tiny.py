@@ -185,6 +185,8 @@ def write_task_data(out_dir: str, n_train: int = 512, n_eval: int = 64, seed: in
 #: Model and task sizes of examples/tiny (the demo and the end-to-end tests use these).
 EXAMPLE_MODEL = dict(num_layers=4, hidden_size=64, num_heads=2, num_kv_heads=2, intermediate_size=128)
 EXAMPLE_DATA = dict(n_train=1024, n_eval=64, n_sft=1024)
+#: The mixture-of-experts policy of examples/tiny/moe.yaml (``examples/tiny/moe-model``).
+EXAMPLE_MOE_MODEL = dict(num_layers=3, hidden_size=64, num_experts=8, top_k=2, mlp_only_layers=(1,))
 
 
 def build_example(model_dir: str, data_dir: str, seed: int = 0) -> dict:
@@ -241,4 +243,7 @@ def prepare_example(cfg) -> bool:
         return False
     root = _in_example(missing[0])
     build_example(os.path.join(root, "model"), os.path.join(root, "data"))
+    moe_dir = os.path.join(root, "moe-model")
+    if any(os.path.abspath(p) == os.path.abspath(moe_dir) for p in missing):
+        build_moe_model(moe_dir, seed=0, **EXAMPLE_MOE_MODEL)
     return True

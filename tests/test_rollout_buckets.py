@@ -41,6 +41,39 @@ def _hf_stream(layers: int, hidden: int = 8, seed: int = 0) -> list[tuple[str, t
                   ("lm_head.weight", torch.randn(13, hidden, generator=g))]
 
 
+def test_engine_fusion_map_names_every_expert_of_a_moe_layer_from_vllms_mapping():
+    """The w13 / w2 groups of a vLLM MoE layer hold every expert's HF names, from vLLM's own mapping."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+
+    from megacov.rollout.engine_model import engine_fusion_map
+
+    class Experts(torch.nn.Module):  # the attributes of vLLM's RoutedExperts that the map reads
+        layer_name = "model.layers.0.mlp.experts"
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.w13_weight = torch.nn.Parameter(torch.zeros(4, 6, 8))
+            self.w2_weight = torch.nn.Parameter(torch.zeros(4, 8, 3))
+
+        def get_expert_mapping(self):
+            return RoutedExperts.build_expert_params_mapping("gate_proj", "down_proj", "up_proj", num_experts=4,
+                                                             routed_experts_prefix="")
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList([torch.nn.Module()])
+    model.model.layers[0].mlp = torch.nn.Module()
+    model.model.layers[0].mlp.experts = torch.nn.Module()
+    model.model.layers[0].mlp.experts.routed_experts = Experts()
+    model.model.layers[0].mlp.gate = torch.nn.Linear(8, 4, bias=False)
+    groups = engine_fusion_map(model).to_dict()
+    base = "model.layers.0.mlp.experts"
+    assert sorted(groups[f"{base}.routed_experts.w13_weight"]) == sorted(
+        f"{base}.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up"))
+    assert sorted(groups[f"{base}.routed_experts.w2_weight"]) == [f"{base}.{e}.down_proj.weight" for e in range(4)]
+    assert groups["model.layers.0.mlp.gate"] == ["model.layers.0.mlp.gate.weight"]
+
+
 def test_fusion_map_expands_packed_modules_into_hf_names():
     fusion = FusionMap.from_engine_params(_engine_params(2), PACKED)
     assert fusion.members["model.layers.1.self_attn.qkv_proj"] == (

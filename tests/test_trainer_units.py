@@ -160,3 +160,8 @@ def test_tiny_example_is_generated_only_inside_examples_tiny(tmp_path):
     elsewhere = load_config(None, [f"model.path={tmp_path}/other/model"])
     assert prepare_example(elsewhere) is False and not os.path.exists(tmp_path / "other")
     assert build_example(str(root / "model"), str(root / "data"))["train"].endswith("train.jsonl")
+    moe = load_config(None, [f"model.path={root}/moe-model"])  # examples/tiny/moe.yaml's policy
+    assert prepare_example(moe) is True
+    with open(root / "moe-model" / "config.json") as fh:
+        moe_config = json.load(fh)
+    assert (moe_config["model_type"], moe_config["mlp_only_layers"]) == ("qwen3_moe", [1])

@@ -70,15 +70,22 @@ class FusionMap:
 
     @classmethod
     def from_engine_params(cls, param_names: Iterable[str],
-                           packed_modules_mapping: Mapping[str, Sequence[str]] | None) -> FusionMap:
+                           packed_modules_mapping: Mapping[str, Sequence[str]] | None,
+                           expanded: Mapping[str, Sequence[str]] | None = None) -> FusionMap:
         """Expand an engine's parameter names into HF names using its ``packed_modules_mapping``.
 
         ``model.layers.0.self_attn.qkv_proj.bias`` with ``{"qkv_proj": ["q_proj", "k_proj", "v_proj"]}``
         becomes the three ``..._proj.bias`` HF names, all in group ``model.layers.0.self_attn.qkv_proj``.
+        ``expanded`` gives parameters whose HF names the engine knows otherwise (a MoE layer's
+        ``w13_weight`` / ``w2_weight``: every expert's gate+up / down); each is a group of its own,
+        keyed by the parameter name.
         """
         packed = dict(packed_modules_mapping or {})
         members: dict[str, list[str]] = {}
         for pname in param_names:
+            if expanded and pname in expanded:
+                members.setdefault(pname, []).extend(expanded[pname])
+                continue
             module, _, leaf = pname.rpartition(".")
             parent, _, mod_leaf = module.rpartition(".")
             subs = packed.get(mod_leaf)

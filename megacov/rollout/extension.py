@@ -23,11 +23,9 @@ class WeightReceiver:
 
     def megacov_weight_groups(self) -> dict[str, list[str]]:
         """Engine module -> HF tensor names loaded into it (see :class:`~megacov.rollout.buckets.FusionMap`)."""
-        from megacov.rollout.buckets import FusionMap
+        from megacov.rollout.engine_model import engine_fusion_map
 
-        model = self.get_model()
-        names = [n for n, _ in model.named_parameters()]
-        return FusionMap.from_engine_params(names, getattr(model, "packed_modules_mapping", None)).to_dict()
+        return engine_fusion_map(self.get_model()).to_dict()
 
     def megacov_update_report(self) -> dict[str, Any]:
         """How the last update went on this worker: tensors, load time, peak memory, and any problem."""

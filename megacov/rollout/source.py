@@ -26,7 +26,9 @@ class MegatronSource(WeightSource):
 
     @property
     def exporting(self) -> bool:
-        return self.layout.dp_rank == 0
+        """DP replica 0 exports; with expert parallelism, its experts are spread over the first ``ep``
+        DP ranks (one EP group), which all iterate so that EP rank 0 can gather every expert."""
+        return self.layout.dp_rank < getattr(self.layout, "ep", 1)
 
     def __iter__(self) -> Iterator[Named]:
         from megacov.models import iter_hf_weights

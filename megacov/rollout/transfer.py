@@ -219,9 +219,10 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.groups: list[Any] = []
-        names = [n for n, _ in model.named_parameters()]
+        from megacov.rollout.engine_model import engine_fusion_map
+
         # Expected names are read now, before any reload reshapes the modules.
-        self.expected = FusionMap.from_engine_params(names, getattr(model, "packed_modules_mapping", None)).expected
+        self.expected = engine_fusion_map(model).expected
         self._reset()
 
     def _reset(self) -> None:
@@ -239,8 +240,11 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
 
+        from megacov.rollout.engine_model import reprocess_cpu_moe_on_reload
+
         self._reset()
         self._peak = PeakRss().__enter__()
+        reprocess_cpu_moe_on_reload(self.model)  # vLLM skips the CPU experts' pre-packing on updates
         initialize_layerwise_reload(self.model)
 
     def update_weights(self, update_info: dict[str, Any]) -> None:

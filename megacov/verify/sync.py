@@ -28,11 +28,11 @@ from megacov.rollout.sender import WeightSenderMixin
 class SyncCheckWorker(WeightSenderMixin):
     """One Megatron rank holding the actor model: export, perturb and score (collective calls)."""
 
-    def __init__(self, hf_dir: str, tp: int, pp: int, seed: int = 0):
+    def __init__(self, hf_dir: str, tp: int, pp: int, seed: int = 0, ep: int = 1):
         from megacov.models import build_model
         from megacov.parallel.layout import ParallelLayout
 
-        self.layout = ParallelLayout.initialize(tp, pp, seed=seed)
+        self.layout = ParallelLayout.initialize(tp, pp, ep=ep, seed=seed)
         self.model, self.info = build_model(hf_dir, self.layout)
 
     def describe(self) -> str:
@@ -45,6 +45,8 @@ class SyncCheckWorker(WeightSenderMixin):
             for name, param in self.model.named_parameters():
                 split = bool(getattr(param, "tensor_model_parallel", False))
                 tag = sum(map(ord, name)) + 7919 * self.info.layer_offset
+                if "local_experts" in name:  # EP ranks number their experts from 0: offset them
+                    tag += 104729 * self.info.expert_offset
                 gen.manual_seed(seed * 1_000_003 + tag * 31 + (self.layout.tp_rank + 1 if split else 0))
                 noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
                 std = float(param.detach().float().std()) if param.numel() > 1 else 1.0
