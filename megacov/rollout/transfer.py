@@ -74,12 +74,19 @@ def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
                                                           timeout=timedelta(seconds=timeout_s))
 
 
+class TransportError(SyncError):
+    """A broadcast on a transfer group failed: a peer died, or one did not take part within the timeout."""
+
+
 def _bcast(pg: Any, tensor: torch.Tensor) -> None:
     import torch.distributed as dist
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    pg.broadcast([tensor], opts).wait()
+    try:
+        pg.broadcast([tensor], opts).wait()
+    except RuntimeError as exc:  # gloo: "Connection closed by peer", "Timed out waiting ..."
+        raise TransportError(f"weight-transfer group: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
 
 
 def _send_header(pg: Any, kind: int, meta_len: int = 0, data_len: int = 0) -> None:
@@ -407,15 +414,19 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
         return engine
 
     def send_weights(self) -> None:
-        """start (rank 0) -> barrier -> every stage sends while rank 0 runs ``update_weights`` ->
-        barrier -> ``finish_weight_update`` with the new version (rank 0)."""
+        """start (rank 0) -> every stage sends while rank 0 runs ``update_weights`` -> ``finish_weight_update``
+        with the new version (rank 0).
+
+        The ranks agree after every phase (:func:`_agree`, over the actor's own process group): when a
+        phase fails anywhere -- an engine that died or wedged (rank 0's client names it), a broken
+        transfer group -- every rank leaves together with an error, none waits in a collective, and
+        the exporters tear their transfer groups down at once, which breaks the surviving engines'
+        pending receives too. The group is then re-formed by the next ``init_weight_transfer``."""
         self.version = self.next_version if self.next_version is not None else self.version + 1
         self.next_version = None
+        self._phase("start_weight_update", self.client.start_weight_update if self.is_sender else None)
         pool = None
         future = None
-        if self.is_sender:
-            self.client.start_weight_update()
-        _barrier()
         if self.is_sender:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -423,21 +434,33 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
             pool = ThreadPoolExecutor(max_workers=1)
             future = pool.submit(self.client.update_weights, payload)
         error = self._send_stage()
-        _barrier()
-        try:
-            if future is not None:
+        if future is not None:
+            try:
                 future.result()
-        except Exception as engine_exc:  # noqa: BLE001 - the exporter's own error says more
-            if error is None:
-                raise
-            log.debug("the engines refused the aborted update: %s", engine_exc)
-        finally:
-            if pool is not None:
+            except Exception as engine_exc:  # noqa: BLE001 - an engine fault names the cause; else ours does
+                if error is None or _is_engine_fault(engine_exc):
+                    error = engine_exc
+            finally:
                 pool.shutdown(wait=False)
+        self._phase("update_weights", error=error)
+        self._phase("finish_weight_update",
+                    (lambda: self.client.finish_weight_update(weight_version=str(self.version)))
+                    if self.is_sender else None)
+
+    def _phase(self, name: str, call: Callable[[], Any] | None = None, error: BaseException | None = None) -> None:
+        """Run ``call`` (when given), then agree with every rank; raise on all of them if any failed."""
+        if call is not None and error is None:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - raised after the agreement, so nobody hangs
+                error = exc
+        if not _agree(error is not None):
+            return
+        self.abort()
         if error is not None:
             raise error
-        if self.is_sender:
-            self.client.finish_weight_update(weight_version=str(self.version))
+        raise SyncError(f"weight sync aborted in {name}: another actor rank's part failed (its error names the "
+                        f"cause)")
 
     def _send_stage(self) -> BaseException | None:
         """This rank's part: exporters stream their stage; TP peers iterate for the gathers."""
@@ -452,30 +475,56 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
             else:
                 for _ in stream:
                     pass
-        except BaseException as exc:  # noqa: BLE001 - reported after the barrier, so nobody hangs
+        except BaseException as exc:  # noqa: BLE001 - reported after the agreement, so nobody hangs
             for _ in stream:  # TP peers are still in the export's gathers
                 pass
-            if self.info.exports and self.pg is not None:
+            if isinstance(exc, TransportError):  # the group is broken: closing it tells the other peers
+                self.abort()
+            elif self.info.exports and self.pg is not None:  # the export failed: the engines drop the update
                 try:
                     _send_header(self.pg, _ABORT)
                 except Exception as abort_exc:  # noqa: BLE001
-                    log.warning("could not tell the engines that the sync failed: %s", abort_exc)
+                    log.debug("could not tell the engines that the sync failed: %s", abort_exc)
+                    self.abort()
             return exc
         stats.end_s = time.time()
         self.last = stats if self.info.exports else None
         return None
 
+    def abort(self) -> None:
+        """Close this rank's transfer group now: a peer blocked in a receive from it fails at once."""
+        if self.pg is not None:
+            pg, self.pg = self.pg, None
+            try:
+                pg.abort()
+            except Exception as exc:  # noqa: BLE001 - closing a broken group
+                log.debug("aborting the weight-transfer group: %s", exc)
+
     def shutdown(self) -> None:
         if self.pg is not None:
             from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 
-            stateless_destroy_torch_distributed_process_group(self.pg)
-            self.pg = None
+            pg, self.pg = self.pg, None
+            try:
+                stateless_destroy_torch_distributed_process_group(pg)
+            except Exception as exc:  # noqa: BLE001 - a peer may be gone already
+                log.debug("closing the weight-transfer group: %s", exc)
 
 
-def _barrier() -> None:
+def _agree(failed: bool) -> bool:
+    """Whether any actor rank failed (every rank calls this at the same point): the ranks of the
+    actor are healthy -- it is an engine or a transfer group that failed -- so their own group decides."""
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return failed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
+
+def _is_engine_fault(exc: BaseException) -> bool:
+    from megacov.runtime.recovery import find_fault
+
+    return find_fault(exc) is not None
