@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -68,7 +69,7 @@ def test_faults_during_and_between_syncs_replace_only_the_faulty_engine(ray_clus
     from megacov.workers.group import WorkerGroup
 
     monkeypatch.setenv("MEGACOV_FAULT_ENGINE", "1:update_weights:exit,0.1:update_weights:hang")
-    caplog.set_level(logging.WARNING, logger="megacov.runtime")
+    caplog.set_level(logging.INFO, logger="megacov.runtime")
     spec = EngineSpec(model_path=hf_dir, tp=1, seed=0, dtype="float32", enforce_eager=True, max_model_len=128,
                       gpu_memory_utilization=0.5, cpu_kvcache_space_gb=1, cpus_per_worker=0.5, use_gpu=False,
                       colocated=False)
@@ -90,8 +91,8 @@ def test_faults_during_and_between_syncs_replace_only_the_faulty_engine(ray_clus
         recovery.run("the weight sync", runtime.sync, catch_up=False)
         first_s = time.monotonic() - start
         faults = [r.getMessage() for r in caplog.records if "replacing" in r.getMessage()]
-        assert len(faults) == 1 and faults[0].startswith(
-            "engine 1 died during update_weights (ActorDiedError) in the weight sync: replacing engine 1"), faults
+        assert len(faults) == 1 and re.match(
+            r"engine 1 died during update_weights \(\w+\) in the weight sync: replacing engine 1 ", faults[0]), faults
         after = [info["actor_id"] for info in engines.infos]
         assert after[0] == ids[0] and after[1] != ids[1]  # the survivor was kept
         assert first_s < WEDGE_S + 60, first_s  # found by the death, not by a deadline
@@ -110,7 +111,7 @@ def test_faults_during_and_between_syncs_replace_only_the_faulty_engine(ray_clus
         second_s = time.monotonic() - start
         assert max_abs_delta(scores, reference) <= TOL
         messages = [r.getMessage() for r in caplog.records if "replacing" in r.getMessage()][1:]
-        assert messages[0].startswith("engine 0 died during score (ActorDiedError) in the rollout: replacing engine 0")
+        assert re.match(r"engine 0 died during score \(\w+\) in the rollout: replacing engine 0 ", messages[0]), messages
         assert messages[1].startswith(f"engine 0 wedged during update_weights (no answer in {WEDGE_S:g} s) in the "
                                       "rollout: replacing engine 0"), messages
         assert WEDGE_S < second_s < 3 * WEDGE_S + 90, second_s
@@ -131,6 +132,9 @@ def test_faults_during_and_between_syncs_replace_only_the_faulty_engine(ray_clus
         for lp in _per_engine(engines, seqs):
             assert max_abs_delta(lp, moved) <= TOL
         print(f"sync fault recovered in {first_s:.1f} s; kill + wedged catch-up recovered in {second_s:.1f} s")
+        for r in caplog.records:
+            if r.getMessage().startswith("engine restart:"):
+                print(r.getMessage())
     finally:
         if runtime.actor is not None:
             runtime.actor.shutdown()

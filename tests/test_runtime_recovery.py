@@ -15,10 +15,12 @@ class FakeRuntime:
         self.calls = []
         self.fail_restarts = list(fail_restarts)
         self.weight_sync = SimpleNamespace(version=0)
+        self.engines_replaced = 0
 
     def restart_engines(self, faulty, catch_up=True):
         self.restarts += 1
         self.calls.append((list(faulty), catch_up))
+        self.engines_replaced += len(faulty)
         if self.fail_restarts:
             raise self.fail_restarts.pop(0)
         return list(faulty)
@@ -58,7 +60,7 @@ def test_a_fault_during_the_replacement_costs_another_restart_and_the_sync_is_no
     rec = EngineRecovery(rt, max_restarts=2, last_checkpoint=lambda: None)
     assert rec.run("the weight sync", sync, catch_up=False) == "synced"
     assert rt.calls == [([0, 1], False), ([1], False)]
-    assert rec.restarts == 2 and rec.replaced == 1
+    assert rec.restarts == 2 and rec.replaced == 3  # engines 0 and 1, then engine 1 again
 
 
 def test_engine_faults_survive_pickling_and_are_found_behind_other_errors():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -63,6 +64,8 @@ class Runtime:
         """What this runtime built, in order (``actor``, ``reference``, ``engines``, ``sync``)."""
         self._asleep = False
         self._owns_ray = False
+        self.engines_replaced = 0
+        """Engines replaced by :meth:`restart_engines` so far (the run's ``engine/replaced``)."""
 
     # -- start -------------------------------------------------------------------------------------
 
@@ -237,12 +240,16 @@ class Runtime:
         sync forms the transfer group again, over the new engine set."""
         engines, weights = self.engines, self.connect_sync()
         named = set(faulty or range(engines.count))
+        asked = time.perf_counter()
         health = engines.health([i for i in range(engines.count) if i not in named], self.call_timeout_s)
         dead = sorted(named | {i for i, s in health.items() if s is None})
+        log.info("engine restart: %s answered in %.1f s; replacing %s", sorted(i for i, s in health.items() if s),
+                 time.perf_counter() - asked, dead)
         if self._asleep:  # colocated GPU: the survivors come back with the replacements
             engines.wake_up(indices=[i for i in range(engines.count) if i not in dead])
             self._asleep = False
         engines.replace(dead)
+        self.engines_replaced += len(dead)
         weights.disconnect()
         if not catch_up:
             return dead

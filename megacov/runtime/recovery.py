@@ -174,8 +174,6 @@ class EngineRecovery:
         self.max_restarts = max_restarts
         self.last_checkpoint = last_checkpoint
         self.restarts = 0
-        self.replaced = 0
-        """Engines replaced so far (a restart replaces the faulty engines only)."""
         self.seconds: list[float] = []
         """Wall-clock seconds of every restart (kill, start, rendezvous, re-sync)."""
         self._reported = 0
@@ -214,14 +212,18 @@ class EngineRecovery:
             try:
                 replaced = self.runtime.restart_engines(fault.engines, catch_up=catch_up)
                 fault = None
-            except EngineFault as again:
+            except EngineFault as again:  # e.g. a replacement that died in its catch-up sync
                 replaced, fault = [], again
             self.seconds.append(time.perf_counter() - start)
-            self.replaced += len(replaced) if isinstance(replaced, list) else 0
         synced = f" and synced to weight version {self.runtime.weight_sync.version}" if catch_up and \
             getattr(self.runtime, "weight_sync", None) is not None else ""
         log.warning("engine(s) %s replaced (the others kept)%s in %.1f s; retrying %s",
                     replaced, synced, self.seconds[-1], what)
+
+    @property
+    def replaced(self) -> int:
+        """Engines replaced so far (a restart replaces the faulty engines only)."""
+        return int(getattr(self.runtime, "engines_replaced", 0))
 
     def step_metrics(self) -> dict[str, float]:
         """Totals of the run so far and the seconds spent recovering since the last call."""
