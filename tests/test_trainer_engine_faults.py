@@ -150,7 +150,8 @@ def test_engine_sigkill_then_sigstop_are_replaced_resynced_and_the_run_finishes(
 
 def test_engine_dying_inside_a_weight_sync_is_replaced_alone_and_the_run_finishes(ray_cluster, tiny):
     run_dir = os.path.join(tiny["root"], "runs", "sync-fault")
-    proc = _cli(tiny, ray_cluster, "sync-fault", "parallel.tp=1", "rollout.engines=2", "trainer.total_steps=2",
+    proc = _cli(tiny, ray_cluster, "sync-fault", "parallel.tp=1", "rollout.engines=2", "rollout.placement=disaggregated",
+                "trainer.total_steps=2",
                 "rollout.max_engine_restarts=1", f"rollout.weight_update_timeout_s={WEDGE_TIMEOUT_S}",
                 "trainer.eval_every=0", env_extra={"MEGACOV_FAULT_ENGINE": "1:update_weights:exit"})
     try:

@@ -456,6 +456,7 @@ class RolloutEngines:
         self.shutdown()
         if model_path is not None:
             self.spec.model_path = model_path
+        self.incarnations = [n + 1 for n in self.incarnations]
         self.start()
 
     def replace(self, indices: Sequence[int]) -> None:

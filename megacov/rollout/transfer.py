@@ -66,12 +66,20 @@ def register() -> None:
 # the gloo channel: one group per pipeline stage, rank 0 = that stage's exporting rank
 # ------------------------------------------------------------------------------------------------
 
-def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
-    """A gloo process group outside ``torch.distributed``'s global state (vLLM's stateless helper)."""
+def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> tuple[Any, Any]:
+    """A gloo process group outside ``torch.distributed``'s global state (vLLM's stateless helper),
+    and its rendezvous store (hosted by rank 0, the exporter): the exporter marks an abandoned
+    update there (:data:`ABANDONED`), which a receiver blocked in the group cannot otherwise learn."""
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
     return stateless_init_torch_distributed_process_group(host, port, rank, world_size, "gloo",
-                                                          timeout=timedelta(seconds=timeout_s))
+                                                          timeout=timedelta(seconds=timeout_s), return_store=True)
+
+
+#: Store key an exporter sets when it gives an update up (a peer died or timed out, another rank failed).
+ABANDONED = "megacov/abandoned"
+#: How often a receiver waiting for buckets looks at that key.
+POLL_S = 0.5
 
 
 class TransportError(SyncError):
@@ -226,6 +234,9 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.groups: list[Any] = []
+        self.stores: list[Any] = []
+        self.stuck = False
+        """A receive was abandoned while its thread still waits in the group: drop, do not destroy, it."""
         names = [n for n, _ in model.named_parameters()]
         # Expected names are read now, before any reload reshapes the modules.
         self.expected = FusionMap.from_engine_params(names, getattr(model, "packed_modules_mapping", None)).expected
@@ -240,8 +251,9 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         rank = init_info.rank_offset + int(self.parallel_config.rank)
         self.shutdown()
-        self.groups = [open_group(str(h), int(p), rank, init_info.world_size, init_info.timeout_s)
-                       for h, p in init_info.endpoints]
+        opened = [open_group(str(h), int(p), rank, init_info.world_size, init_info.timeout_s)
+                  for h, p in init_info.endpoints]
+        self.groups, self.stores = [g for g, _ in opened], [st for _, st in opened]
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -274,7 +286,16 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
             t.start()
         open_stages = len(threads)
         while open_stages:
-            bucket = inbox.get()
+            try:
+                bucket = inbox.get(timeout=POLL_S)
+            except queue.Empty:
+                gone = self._abandoned(update_info.stages)
+                if gone is None:
+                    continue
+                self.stuck = True  # the pump threads wait in the group until its timeout
+                self.problem = f"stage {gone}'s exporter abandoned the update"
+                self._restore()
+                raise SyncError(f"{self.problem} (another engine or rank failed); this update is incomplete")
             if bucket is None:
                 open_stages -= 1
                 continue
@@ -292,6 +313,16 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
             self.problem = f"receiving failed: {errors[0]}"
             self._restore()
             raise errors[0]
+
+    def _abandoned(self, stages: list[int]) -> int | None:
+        """The first stage whose exporter gave this update up (or is gone), else None."""
+        for stage in stages:
+            try:
+                if self.stores[stage].check([ABANDONED]):
+                    return stage
+            except Exception:  # noqa: BLE001 - the exporter's store is unreachable: it is gone
+                return stage
+        return None
 
     def _restore(self) -> None:
         """Put the modules back together after a failed receive (their weights are a mix now)."""
@@ -322,12 +353,12 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def shutdown(self) -> None:
         from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 
-        for pg in self.groups:
+        for pg in [] if self.stuck else self.groups:
             try:
                 stateless_destroy_torch_distributed_process_group(pg)
             except Exception as exc:  # noqa: BLE001 - a peer may be gone already
                 log.debug("closing a weight-transfer group: %s", exc)
-        self.groups = []
+        self.groups, self.stores, self.stuck = [], [], False
 
 
 def completeness_problem(expected: set[str], received: dict[str, int]) -> str | None:
@@ -383,6 +414,7 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
         self.info = init_info
         self.fusion = FusionMap(init_info.groups)
         self.pg: Any = None
+        self.store: Any = None
         self.version = 0
         self.next_version: int | None = None
         """Set by the driver before ``send_weights``: versions count across actor groups and restarts."""
@@ -407,7 +439,7 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
         try:
             if info.exports:
                 host, port = info.endpoints[info.stage]
-                engine.pg = open_group(str(host), int(port), 0, info.world_size, info.timeout_s)
+                engine.pg, engine.store = open_group(str(host), int(port), 0, info.world_size, info.timeout_s)
         finally:
             if future is not None:
                 future.result()
@@ -492,10 +524,12 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
         return None
 
     def abort(self) -> None:
-        """Close this rank's transfer group now: a peer blocked in a receive from it fails at once."""
+        """Give this rank's transfer group up now: mark the update abandoned in the group's store (the
+        engine workers waiting for buckets poll it and fail at once) and abort the group."""
         if self.pg is not None:
             pg, self.pg = self.pg, None
             try:
+                self.store.set(ABANDONED, "1")
                 pg.abort()
             except Exception as exc:  # noqa: BLE001 - closing a broken group
                 log.debug("aborting the weight-transfer group: %s", exc)
