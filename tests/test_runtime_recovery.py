@@ -10,13 +10,20 @@ from megacov.runtime.recovery import EngineFault, EngineRecovery, RankFault
 
 
 class FakeRuntime:
-    def __init__(self):
+    def __init__(self, fail_restarts=()):
         self.restarts = 0
+        self.calls = []
+        self.fail_restarts = list(fail_restarts)
         self.weight_sync = SimpleNamespace(version=0)
+        self.engines_replaced = 0
 
-    def restart_engines(self):
+    def restart_engines(self, faulty, catch_up=True):
         self.restarts += 1
-        self.weight_sync.version += 1
+        self.calls.append((list(faulty), catch_up))
+        self.engines_replaced += len(faulty)
+        if self.fail_restarts:
+            raise self.fail_restarts.pop(0)
+        return list(faulty)
 
 
 def test_engine_fault_replaces_the_engines_and_redoes_the_work_from_the_same_position():
@@ -34,7 +41,57 @@ def test_engine_fault_replaces_the_engines_and_redoes_the_work_from_the_same_pos
     rec = EngineRecovery(rt, max_restarts=3, last_checkpoint=lambda: "ckpt/step_1")
     assert rec.run("the rollout of step 2", work, before_retry=lambda: position.update(cursor=0)) == "rollout"
     assert rt.restarts == rec.restarts == 2 and len(rec.seconds) == 2
+    assert rt.calls == [([0], True), ([0], True)]  # only the named engine, caught up to the current weights
     assert consumed == [4, 4, 4]  # every retry starts from the same data position
+    m = rec.step_metrics()
+    assert m["engine/restarts"] == 2 and m["engine/replaced"] == 2 and m["engine/recovery_s"] >= 0
+    assert rec.step_metrics()["engine/recovery_s"] == 0.0  # seconds are per step, counts cumulative
+
+
+def test_a_fault_during_the_replacement_costs_another_restart_and_the_sync_is_not_caught_up():
+    rt = FakeRuntime(fail_restarts=[EngineFault("engine 1", "update_weights", "died", "ActorDiedError")])
+    faults = [EngineFault("engine 0, engine 1", "update_weights", "wedged", "no answer in 5 s")]
+
+    def sync():
+        if faults:
+            raise faults.pop(0)
+        return "synced"
+
+    rec = EngineRecovery(rt, max_restarts=2, last_checkpoint=lambda: None)
+    assert rec.run("the weight sync", sync, catch_up=False) == "synced"
+    assert rt.calls == [([0, 1], False), ([1], False)]
+    assert rec.restarts == 2 and rec.replaced == 3  # engines 0 and 1, then engine 1 again
+
+
+def test_engine_faults_survive_pickling_and_are_found_behind_other_errors():
+    import pickle
+
+    from megacov.runtime.recovery import find_fault
+
+    fault = EngineFault("engine 2", "update_weights", "died", "ActorDiedError", "note")
+    back = pickle.loads(pickle.dumps(fault))
+    assert (back.who, back.call, back.kind, back.detail, back.note, str(back)) == (
+        fault.who, fault.call, fault.kind, fault.detail, fault.note, str(fault))
+    assert back.engines == [2]
+    try:
+        try:
+            raise fault
+        except EngineFault as exc:
+            raise RuntimeError("sync failed") from exc
+    except RuntimeError as outer:
+        assert find_fault(outer) is fault
+    assert find_fault(ValueError("x")) is None
+
+
+def test_fault_drill_spec_selects_engine_and_incarnation():
+    from megacov.rollout.engine import planned_faults
+
+    spec = "1:update_weights:exit, 0.1:start_weight_update:hang"
+    assert planned_faults(spec, 1, 0) == {"update_weights": "exit"}
+    assert planned_faults(spec, 1, 1) == {}
+    assert planned_faults(spec, 0, 1) == {"start_weight_update": "hang"}
+    with pytest.raises(ValueError, match="MEGACOV_FAULT_ENGINE: 'x:y' is not"):
+        planned_faults("x:y", 0, 0)
 
 
 def test_restarts_are_bounded_and_the_last_fault_names_engine_and_checkpoint():

@@ -5,6 +5,9 @@ signal from outside, as an OOM killer or a stuck driver would.
   step 2: both are replaced and re-synced, the run finishes with every step, the data position is
   where an uninterrupted run's is, and the train/rollout log-prob gap of the retried steps is as small
   as on a healthy step (a replacement that kept the initial weights would not match the updated actor).
+* One run with 2 engines whose engine 1 exits inside ``update_weights`` of step 1's sync (fault drill):
+  it alone is replaced, the sync retried, engine 0 keeps its process, the recovery is in the metrics
+  and step 2's rollout log-probs match the actor's.
 * One run whose Megatron rank is SIGKILLed: one line naming the rank, the call and the last good
   checkpoint; exit 1, without waiting for the surviving rank's collective to time out.
 """
@@ -51,7 +54,7 @@ def tiny(tmp_path_factory):
             **write_task_data(str(root / "data"), n_train=64, n_eval=8)}
 
 
-def _cli(tiny, ray_address, name, *extra):
+def _cli(tiny, ray_address, name, *extra, env_extra=None):
     overrides = [f"model.path={tiny['model']}", f"data.train_files=[{tiny['train']}]", "data.eval_files=[]",
                  "data.sft_files=[]", f"trainer.output_dir={tiny['root']}/runs", f"trainer.name={name}",
                  "trainer.sft_steps=0", "logging.progress_bar=false", "logging.tensorboard=false", "logging.plot=false",
@@ -60,7 +63,7 @@ def _cli(tiny, ray_address, name, *extra):
                  "checkpoint.save_every=1", "checkpoint.export_hf=false", "optim.lr=1e-2",
                  "reward.name=fault_reward_mod:digits", "reward.workers=0", "algorithm.clip_cov_lb=0.0",
                  f"trainer.ray_address={ray_address}", *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1", **(env_extra or {}))
     args = [sys.executable, "-m", "megacov", "train", os.path.join(ROOT, "examples/tiny/config.yaml"), *overrides]
     return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
@@ -128,10 +131,11 @@ def test_engine_sigkill_then_sigstop_are_replaced_resynced_and_the_run_finishes(
     assert proc.returncode == 0, log[-3000:]
     # a fault is met by step 2's rollout, or (if the rollout was done) by the liveness check before its sync
     assert re.search(r"engine 0 died during (generate|a liveness check) \(\w+\) in the (rollout of step 2|weight "
-                     r"sync): replacing the engines \(restart 1 of at most 2\)", log), log[-3000:]
+                     r"sync): replacing engine 0 \(restart 1 of at most 2\)", log), log[-3000:]
     assert re.search(rf"engine 0 wedged during (generate|a liveness check) \(no answer in {WEDGE_TIMEOUT_S} s\) "
                      r"in the (rollout of step 3|weight sync)", log), log[-3000:]
-    assert len(re.findall(r"engines replaced and re-synced to weight version \d+ in [\d.]+ s", log)) == 2
+    assert len(re.findall(r"engine\(s\) \[0\] replaced \(the others kept\)( and synced to weight version \d+)? "
+                          r"in [\d.]+ s", log)) == 2
     assert step3_s > WEDGE_TIMEOUT_S  # the deadline fired, nothing else ended the hang
     rows = _rows(run_dir)
     assert sorted(rows) == [1, 2, 3]
@@ -142,6 +146,39 @@ def test_engine_sigkill_then_sigstop_are_replaced_resynced_and_the_run_finishes(
     # nothing lost or repeated: 3 steps x 4 prompts consumed, as in a run without faults
     state = load_trainer_state(os.path.join(run_dir, "checkpoints", "step_00000003"))
     assert state["loader"]["cursor"] == 12 and state["loader"]["epoch"] == 0
+
+
+def test_engine_dying_inside_a_weight_sync_is_replaced_alone_and_the_run_finishes(ray_cluster, tiny):
+    run_dir = os.path.join(tiny["root"], "runs", "sync-fault")
+    proc = _cli(tiny, ray_cluster, "sync-fault", "parallel.tp=1", "rollout.engines=2",
+                "rollout.placement=disaggregated", "trainer.total_steps=2", "rollout.max_engine_restarts=1",
+                f"rollout.weight_update_timeout_s={WEDGE_TIMEOUT_S}", "trainer.eval_every=0",
+                env_extra={"MEGACOV_FAULT_ENGINE": "1:update_weights:exit"})
+    try:
+        seen: set[int] = set()  # every engine process of the run
+
+        def step2():
+            seen.update(_pids("EngineActor"))
+            return 2 in _rows(run_dir)
+
+        _wait(step2, proc, "step 2")
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = err.decode()
+    assert proc.returncode == 0, log[-3000:]
+    # step 1's sync: engine 1 exits inside update_weights; it alone is replaced and the sync retried
+    assert re.search(r"engine 1 died during update_weights \(\w+\) in the weight sync: replacing engine 1 "
+                     r"\(restart 1 of at most 1\)", log), log[-3000:]
+    assert re.search(r"engine\(s\) \[1\] replaced \(the others kept\) in [\d.]+ s; retrying the weight sync", log)
+    assert re.search(r"engine restart: \[0\] answered in [\d.]+ s; replacing \[1\]", log), log[-3000:]
+    assert len(seen) == 3, seen  # the two first engines and one replacement: engine 0 kept its process
+    rows = _rows(run_dir)
+    assert rows[1]["engine/restarts"] == 1 and rows[1]["engine/replaced"] == 1 and rows[1]["engine/recovery_s"] > 0
+    assert rows[2]["engine/restarts"] == 1 and rows[2]["engine/recovery_s"] == 0
+    # step 2 is rolled out by the survivor and the replacement, both holding step 1's policy
+    assert rows[2]["rollout/logprob_diff_max"] < max(1e-3, 10 * rows[1]["rollout/logprob_diff_max"]), rows[2]
 
 
 def test_rank_sigkill_ends_the_run_with_one_line_naming_the_last_checkpoint(ray_cluster, tiny):

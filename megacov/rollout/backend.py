@@ -5,7 +5,7 @@ second backend (e.g. SGLang) implements the same methods and the loop, the runti
 not change. Control calls take ``timeout_s`` so a wedged engine surfaces at the call that hung; the
 weight-update side is vLLM's client protocol (``weight_client()`` returns an object with
 ``init_weight_transfer_engine / start_weight_update / update_weights / finish_weight_update``), so an
-engine restarted with ``restart`` rejoins through the same rendezvous.
+engine replaced with ``replace`` rejoins through a new rendezvous while the others keep running.
 """
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ class RolloutBackend(Protocol):
     def weight_groups(self) -> dict[str, list[str]]:
         """Engine module -> HF tensor names loaded into it (fused groups)."""
 
-    def weight_client(self) -> Any:
-        """A ``VLLMWeightSyncClient`` over every engine."""
+    def weight_client(self, indices: Sequence[int] | None = None, timeout_s: float | None = None) -> Any:
+        """A ``VLLMWeightSyncClient`` over engines ``indices`` (all by default) whose calls raise
+        ``EngineFault`` naming an engine that died or missed ``timeout_s``."""
 
     def weight_states(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         """Per engine: ``index``, ``version``, ``consistent``, the workers' last update reports."""
@@ -43,5 +44,13 @@ class RolloutBackend(Protocol):
     def wake_up(self, tags: list[str] | None = None, timeout_s: float | None = None) -> None: ...
 
     def restart(self, model_path: str | None = None) -> None: ...
+
+    def replace(self, indices: Sequence[int]) -> None:
+        """Fresh engines in place of ``indices``; the others keep running with their weights."""
+
+    def health(self, indices: Sequence[int], timeout_s: float | None = None) -> dict[int, dict[str, Any] | None]:
+        """Weight state of engines ``indices``; None for one that is dead or does not answer."""
+
+    def probe(self, timeout_s: float | None = None) -> None: ...
 
     def shutdown(self) -> None: ...

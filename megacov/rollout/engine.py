@@ -35,6 +35,11 @@ from megacov.runtime.recovery import EngineFault, gather
 from megacov.workers.group import GPU_FRACTION_COLOCATED, BundleSpec, Placement
 
 EXTENSION_CLS = "megacov.rollout.extension.WeightReceiver"
+FAULT_ENV = "MEGACOV_FAULT_ENGINE"
+"""Fault drill: ``<engine>[.<incarnation>]:<call>:<exit|hang>[,...]`` makes that engine (its first
+start is incarnation 0, each replacement one more) exit or hang when ``call`` (a weight-transfer
+call: ``init_weight_transfer_engine``, ``start_weight_update``, ``update_weights``,
+``finish_weight_update``) reaches it, as a SIGKILL or a stuck collective would."""
 log = logging.getLogger(__name__)
 
 
@@ -99,14 +104,17 @@ class EngineSpec:
         if not self.use_gpu:
             env.update(VLLM_CPU_KVCACHE_SPACE=str(self.cpu_kvcache_space_gb), VLLM_CPU_OMP_THREADS_BIND="nobind")
         env.update(self.env)
+        if os.environ.get(FAULT_ENV):  # fault injection (tests, drills) reaches the engine actors
+            env[FAULT_ENV] = os.environ[FAULT_ENV]
         return env
 
 
 class EngineActor:
     """One vLLM engine (``LLM``) inside a Ray actor."""
 
-    def __init__(self, spec: EngineSpec, index: int):
+    def __init__(self, spec: EngineSpec, index: int, incarnation: int = 0):
         os.environ.update(spec.actor_env())
+        self.faults = planned_faults(os.environ.get(FAULT_ENV, ""), index, incarnation)
         from megacov.rollout.transfer import register
 
         register()  # the in-process worker (TP=1) builds its transfer engine in this process
@@ -139,6 +147,7 @@ class EngineActor:
         from megacov.workers.cluster import node_ip
 
         return {"index": self.index, "pid": os.getpid(), "start_s": self.start_s, "version": self.version,
+                "actor_id": _own_actor_id(),
                 "tp": self.spec.tp, "consistent": self.consistent, "node_ip": node_ip()}
 
     def _check_usable(self) -> None:
@@ -183,25 +192,27 @@ class EngineActor:
         return self.llm.collective_rpc("megacov_weight_groups")[0]
 
     def init_weight_transfer_engine(self, request: Any) -> None:
-        """Join the trainer's transfer groups; this engine's ranks follow those of engines before it."""
+        """Join the trainer's transfer groups (the weight client set this engine's ranks in them)."""
+        self._drill("init_weight_transfer_engine")
         info = dict(request.init_info if hasattr(request, "init_info") else request["init_info"])
-        if "rank_offset" in info:
-            info["rank_offset"] = int(info["rank_offset"]) + self.index * self.spec.tp
         self.llm.init_weight_transfer_engine({"init_info": info})
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.shutdown_weight_transfer_engine()
 
     def start_weight_update(self) -> None:
+        self._drill("start_weight_update")
         self.consistent = False
         self.llm.start_weight_update()
 
     def update_weights(self, request: Any) -> None:
+        self._drill("update_weights")
         self.llm.update_weights(request)
 
     def finish_weight_update(self) -> dict[str, Any]:
         """vLLM finalises the reload; then every worker's completeness report is checked and the
         prefix cache is reset (KV blocks of the old weights must not be reused)."""
+        self._drill("finish_weight_update")
         self.llm.finish_weight_update()
         reports = self.llm.collective_rpc("megacov_update_report")
         self.llm.reset_prefix_cache()
@@ -212,6 +223,16 @@ class EngineActor:
         self.consistent = True
         self.last_report = reports
         return {"index": self.index, "workers": reports}
+
+    def _drill(self, call: str) -> None:
+        action = self.faults.pop(call, None)
+        if action == "exit":
+            log.error("engine %d: fault drill: exiting in %s", self.index, call)
+            os._exit(1)
+        if action == "hang":
+            log.error("engine %d: fault drill: hanging in %s", self.index, call)
+            while True:
+                time.sleep(3600)
 
     def update_weight_version(self, version: str) -> None:
         self.llm.update_weight_version(version)
@@ -231,6 +252,31 @@ class EngineActor:
     def wake_up(self, tags: list[str] | None = None) -> None:
         if self.spec.use_gpu:
             self.llm.wake_up(tags)
+
+
+def planned_faults(spec: str, index: int, incarnation: int) -> dict[str, str]:
+    """``{call: action}`` of the fault drill (:data:`FAULT_ENV`) for this engine and incarnation."""
+    faults = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        try:
+            who, call, action = item.split(":")
+            engine, _, inc = who.partition(".")
+            if action not in ("exit", "hang"):
+                raise ValueError(action)
+            if (int(engine), int(inc or 0)) == (index, incarnation):
+                faults[call] = action
+        except ValueError:
+            raise ValueError(f"{FAULT_ENV}: '{item}' is not <engine>[.<incarnation>]:<call>:<exit|hang>") from None
+    return faults
+
+
+def _own_actor_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_actor_id()
+    except Exception:  # noqa: BLE001 - outside Ray (tests build the class directly)
+        return None
 
 
 def _expose_node_gpus_own_first() -> None:
@@ -292,6 +338,53 @@ def engine_actor_options(spec: EngineSpec, placement: Placement, first: int, *, 
             "runtime_env": {"env_vars": env}}
 
 
+class EngineWeightClient:
+    """vLLM's ``VLLMWeightSyncClient`` protocol over some engine actors, as the trainer's rank 0 calls it.
+
+    Unlike vLLM's ``RayVLLMWeightSyncClient`` (``ray.get`` without a deadline), every call settles
+    with a deadline, and a dead or wedged engine raises :class:`EngineFault` naming it, so the rank
+    that drives the update learns which engine failed instead of blocking (see
+    :func:`~megacov.runtime.recovery.settle`). An engine's ranks in the transfer groups follow those
+    of the engines before it *in this client*: a client over the replacements alone forms a group of
+    the exporters and them.
+    """
+
+    def __init__(self, actors: Sequence[Any], indices: Sequence[int], tp: int, timeout_s: float | None) -> None:
+        self.actors, self.indices, self.tp, self.timeout_s = list(actors), list(indices), tp, timeout_s
+
+    def _call(self, method: str, payloads: Sequence[tuple[Any, ...]]) -> list[Any]:
+        from megacov.runtime.recovery import settle
+
+        refs = [getattr(a, method).remote(*p) for a, p in zip(self.actors, payloads)]
+        return settle(refs, [f"engine {i}" for i in self.indices], method, self.timeout_s, EngineFault)
+
+    def init_weight_transfer_engine(self, init_info: dict[str, Any]) -> None:
+        payloads = []
+        for position in range(len(self.actors)):
+            info = dict(init_info)
+            if "rank_offset" in info:
+                info["rank_offset"] = int(info["rank_offset"]) + position * self.tp
+            payloads.append(({"init_info": info},))
+        self._call("init_weight_transfer_engine", payloads)
+
+    def start_weight_update(self) -> None:
+        self._call("start_weight_update", [()] * len(self.actors))
+
+    def update_weights(self, update_info: Any) -> None:
+        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+
+        request = WeightTransferUpdateRequest(update_info=update_info)
+        self._call("update_weights", [(request,)] * len(self.actors))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._call("finish_weight_update", [()] * len(self.actors))
+        if weight_version is not None:
+            self._call("update_weight_version", [(weight_version,)] * len(self.actors))
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._call("shutdown_weight_transfer_engine", [()] * len(self.actors))
+
+
 class RolloutEngines:
     """``count`` engines of ``spec``; prompts are split into contiguous chunks, one per engine.
 
@@ -310,7 +403,10 @@ class RolloutEngines:
         self.call_timeout_s = call_timeout_s
         """Default per-call timeout of control calls (None: wait); a wedged engine then raises."""
         self.actors: list[Any] = []
-        self._placements: list[Placement] = []
+        self.infos: list[dict[str, Any]] = []
+        self._placements: dict[int, Placement] = {}
+        self.incarnations = [0] * count
+        """Per engine: how many times it was replaced (the fault drill and the logs tell them apart)."""
         self._groups: Any | None = None
         self.start()
 
@@ -320,21 +416,25 @@ class RolloutEngines:
         placement = self.shared_placement
         if placement is None:  # disaggregated, or CPU: every engine gets its own placement
             placement = own_placement(self.spec, index)
-            self._placements.append(placement)
+            self._placements[index] = placement
             first = 0
         else:
             first = self.bundle_offset + index * self.spec.tp
         return engine_actor_options(self.spec, placement, first, shared=self.shared_placement is not None)
+
+    def _launch(self, index: int) -> Any:
+        import ray
+
+        return ray.remote(EngineActor).options(**self._actor_options(index)).remote(
+            self.spec, index, self.incarnations[index])
 
     def start(self) -> None:
         import ray
 
         if self.actors:
             return
-        remote_cls = ray.remote(EngineActor)
         try:
-            self.actors = [remote_cls.options(**self._actor_options(i)).remote(self.spec, i)
-                           for i in range(self.count)]
+            self.actors = [self._launch(i) for i in range(self.count)]
             self.infos = ray.get([a.info.remote() for a in self.actors], timeout=self.start_timeout_s)
         except BaseException:
             self.shutdown()
@@ -346,9 +446,9 @@ class RolloutEngines:
         actors, self.actors = self.actors, []
         for actor in actors:
             ray.kill(actor)
-        for placement in self._placements:
+        for placement in self._placements.values():
             placement.remove()
-        self._placements = []
+        self._placements = {}
         self._groups = None
 
     def restart(self, model_path: str | None = None) -> None:
@@ -356,7 +456,43 @@ class RolloutEngines:
         self.shutdown()
         if model_path is not None:
             self.spec.model_path = model_path
+        self.incarnations = [n + 1 for n in self.incarnations]
         self.start()
+
+    def replace(self, indices: Sequence[int]) -> None:
+        """Kill engines ``indices`` and start fresh ones in their places (same index, same bundles, the
+        spec's HF directory); the other engines keep running, untouched. A replacement that does not
+        start raises :class:`EngineFault`."""
+        import ray
+
+        for i in indices:
+            ray.kill(self.actors[i])
+            placement = self._placements.pop(i, None)
+            if placement is not None:
+                placement.remove()
+            self.incarnations[i] += 1
+        for i in indices:
+            self.actors[i] = self._launch(i)
+        fresh = gather([self.actors[i].info.remote() for i in indices], [f"engine {i}" for i in indices],
+                       "its start", self.start_timeout_s, EngineFault)
+        for i, info in zip(indices, fresh):
+            self.infos[i] = info
+
+    def health(self, indices: Sequence[int], timeout_s: float | None = None) -> dict[int, dict[str, Any] | None]:
+        """The weight state of engines ``indices``, or None for one that is dead or does not answer in time."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        refs = [self.actors[i].weight_state.remote() for i in indices]
+        if refs:
+            ray.wait(refs, num_returns=len(refs), timeout=timeout_s or self.call_timeout_s)
+        out: dict[int, dict[str, Any] | None] = {}
+        for i, ref in zip(indices, refs):
+            try:
+                out[i] = ray.get(ref, timeout=0)
+            except (RayActorError, GetTimeoutError):
+                out[i] = None
+        return out
 
     # -- generation ------------------------------------------------------------------------------
 
@@ -400,11 +536,12 @@ class RolloutEngines:
             self._groups = ray.get(self.actors[0].weight_groups.remote(), timeout=self.call_timeout_s)
         return self._groups
 
-    def weight_client(self) -> Any:
-        """vLLM's Ray client over every engine actor: what the trainer-side transfer engine drives."""
-        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
-
-        return RayVLLMWeightSyncClient(list(self.actors))
+    def weight_client(self, indices: Sequence[int] | None = None, timeout_s: float | None = None) -> Any:
+        """vLLM's client protocol over engines ``indices`` (all by default), each call with a deadline:
+        what the trainer-side transfer engine drives (see :class:`EngineWeightClient`)."""
+        chosen = list(range(self.count)) if indices is None else list(indices)
+        return EngineWeightClient([self.actors[i] for i in chosen], chosen, self.spec.tp,
+                                  timeout_s or self.call_timeout_s)
 
     def weight_states(self, timeout_s: float | None = None) -> list[dict[str, Any]]:
         import ray
@@ -422,7 +559,9 @@ class RolloutEngines:
 
         ray.get([a.sleep.remote(level) for a in self.actors], timeout=timeout_s or self.call_timeout_s)
 
-    def wake_up(self, tags: list[str] | None = None, timeout_s: float | None = None) -> None:
+    def wake_up(self, tags: list[str] | None = None, timeout_s: float | None = None,
+                indices: Sequence[int] | None = None) -> None:
         import ray
 
-        ray.get([a.wake_up.remote(tags) for a in self.actors], timeout=timeout_s or self.call_timeout_s)
+        chosen = range(self.count) if indices is None else indices
+        ray.get([self.actors[i].wake_up.remote(tags) for i in chosen], timeout=timeout_s or self.call_timeout_s)

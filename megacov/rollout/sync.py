@@ -3,10 +3,14 @@
 One sync, as the driver sees it (:meth:`WeightSync.sync`): every actor rank runs ``send_weights()``
 (:class:`~megacov.rollout.sender.WeightSenderMixin`), which drives its trainer-side transfer engine
 built by vLLM's ``WeightTransferTrainerFactory``. Actor rank 0 calls the engines' vLLM lifecycle
-through vLLM's ``RayVLLMWeightSyncClient``: ``start_weight_update``, ``update_weights`` (while every
+through a client of vLLM's ``VLLMWeightSyncClient`` protocol: ``start_weight_update``, ``update_weights`` (while every
 pipeline stage's exporting rank sends its own layers, all stages at once), ``finish_weight_update``
 with the new weight version. Each engine then checks that every tensor it expects arrived exactly
 once and resets its prefix cache (:meth:`~megacov.rollout.engine.EngineActor.finish_weight_update`).
+The client is :class:`~megacov.rollout.engine.EngineWeightClient` (vLLM's client protocol, every call
+with a deadline): an engine that dies or wedges mid-sync fails the sync as an
+:class:`~megacov.runtime.recovery.EngineFault` naming it, the actor ranks leave the transfer together,
+and the next sync forms the transfer groups again (over replacements, when recovery made some).
 
 After the round trip the driver reads every engine's state: an engine that is not at the new
 version, or whose update was incomplete, fails the sync (:class:`SyncError`): a stale engine is
@@ -63,13 +67,18 @@ class WeightSync:
         self.transport = transport
         self.timeout_s = timeout_s
         self.version = 0
+        """The last version a sync was started for."""
+        self.completed = 0
+        """The last version every engine completed: the actor's weights as the engines hold them."""
         self._connected: Any = None
         self.routes: list[Any] = []
         """Per engine: node and backend, decided at :meth:`connect` from where things actually run."""
 
-    def connect(self, actor: Any) -> None:
-        """Rendezvous every actor rank's trainer-side engine with every engine worker (once)."""
-        if self._connected is actor:
+    def connect(self, actor: Any, indices: list[int] | None = None) -> None:
+        """Rendezvous every actor rank's trainer-side engine with the workers of engines ``indices``
+        (all by default); again only when the actor group or the engine set changed."""
+        chosen = list(range(self.engines.count)) if indices is None else sorted(indices)
+        if self._connected is not None and self._connected[0] is actor and self._connected[1] == tuple(chosen):
             return
         stages = sorted(e for e in actor.transfer_endpoints() if e is not None)
         if [s for s, _, _ in stages] != list(range(len(stages))):
@@ -78,7 +87,7 @@ class WeightSync:
             raise SyncError(f"vLLM's '{self.transport}' engine has one sender; with parallel.pp={len(stages)} "
                             f"use rollout.sync_transport=gloo (one sender per stage) or auto")
         info = {"backend": self.transport, "endpoints": [[host, port] for _, host, port in stages],
-                "world_size": 1 + self.engines.count * self.engines.spec.tp, "bucket_bytes": self.bucket_bytes,
+                "world_size": 1 + len(chosen) * self.engines.spec.tp, "bucket_bytes": self.bucket_bytes,
                 "groups": self.engines.weight_groups(), "timeout_s": self.timeout_s}
         from megacov.rollout.plan import route_engines, routes_table
 
@@ -86,35 +95,53 @@ class WeightSync:
                                     else self.transport, use_gpu=self.engines.spec.use_gpu,
                                     exporter_nodes=[host for _, host, _ in stages],
                                     engine_nodes=[i["node_ip"] for i in self.engines.infos], pp=len(stages))
-        log.info("weight sync per engine (exporters on %s):\n%s", sorted({h for _, h, _ in stages}),
-                 routes_table(self.routes))
-        actor.init_weight_transfer(info, self.engines.weight_client())
-        self._connected = actor
+        if indices is None:
+            log.info("weight sync per engine (exporters on %s):\n%s", sorted({h for _, h, _ in stages}),
+                     routes_table(self.routes))
+        self._connected = None
+        try:
+            actor.init_weight_transfer(info, self.engines.weight_client(chosen, self.timeout_s),
+                                       timeout_s=self._rank_deadline())
+        except Exception as exc:  # noqa: BLE001 - an engine fault passes as it is
+            raise _engine_fault_or(exc, "weight-transfer rendezvous failed") from exc
+        self._connected = (actor, tuple(chosen))
         self.version = max([s["version"] for s in self.engines.weight_states()] + [self.version])
 
     def disconnect(self) -> None:
-        """Forget the rendezvous (the engines were replaced): the next sync connects again."""
+        """Forget the rendezvous (engines were replaced): the next sync forms the group again."""
         self._connected = None
 
-    def sync(self, actor: Any) -> SyncReport:
-        """Push the actor's current weights into every engine; raise :class:`SyncError` if any is stale."""
-        self.connect(actor)
+    def _rank_deadline(self) -> float:
+        """The ranks' own deadline: rank 0 waits up to ``timeout_s`` for an engine, then everybody leaves."""
+        return 2 * self.timeout_s + 30.0
+
+    def sync(self, actor: Any, indices: list[int] | None = None, version: int | None = None) -> SyncReport:
+        """Push the actor's current weights into engines ``indices`` (all by default), as weight
+        ``version`` (the next one by default); raise :class:`SyncError` if any of them is stale, and
+        :class:`~megacov.runtime.recovery.EngineFault` naming an engine that died or wedged."""
+        self.connect(actor, indices)
         start = time.perf_counter()
-        self.version += 1
+        if version is None:
+            self.version += 1
+            version = self.version
         try:
-            results = actor.send_weights(self.version, timeout_s=self.timeout_s)
+            results = actor.send_weights(version, timeout_s=self._rank_deadline())
         except Exception as exc:  # noqa: BLE001 - the engines stay marked inconsistent
-            raise SyncError(f"weight sync failed; the engines refuse to generate until a sync succeeds: "
-                            f"{_first_line(exc)}") from exc
+            self._connected = None  # the transfer groups were torn down: the next sync forms them again
+            raise _engine_fault_or(exc, "weight sync failed; the engines refuse to generate until a sync "
+                                        "succeeds") from exc
+        chosen = list(range(self.engines.count)) if indices is None else sorted(indices)
         seconds = time.perf_counter() - start
         if self.transport != "megacov_gloo":  # vLLM's engines finish without a version: record it here
-            self.engines.set_weight_version(self.version)
-        states = self.engines.weight_states()
-        stale = [s for s in states if s["version"] != self.version or not s["consistent"]]
+            self.engines.set_weight_version(version)
+        states = [s for s in self.engines.weight_states() if s["index"] in chosen]
+        stale = [s for s in states if s["version"] != version or not s["consistent"]]
         if stale:
             s = stale[0]
             raise SyncError(f"engine {s['index']} holds weight version {s['version']} (consistent={s['consistent']}) "
-                            f"after sync {self.version}: it is stale")
+                            f"after sync {version}: it is stale")
+        if indices is None:
+            self.completed = version
         exporters = [r for r in results if r]
         workers = [w for s in states for w in s["workers"]]
         return SyncReport(
@@ -126,10 +153,20 @@ class WeightSync:
             exporter_peak_extra_bytes=_max_or_none(r.get("peak_extra_bytes") for r in exporters),
             engine_peak_extra_bytes=_max_or_none(w.get("peak_extra_bytes") for w in workers),
             engine_load_seconds=max((w["load_s"] for w in workers), default=0.0),
-            version=self.version, transport=self.transport,
+            version=version, transport=self.transport,
             stage_windows=[(r["start_s"], r["end_s"]) for r in sorted(exporters, key=lambda r: r["stage"])],
             per_rank=results,
         )
+
+
+def _engine_fault_or(exc: BaseException, what: str) -> BaseException:
+    """The engine fault behind ``exc`` (it names the engine; recovery replaces it), else a SyncError."""
+    from megacov.runtime.recovery import EngineFault, find_fault
+
+    fault = find_fault(exc)
+    if fault is not None:
+        return EngineFault(fault.who, fault.call, fault.kind, fault.detail)
+    return SyncError(f"{what}: {_first_line(exc)}")
 
 
 def _max_or_none(values: Iterable[int | None]) -> int | None:

@@ -66,12 +66,24 @@ def register() -> None:
 # the gloo channel: one group per pipeline stage, rank 0 = that stage's exporting rank
 # ------------------------------------------------------------------------------------------------
 
-def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> Any:
-    """A gloo process group outside ``torch.distributed``'s global state (vLLM's stateless helper)."""
+def open_group(host: str, port: int, rank: int, world_size: int, timeout_s: float) -> tuple[Any, Any]:
+    """A gloo process group outside ``torch.distributed``'s global state (vLLM's stateless helper),
+    and its rendezvous store (hosted by rank 0, the exporter): the exporter marks an abandoned
+    update there (:data:`ABANDONED`), which a receiver blocked in the group cannot otherwise learn."""
     from vllm.distributed.utils import stateless_init_torch_distributed_process_group
 
     return stateless_init_torch_distributed_process_group(host, port, rank, world_size, "gloo",
-                                                          timeout=timedelta(seconds=timeout_s))
+                                                          timeout=timedelta(seconds=timeout_s), return_store=True)
+
+
+#: Store key an exporter sets when it gives an update up (a peer died or timed out, another rank failed).
+ABANDONED = "megacov/abandoned"
+#: How often a receiver waiting for buckets looks at that key.
+POLL_S = 0.5
+
+
+class TransportError(SyncError):
+    """A broadcast on a transfer group failed: a peer died, or one did not take part within the timeout."""
 
 
 def _bcast(pg: Any, tensor: torch.Tensor) -> None:
@@ -79,7 +91,10 @@ def _bcast(pg: Any, tensor: torch.Tensor) -> None:
 
     opts = dist.BroadcastOptions()
     opts.rootRank = 0
-    pg.broadcast([tensor], opts).wait()
+    try:
+        pg.broadcast([tensor], opts).wait()
+    except RuntimeError as exc:  # gloo: "Connection closed by peer", "Timed out waiting ..."
+        raise TransportError(f"weight-transfer group: {str(exc).splitlines()[0] if str(exc) else exc!r}") from exc
 
 
 def _send_header(pg: Any, kind: int, meta_len: int = 0, data_len: int = 0) -> None:
@@ -219,6 +234,9 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def __init__(self, config: Any, vllm_config: Any, device: torch.device, model: torch.nn.Module) -> None:
         super().__init__(config, vllm_config, device, model)
         self.groups: list[Any] = []
+        self.stores: list[Any] = []
+        self.stuck = False
+        """A receive was abandoned while its thread still waits in the group: drop, do not destroy, it."""
         from megacov.rollout.engine_model import engine_fusion_map
 
         # Expected names are read now, before any reload reshapes the modules.
@@ -234,8 +252,9 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
         rank = init_info.rank_offset + int(self.parallel_config.rank)
         self.shutdown()
-        self.groups = [open_group(str(h), int(p), rank, init_info.world_size, init_info.timeout_s)
-                       for h, p in init_info.endpoints]
+        opened = [open_group(str(h), int(p), rank, init_info.world_size, init_info.timeout_s)
+                  for h, p in init_info.endpoints]
+        self.groups, self.stores = [g for g, _ in opened], [st for _, st in opened]
 
     def start_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
@@ -271,7 +290,16 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
             t.start()
         open_stages = len(threads)
         while open_stages:
-            bucket = inbox.get()
+            try:
+                bucket = inbox.get(timeout=POLL_S)
+            except queue.Empty:
+                gone = self._abandoned(update_info.stages)
+                if gone is None:
+                    continue
+                self.stuck = True  # the pump threads wait in the group until its timeout
+                self.problem = f"stage {gone}'s exporter abandoned the update"
+                self._restore()
+                raise SyncError(f"{self.problem} (another engine or rank failed); this update is incomplete")
             if bucket is None:
                 open_stages -= 1
                 continue
@@ -289,6 +317,16 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
             self.problem = f"receiving failed: {errors[0]}"
             self._restore()
             raise errors[0]
+
+    def _abandoned(self, stages: list[int]) -> int | None:
+        """The first stage whose exporter gave this update up (or is gone), else None."""
+        for stage in stages:
+            try:
+                if self.stores[stage].check([ABANDONED]):
+                    return stage
+            except Exception:  # noqa: BLE001 - the exporter's store is unreachable: it is gone
+                return stage
+        return None
 
     def _restore(self) -> None:
         """Put the modules back together after a failed receive (their weights are a mix now)."""
@@ -319,12 +357,12 @@ class GlooWeightTransferEngine(_engine_base()):  # type: ignore[misc]
     def shutdown(self) -> None:
         from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 
-        for pg in self.groups:
+        for pg in [] if self.stuck else self.groups:
             try:
                 stateless_destroy_torch_distributed_process_group(pg)
             except Exception as exc:  # noqa: BLE001 - a peer may be gone already
                 log.debug("closing a weight-transfer group: %s", exc)
-        self.groups = []
+        self.groups, self.stores, self.stuck = [], [], False
 
 
 def completeness_problem(expected: set[str], received: dict[str, int]) -> str | None:
@@ -380,6 +418,7 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
         self.info = init_info
         self.fusion = FusionMap(init_info.groups)
         self.pg: Any = None
+        self.store: Any = None
         self.version = 0
         self.next_version: int | None = None
         """Set by the driver before ``send_weights``: versions count across actor groups and restarts."""
@@ -404,22 +443,26 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
         try:
             if info.exports:
                 host, port = info.endpoints[info.stage]
-                engine.pg = open_group(str(host), int(port), 0, info.world_size, info.timeout_s)
+                engine.pg, engine.store = open_group(str(host), int(port), 0, info.world_size, info.timeout_s)
         finally:
             if future is not None:
                 future.result()
         return engine
 
     def send_weights(self) -> None:
-        """start (rank 0) -> barrier -> every stage sends while rank 0 runs ``update_weights`` ->
-        barrier -> ``finish_weight_update`` with the new version (rank 0)."""
+        """start (rank 0) -> every stage sends while rank 0 runs ``update_weights`` -> ``finish_weight_update``
+        with the new version (rank 0).
+
+        The ranks agree after every phase (:func:`_agree`, over the actor's own process group): when a
+        phase fails anywhere -- an engine that died or wedged (rank 0's client names it), a broken
+        transfer group -- every rank leaves together with an error, none waits in a collective, and
+        the exporters tear their transfer groups down at once, which breaks the surviving engines'
+        pending receives too. The group is then re-formed by the next ``init_weight_transfer``."""
         self.version = self.next_version if self.next_version is not None else self.version + 1
         self.next_version = None
+        self._phase("start_weight_update", self.client.start_weight_update if self.is_sender else None)
         pool = None
         future = None
-        if self.is_sender:
-            self.client.start_weight_update()
-        _barrier()
         if self.is_sender:
             from concurrent.futures import ThreadPoolExecutor
 
@@ -427,21 +470,33 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
             pool = ThreadPoolExecutor(max_workers=1)
             future = pool.submit(self.client.update_weights, payload)
         error = self._send_stage()
-        _barrier()
-        try:
-            if future is not None:
+        if future is not None:
+            try:
                 future.result()
-        except Exception as engine_exc:  # noqa: BLE001 - the exporter's own error says more
-            if error is None:
-                raise
-            log.debug("the engines refused the aborted update: %s", engine_exc)
-        finally:
-            if pool is not None:
+            except Exception as engine_exc:  # noqa: BLE001 - an engine fault names the cause; else ours does
+                if error is None or _is_engine_fault(engine_exc):
+                    error = engine_exc
+            finally:
                 pool.shutdown(wait=False)
+        self._phase("update_weights", error=error)
+        self._phase("finish_weight_update",
+                    (lambda: self.client.finish_weight_update(weight_version=str(self.version)))
+                    if self.is_sender else None)
+
+    def _phase(self, name: str, call: Callable[[], Any] | None = None, error: BaseException | None = None) -> None:
+        """Run ``call`` (when given), then agree with every rank; raise on all of them if any failed."""
+        if call is not None and error is None:
+            try:
+                call()
+            except Exception as exc:  # noqa: BLE001 - raised after the agreement, so nobody hangs
+                error = exc
+        if not _agree(error is not None):
+            return
+        self.abort()
         if error is not None:
             raise error
-        if self.is_sender:
-            self.client.finish_weight_update(weight_version=str(self.version))
+        raise SyncError(f"weight sync aborted in {name}: another actor rank's part failed (its error names the "
+                        f"cause)")
 
     def _send_stage(self) -> BaseException | None:
         """This rank's part: exporters stream their stage; TP peers iterate for the gathers."""
@@ -456,30 +511,58 @@ class GlooTrainerWeightTransferEngine(_TrainerEngine):  # type: ignore[misc,vali
             else:
                 for _ in stream:
                     pass
-        except BaseException as exc:  # noqa: BLE001 - reported after the barrier, so nobody hangs
+        except BaseException as exc:  # noqa: BLE001 - reported after the agreement, so nobody hangs
             for _ in stream:  # TP peers are still in the export's gathers
                 pass
-            if self.info.exports and self.pg is not None:
+            if isinstance(exc, TransportError):  # the group is broken: closing it tells the other peers
+                self.abort()
+            elif self.info.exports and self.pg is not None:  # the export failed: the engines drop the update
                 try:
                     _send_header(self.pg, _ABORT)
                 except Exception as abort_exc:  # noqa: BLE001
-                    log.warning("could not tell the engines that the sync failed: %s", abort_exc)
+                    log.debug("could not tell the engines that the sync failed: %s", abort_exc)
+                    self.abort()
             return exc
         stats.end_s = time.time()
         self.last = stats if self.info.exports else None
         return None
 
+    def abort(self) -> None:
+        """Give this rank's transfer group up now: mark the update abandoned in the group's store (the
+        engine workers waiting for buckets poll it and fail at once) and abort the group."""
+        if self.pg is not None:
+            pg, self.pg = self.pg, None
+            try:
+                self.store.set(ABANDONED, "1")
+                pg.abort()
+            except Exception as exc:  # noqa: BLE001 - closing a broken group
+                log.debug("aborting the weight-transfer group: %s", exc)
+
     def shutdown(self) -> None:
         if self.pg is not None:
             from vllm.distributed.utils import stateless_destroy_torch_distributed_process_group
 
-            stateless_destroy_torch_distributed_process_group(self.pg)
-            self.pg = None
+            pg, self.pg = self.pg, None
+            try:
+                stateless_destroy_torch_distributed_process_group(pg)
+            except Exception as exc:  # noqa: BLE001 - a peer may be gone already
+                log.debug("closing the weight-transfer group: %s", exc)
 
 
-def _barrier() -> None:
+def _agree(failed: bool) -> bool:
+    """Whether any actor rank failed (every rank calls this at the same point): the ranks of the
+    actor are healthy -- it is an engine or a transfer group that failed -- so their own group decides."""
     import torch.distributed as dist
 
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return failed
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    flag = torch.tensor([int(failed)], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
+
+def _is_engine_fault(exc: BaseException) -> bool:
+    from megacov.runtime.recovery import find_fault
+
+    return find_fault(exc) is not None

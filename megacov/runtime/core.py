@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Optional
 
 from megacov.runtime.layout import BundleLayout, ClusterView, decide_gpu, needs_reference, reference_note
@@ -62,6 +64,8 @@ class Runtime:
         """What this runtime built, in order (``actor``, ``reference``, ``engines``, ``sync``)."""
         self._asleep = False
         self._owns_ray = False
+        self.engines_replaced = 0
+        """Engines replaced by :meth:`restart_engines` so far (the run's ``engine/replaced``)."""
 
     # -- start -------------------------------------------------------------------------------------
 
@@ -210,9 +214,12 @@ class Runtime:
             self.actor.reload()
 
     def sync(self) -> Any:
-        """Push the actor's weights into the engines (waking them first when they sleep)."""
+        """Push the actor's weights into the engines (waking them first when they sleep). A dead or
+        wedged engine raises :class:`~megacov.runtime.recovery.EngineFault` naming it: found by a
+        liveness check before the transfer group is formed, or during the transfer itself."""
         if self._asleep:
             self.engines.wake_up(["weights"])
+        self.engines.probe()
         report = self.connect_sync().sync(self.actor)
         if self.offload:  # before the KV cache comes back
             self.actor.offload()
@@ -221,14 +228,44 @@ class Runtime:
             self._asleep = False
         return report
 
-    def restart_engines(self) -> Any:
-        """Replace every engine (fresh processes, same HF directory), rendezvous the weight transfer
-        again and push the actor's current weights: what :mod:`megacov.runtime.recovery` calls."""
-        self.engines.restart()
-        self._asleep = False
-        if self.weight_sync is not None:
-            self.weight_sync.disconnect()
-        return self.sync()
+    def restart_engines(self, faulty: Sequence[int] = (), *, catch_up: bool = True) -> list[int]:
+        """Replace engines ``faulty`` (all when empty) and any other that is dead or does not answer;
+        keep the healthy ones, with their weights. Returns the replaced indices.
+
+        ``catch_up``: the actor holds the weights the engines last completed a sync to (a fault during
+        a rollout): the replacements, and any survivor not at that version (vLLM's own record is
+        checked), receive them through a transfer group of their own, labelled with that version;
+        every engine is then at the same version. Otherwise (a fault during a sync, whose retry
+        brings every engine to the actor's new weights) nothing is sent here. Either way the next
+        sync forms the transfer group again, over the new engine set."""
+        engines, weights = self.engines, self.connect_sync()
+        named = set(faulty or range(engines.count))
+        asked = time.perf_counter()
+        health = engines.health([i for i in range(engines.count) if i not in named], self.call_timeout_s)
+        dead = sorted(named | {i for i, s in health.items() if s is None})
+        log.info("engine restart: %s answered in %.1f s; replacing %s", sorted(i for i, s in health.items() if s),
+                 time.perf_counter() - asked, dead)
+        if self._asleep:  # colocated GPU: the survivors come back with the replacements
+            engines.wake_up(indices=[i for i in range(engines.count) if i not in dead])
+            self._asleep = False
+        engines.replace(dead)
+        self.engines_replaced += len(dead)
+        weights.disconnect()
+        if not catch_up:
+            return dead
+        version = weights.completed
+        stale = [i for i in range(engines.count) if i in dead or not _holds(health.get(i), version)]
+        if version > 0 and stale:
+            weights.sync(self.actor, stale, version=version)
+            weights.disconnect()  # the next sync forms the group over every engine
+        states = engines.weight_states()
+        behind = [s["index"] for s in states if not _holds(s, version)]
+        if behind:
+            from megacov.rollout.buckets import SyncError
+
+            raise SyncError(f"after replacing engine(s) {dead}, engine(s) {behind} do not hold weight version "
+                            f"{version}: {states}")
+        return dead
 
     # -- stop --------------------------------------------------------------------------------------
 
@@ -251,3 +288,11 @@ class Runtime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _holds(state: Optional[dict[str, Any]], version: int) -> bool:
+    """An engine's weight state is complete and at ``version``, by megacov's count and by vLLM's record
+    (vLLM has none before the first sync: the engine holds the weights it started from)."""
+    if state is None or not state["consistent"] or state["version"] != version:
+        return False
+    return state["vllm_version"] == (str(version) if version > 0 else state["vllm_version"])

@@ -11,10 +11,13 @@ typed error naming the process and the call:
   call's timeout (from the config) passes.
 
 Engines hold no state the run cannot rebuild -- their weights are the actor's -- so
-:class:`EngineRecovery` replaces them (a fresh start of every engine, a new weight-transfer
-rendezvous, a sync of the current weights) and the caller retries the work, at most
-``rollout.max_engine_restarts`` times per run. A Megatron rank holds the only copy of its shard of
-the weights and optimizer state: losing one ends the run (:class:`RankFault`), and the run's error
+:class:`EngineRecovery` replaces the engines named by the fault (and any other that fails a liveness
+check), keeps the healthy ones with their weights, re-forms the weight-transfer group and brings the
+replacements to the actor's current weights; the caller then retries the work, at most
+``rollout.max_engine_restarts`` times per run. A fault inside a weight sync is one of these: every
+actor rank leaves the transfer together (:mod:`megacov.rollout.transfer`) and the driver learns
+which engine caused it (:func:`settle`). A Megatron rank holds the only copy of its shard of the
+weights and optimizer state: losing one ends the run (:class:`RankFault`), and the run's error
 line names the last good checkpoint to resume from.
 
 Ray is imported inside functions, so importing this module stays cheap.
@@ -22,6 +25,7 @@ Ray is imported inside functions, so importing this module stays cheap.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -36,12 +40,22 @@ class RemoteFault(RuntimeError):
 
     def __init__(self, who: str, call: str, kind: str, detail: str = "", note: str = "") -> None:
         self.who, self.call, self.kind, self.detail = who, call, kind, detail
+        self.note = note
         super().__init__(f"{who} {kind} during {call}" + (f" ({detail})" if detail else "")
                          + (f"; {note}" if note else ""))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Raised inside an actor rank (the weight client) and unpickled on the driver: keep the fields.
+        return type(self), (self.who, self.call, self.kind, self.detail, self.note)
+
 
 class EngineFault(RemoteFault):
-    """A rollout engine died or wedged; :class:`EngineRecovery` replaces the engines."""
+    """A rollout engine died or wedged; :class:`EngineRecovery` replaces it."""
+
+    @property
+    def engines(self) -> list[int]:
+        """Indices of the engines named in ``who`` (``engine 1`` or ``engine 0, engine 2``)."""
+        return sorted({int(i) for i in re.findall(r"engine (\d+)", self.who)})
 
 
 class RankFault(RemoteFault):
@@ -104,8 +118,56 @@ def _first_dead(pending: Sequence[Any], position: dict, names: Sequence[str],
     return None
 
 
+def settle(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: float | None,
+           fault: type[RemoteFault]) -> list[Any]:
+    """Like :func:`gather`, for calls whose processes fail *together* when one peer fails (a weight
+    transfer: the survivors' receives break when the exporter gives up): a dead process raises
+    ``fault`` at once; otherwise every answer is awaited until the deadline, and the cause is
+    reported before its symptoms -- an :class:`EngineFault` raised inside any of the calls, then the
+    processes that missed the deadline (``wedged``), then the first other error."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    position = {ref: i for i, ref in enumerate(refs)}
+    results: list[Any] = [None] * len(position)
+    errors: list[BaseException] = []
+    pending = list(refs)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while pending:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not ready:
+            break
+        i = position[ready[0]]
+        try:
+            results[i] = ray.get(ready[0])
+        except RayActorError as exc:
+            raise fault(names[i], call, "died", type(exc).__name__) from exc
+        except Exception as exc:  # noqa: BLE001 - classified below
+            errors.append(exc)
+    cause = next((f for f in map(find_fault, errors) if f is not None), None)
+    if cause is not None:
+        raise EngineFault(cause.who, cause.call, cause.kind, cause.detail) from errors[0]
+    if pending:
+        raise fault(", ".join(names[position[r]] for r in pending), call, "wedged", f"no answer in {timeout_s:g} s")
+    if errors:
+        raise errors[0]
+    return results
+
+
+def find_fault(exc: BaseException | None) -> EngineFault | None:
+    """The :class:`EngineFault` behind ``exc`` (itself, a Ray task error's cause, or a ``__cause__``)."""
+    seen = 0
+    while exc is not None and seen < 16:
+        if isinstance(exc, EngineFault):
+            return exc
+        exc = getattr(exc, "cause", None) or exc.__cause__
+        seen += 1
+    return None
+
+
 class EngineRecovery:
-    """Retries work that uses the engines after replacing them, ``max_restarts`` times per run."""
+    """Retries work that uses the engines after replacing the faulty ones, ``max_restarts`` times per run."""
 
     def __init__(self, runtime: Any, max_restarts: int, last_checkpoint: Callable[[], str | None]) -> None:
         self.runtime = runtime
@@ -114,30 +176,58 @@ class EngineRecovery:
         self.restarts = 0
         self.seconds: list[float] = []
         """Wall-clock seconds of every restart (kill, start, rendezvous, re-sync)."""
+        self._reported = 0
 
-    def run(self, what: str, work: Callable[[], T], before_retry: Callable[[], None] | None = None) -> T:
-        """``work()``; on an :class:`EngineFault` replace the engines, call ``before_retry`` (put back
-        what the failed attempt consumed) and try again."""
+    def run(self, what: str, work: Callable[[], T], before_retry: Callable[[], None] | None = None, *,
+            catch_up: bool = True) -> T:
+        """``work()``; on an :class:`EngineFault` replace the faulty engines, call ``before_retry`` (put
+        back what the failed attempt consumed) and try again.
+
+        ``catch_up``: the actor's weights are the ones the engines last completed a sync to, so the
+        replacements receive them at once. ``False`` when ``work`` is itself the weight sync: the
+        retried sync then brings every engine to the actor's new weights."""
         while True:
             try:
                 return work()
             except EngineFault as exc:
-                self.replace(what, exc)
+                self.replace(what, exc, catch_up=catch_up)
                 if before_retry is not None:
                     before_retry()
 
-    def replace(self, what: str, exc: EngineFault) -> None:
-        """Kill every engine, start fresh ones, rendezvous and sync the actor's current weights."""
-        if self.restarts >= self.max_restarts:
-            ckpt = self.last_checkpoint() or "none"
-            raise EngineFault(exc.who, exc.call, exc.kind, exc.detail,
-                              f"rollout.max_engine_restarts={self.max_restarts} restarts used; "
-                              f"last good checkpoint: {ckpt}") from exc
-        self.restarts += 1
-        log.warning("%s in %s: replacing the engines (restart %d of at most %d)", exc, what, self.restarts,
-                    self.max_restarts)
-        start = time.perf_counter()
-        self.runtime.restart_engines()
-        self.seconds.append(time.perf_counter() - start)
-        log.warning("engines replaced and re-synced to weight version %d in %.1f s; retrying %s",
-                    self.runtime.weight_sync.version, self.seconds[-1], what)
+    def replace(self, what: str, exc: EngineFault, *, catch_up: bool = True) -> None:
+        """Replace the engines ``exc`` names (and any other found dead or stale), keep the healthy ones,
+        and bring the replacements to the current weights. A fault during the replacement itself (a
+        replacement that dies during its catch-up sync) costs one more restart."""
+        fault: EngineFault | None = exc
+        while fault is not None:
+            if self.restarts >= self.max_restarts:
+                ckpt = self.last_checkpoint() or "none"
+                raise EngineFault(fault.who, fault.call, fault.kind, fault.detail,
+                                  f"rollout.max_engine_restarts={self.max_restarts} restarts used; "
+                                  f"last good checkpoint: {ckpt}") from fault
+            self.restarts += 1
+            log.warning("%s in %s: replacing %s (restart %d of at most %d)", fault, what, fault.who or "the engines",
+                        self.restarts, self.max_restarts)
+            start = time.perf_counter()
+            try:
+                replaced = self.runtime.restart_engines(fault.engines, catch_up=catch_up)
+                fault = None
+            except EngineFault as again:  # e.g. a replacement that died in its catch-up sync
+                replaced, fault = [], again
+            self.seconds.append(time.perf_counter() - start)
+        synced = f" and synced to weight version {self.runtime.weight_sync.version}" if catch_up and \
+            getattr(self.runtime, "weight_sync", None) is not None else ""
+        log.warning("engine(s) %s replaced (the others kept)%s in %.1f s; retrying %s",
+                    replaced, synced, self.seconds[-1], what)
+
+    @property
+    def replaced(self) -> int:
+        """Engines replaced so far (a restart replaces the faulty engines only)."""
+        return int(getattr(self.runtime, "engines_replaced", 0))
+
+    def step_metrics(self) -> dict[str, float]:
+        """Totals of the run so far and the seconds spent recovering since the last call."""
+        fresh = sum(self.seconds[self._reported:])
+        self._reported = len(self.seconds)
+        return {"engine/restarts": float(self.restarts), "engine/replaced": float(self.replaced),
+                "engine/recovery_s": fresh}

@@ -14,8 +14,8 @@ Metric names (what ``megacov analyze`` reads): step, actor/entropy, reward/{mean
 val/acc, val/<dataset>/{avg,pass}@<k>, cov/{mean,std,max,selected_mean,num_selected},
 response/{len_mean,len_max,clip_frac}, actor/{pg_loss,clipfrac,ppo_kl,kl_ref,grad_norm,lr},
 rollout/logprob_diff_{mean,max}, time/{rollout,reward,logprob,update,sync,other,step},
-perf/tokens_per_s; with ``algorithm.advantage=gae`` also critic/{value_loss,vf_clipfrac,explained_var,
-explained_var_last,return_mean,value_mean,grad_norm,lr,updates}.
+perf/tokens_per_s, engine/{restarts,replaced,recovery_s}; with ``algorithm.advantage=gae`` also
+critic/{value_loss,vf_clipfrac,explained_var,explained_var_last,return_mean,value_mean,grad_norm,lr,updates}.
 """
 from __future__ import annotations
 

@@ -198,15 +198,9 @@ class RunContext:
 
     def sync(self) -> None:
         """Push the actor's weights into the engines (waking them first when they sleep). An engine
-        found dead or wedged first is replaced instead (the replacement receives the same weights)."""
-        from megacov.runtime.recovery import EngineFault
-
-        try:
-            self.engines.probe()
-        except EngineFault as exc:
-            self.recovery.replace("the weight sync", exc)
-            return
-        self.runtime.sync()
+        that is dead before the sync, or dies or wedges during it, is replaced (the others kept) and
+        the sync is retried: every engine then holds the actor's new weights."""
+        self.recovery.run("the weight sync", self.runtime.sync, catch_up=False)
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
         ro = self.cfg.rollout
@@ -265,6 +259,7 @@ class RunContext:
         return self.ckpt.commit(staged)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
+        metrics.update(self.recovery.step_metrics())  # engine/restarts, engine/replaced, engine/recovery_s
         self.metrics.log(step, metrics)  # durable (fsync) before the step's checkpoint is committed
         self.metrics.progress(step, metrics)
         if self._staged is not None:

@@ -32,12 +32,15 @@ class ActorGroup:
     def infos(self) -> list[dict[str, Any]]:
         return self.group.infos
 
-    def _all(self, method: str, *args: Any, timeout_s: float | None = None, **kwargs: Any) -> list[Any]:
-        from megacov.runtime.recovery import RankFault, gather
+    def _all(self, method: str, *args: Any, timeout_s: float | None = None, settled: bool = False,
+             **kwargs: Any) -> list[Any]:
+        """``settled``: the ranks fail together when an engine fails (the weight transfer): wait for
+        all of them and report the engine fault one of them names (:func:`~megacov.runtime.recovery.settle`)."""
+        from megacov.runtime.recovery import RankFault, gather, settle
 
         refs = self.group.execute_async(method, *args, **kwargs)
-        return gather(refs, [f"actor rank {r}" for r in range(len(refs))], method, timeout_s or self.timeout_s,
-                      RankFault)
+        return (settle if settled else gather)(refs, [f"actor rank {r}" for r in range(len(refs))], method,
+                                               timeout_s or self.timeout_s, RankFault)
 
     # -- compute -----------------------------------------------------------------------------------
 
@@ -56,11 +59,11 @@ class ActorGroup:
     def transfer_endpoints(self) -> list[tuple[int, str, int] | None]:
         return self._all("transfer_endpoint")
 
-    def init_weight_transfer(self, info: dict[str, Any], client: Any) -> None:
-        self._all("init_weight_transfer", info, client)
+    def init_weight_transfer(self, info: dict[str, Any], client: Any, timeout_s: float | None = None) -> None:
+        self._all("init_weight_transfer", info, client, timeout_s=timeout_s, settled=True)
 
     def send_weights(self, version: int, timeout_s: float | None = None) -> list[dict[str, Any] | None]:
-        return self._all("send_weights", version, timeout_s=timeout_s)
+        return self._all("send_weights", version, timeout_s=timeout_s, settled=True)
 
     def export_hf_shards(self, out_dir: str) -> list[dict[str, str] | None]:
         return self._all("export_hf_shard", out_dir)
