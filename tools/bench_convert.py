@@ -17,7 +17,8 @@ privileges and touches no one else's cache):
 * ``mcore-to-hf`` layer by layer from the dist checkpoint into planned safetensors shards.
 
 "seconds" is the conversion itself; "wall" adds the process and megatron start-up. Outputs are
-written through the page cache, as a converter normally does (no fsync in either direction).
+written as the converters write them: ``O_DIRECT`` where the file system allows it (so the bytes
+are on disk when a step ends), no fsync in either direction.
 Memory is Linux's exact high-water mark over the step (``VmHWM`` reset on entry,
 :class:`megacov.rollout.memory.PeakRss`): "floor" is the RSS when the step starts, "over floor" what
 the step itself added at its peak, also as a multiple of the largest tensor (the unit a streaming

@@ -137,7 +137,7 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
                             ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(global megatron name, full tensor)`` from a dist checkpoint, layer by layer: the layer
     being yielded and the next one, read meanwhile, are in memory."""
-    from megacov.models.dcp_slices import load_slices, tensor_metadata
+    from megacov.models.dcp_slices import StorageHints, load_slices, tensor_metadata
 
     # Training checkpoints also hold optimizer state: only the model's keys are exported.
     meta = {k: v for k, v in tensor_metadata(ckpt_dir).items() if k.startswith(MODEL_KEY_PREFIXES)}
@@ -179,9 +179,21 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
                 out[mapping.model_name_of_checkpoint_key(k, s)] = tensor
         return out
 
-    # The next step is read while the caller maps and writes this one (two steps in memory).
+    def hint(s: Any) -> None:
+        if s == "embedding":
+            hints.will_need("embedding.word_embeddings.weight")
+        elif s == "final":
+            hints.will_need("decoder.final_layernorm.weight")
+            hints.will_need("output_layer.weight")
+        else:
+            for k in layer_keys:
+                hints.will_need(k, s if parsed[k].layer is None else 0)
+
+    # The next step is read while the caller maps and writes this one (two steps in memory), and the
+    # disk is asked for the step after that.
     steps: list[Any] = ["embedding", *range(arch.num_layers), "final"]
-    ahead = ReadAhead(step, steps, key=lambda s: s)
+    hints = StorageHints(ckpt_dir)
+    ahead = ReadAhead(step, steps, key=lambda s: s, hint=hint)
     if progress:
         from tqdm import tqdm
 
@@ -193,6 +205,7 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
             del tensors
     finally:
         ahead.close()
+        hints.close()
 
 
 def _describe_mcore(mcore_dir: str, hf_dir: str | None) -> tuple[dict, Arch, str]:

@@ -9,7 +9,10 @@ place in its file, so export memory is bounded by one tensor. :func:`atomic_dir`
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
+import mmap
 import os
 import shutil
 import tempfile
@@ -134,6 +137,15 @@ class LazyTensor:
         if b > a:
             self.file.read_into(out, self._begin + a * _numel(rest) * _itemsize(self.dtype))
         return out
+
+    def read_rows_into(self, out: torch.Tensor, start: int) -> None:
+        """Read rows ``start .. start + len(out)`` straight into the contiguous tensor ``out``."""
+        if not out.is_contiguous() or out.dtype != self.dtype or tuple(out.shape[1:]) != self.shape[1:] \
+                or start < 0 or start + out.shape[0] > self.shape[0]:
+            raise ValueError(f"{self.name}: cannot read rows {start}+{out.shape[0]} of {self.shape} {self.dtype} "
+                             f"into {tuple(out.shape)} {out.dtype}")
+        if out.numel():
+            self.file.read_into(out, self._begin + start * _numel(self.shape[1:]) * _itemsize(self.dtype))
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         rows, cols = index if isinstance(index, tuple) else (index, slice(None))
@@ -268,6 +280,126 @@ def release_storage(tensor: torch.Tensor) -> None:
         tensor.untyped_storage().resize_(0)
 
 
+_DIRECT_ALIGN = 4096  # O_DIRECT wants file offsets, lengths and buffers aligned to the device block
+_DIRECT_BLOCK = 8 << 20
+
+
+class DirectFile:
+    """A sequential binary output file written with ``O_DIRECT`` through one reused aligned buffer.
+
+    A converter writes each output byte once and never reads it back; sending it through the page
+    cache costs more than the disk: every write into a *new* file allocates fresh cache pages, which
+    here ran at 0.3-0.8 GB/s against 1.8 GB/s for direct writes of the same bytes. So bytes are
+    copied into an 8 MiB page-aligned buffer and written to disk a block at a time; :meth:`close`
+    writes the tail padded to the block size and truncates the file to its real length. Where the
+    file system refuses ``O_DIRECT`` (tmpfs, some network file systems) the same code writes
+    buffered. :meth:`flush` is deliberately a no-op (callers flush after every record); the bytes
+    are on disk when :meth:`close` returns, without an fsync of the metadata (like a buffered writer).
+
+    ``write_at`` writes at an explicit position: at the cursor it is an ordinary write; anywhere
+    else the file drops to buffered writes for the rest of its life (correct, only slower).
+    """
+
+    def __init__(self, path: str, size: int | None = None) -> None:
+        self.name = path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        try:
+            self._fd = os.open(path, flags | getattr(os, "O_DIRECT", 0), 0o666)
+            self.direct = hasattr(os, "O_DIRECT")
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._fd, self.direct = os.open(path, flags, 0o666), False
+        if size is not None:
+            os.ftruncate(self._fd, size)
+        self._buf = mmap.mmap(-1, _DIRECT_BLOCK)
+        self._view = memoryview(self._buf)
+        self._fill = 0  # bytes staged in the buffer
+        self._done = 0  # bytes already in the file (a multiple of the block size while direct)
+        self._size = size or 0
+
+    def tell(self) -> int:
+        return self._done + self._fill
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def flush(self) -> None:
+        pass
+
+    def write(self, data: Any) -> int:
+        src = memoryview(data).cast("B")
+        n, at = len(src), 0
+        while at < n:
+            take = min(n - at, _DIRECT_BLOCK - self._fill)
+            self._view[self._fill:self._fill + take] = src[at:at + take]
+            self._fill += take
+            at += take
+            if self._fill == _DIRECT_BLOCK:
+                self._drain(self._fill)
+        return n
+
+    def write_at(self, pos: int, data: Any) -> None:
+        if pos != self.tell():
+            self._go_buffered()
+            self._done, self._fill = pos, 0
+        self.write(data)
+
+    def _pwrite(self, view: memoryview, pos: int) -> None:
+        done = 0
+        while done < len(view):
+            try:
+                done += os.pwrite(self._fd, view[done:], pos + done)
+            except OSError as exc:  # O_DIRECT accepted at open, refused at write: go buffered
+                if not self.direct or exc.errno != errno.EINVAL:
+                    raise
+                self._set_direct(False)
+
+    def _drain(self, nbytes: int) -> None:
+        self._pwrite(self._view[:nbytes], self._done)
+        self._done += nbytes
+        self._fill = 0
+
+    def _set_direct(self, on: bool) -> None:
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, (flags | os.O_DIRECT) if on else (flags & ~os.O_DIRECT))
+        self.direct = on
+
+    def _go_buffered(self) -> None:
+        if self.direct:
+            self._set_direct(False)
+        if self._fill:
+            self._drain(self._fill)
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        try:
+            end = self.tell()
+            if self._fill:
+                if self.direct:  # the last block, padded; the file is cut back to its length below
+                    pad = -self._fill % _DIRECT_ALIGN
+                    self._view[self._fill:self._fill + pad] = bytes(pad)
+                    self._drain(self._fill + pad)
+                else:
+                    self._drain(self._fill)
+            os.ftruncate(self._fd, max(end, self._size))
+        finally:
+            os.close(self._fd)
+            self._fd = -1
+            self._view.release()
+            self._buf.close()
+
+    def __enter__(self) -> DirectFile:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 _ST_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64"}
 
 
@@ -311,10 +443,9 @@ class ShardWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-        fh = open(os.path.join(self.out_dir, filename), "wb")  # noqa: SIM115 - open until finish()
+        fh = DirectFile(os.path.join(self.out_dir, filename), size=8 + len(raw) + offset)
         fh.write(len(raw).to_bytes(8, "little"))
         fh.write(raw)
-        fh.truncate(8 + len(raw) + offset)
         for name in names:
             begin, end = header[name]["data_offsets"]
             self._where[name] = (fh, 8 + len(raw) + begin, end - begin)
@@ -333,8 +464,7 @@ class ShardWriter:
         data = tensor.detach().to(device="cpu", dtype=dtype).contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != nbytes:
             raise ValueError(f"tensor {name}: {data.numel()} bytes, planned {nbytes}")
-        fh.seek(pos)
-        fh.write(memoryview(data.numpy()))
+        fh.write_at(pos, memoryview(data.numpy()))
         self._written.add(name)
 
     def finish(self) -> dict[str, str]:

@@ -282,12 +282,23 @@ def split_qkv(fused: torch.Tensor, dims: Dims) -> tuple[torch.Tensor, torch.Tens
             v.reshape(groups * hd, *rest))
 
 
+def _rows_into(src: SliceableTensor, out: torch.Tensor, start: int) -> None:
+    """``out[:] = src[start:start + len(out)]``; a lazy slice that can reads its rows straight into
+    ``out``, so a fused tensor is assembled in place instead of read and then concatenated."""
+    read_rows_into = getattr(src, "read_rows_into", None)
+    if read_rows_into is not None:
+        read_rows_into(out, start)
+    else:
+        out.copy_(src[start:start + out.shape[0]])
+
+
 def hf_to_mcore_shard(name: str, hf: Mapping[str, SliceableTensor], layer_rules: Sequence[Rule], dims: Dims,
                       tp_rank: int = 0, tp: int = 1) -> torch.Tensor:
     """This TP rank's shard of megatron parameter ``name`` built from the HF tensors in ``hf``.
 
     ``hf`` maps absolute HF names to tensors or lazy slices; only the rows/columns of this rank are
-    read from it. Returns a new tensor in the HF tensor's dtype.
+    read from it. Returns a new tensor in the HF tensor's dtype; fused tensors (q/k/v, gate/up) are
+    filled in place, part by part, with no concatenation copy.
     """
     res = resolve(name, layer_rules, dims)
     src = [hf[h] for h in res.hf]
@@ -301,13 +312,21 @@ def hf_to_mcore_shard(name: str, hf: Mapping[str, SliceableTensor], layer_rules:
         q, k, v = src
         groups = k.shape[0] // dims.head_dim
         g0, g1 = _chunk(groups, tp_rank, tp, f"{name}: number of key/value heads")
-        qrows = (dims.num_heads // dims.num_kv_heads) * dims.head_dim
-        return fuse_qkv(q[g0 * qrows:g1 * qrows], k[g0 * dims.head_dim:g1 * dims.head_dim],
-                        v[g0 * dims.head_dim:g1 * dims.head_dim], dims)
+        hd, qrows = dims.head_dim, (dims.num_heads // dims.num_kv_heads) * dims.head_dim
+        out = torch.empty(((g1 - g0) * (qrows + 2 * hd), *q.shape[1:]), dtype=q.dtype)
+        grouped = out.view(g1 - g0, qrows + 2 * hd, *q.shape[1:])
+        for j, g in enumerate(range(g0, g1)):  # megatron's per-group [q heads, k head, v head]
+            _rows_into(q, grouped[j, :qrows], g * qrows)
+            _rows_into(k, grouped[j, qrows:qrows + hd], g * hd)
+            _rows_into(v, grouped[j, qrows + hd:], g * hd)
+        return out
     if kind == "fc1":
         gate, up = src
         lo, hi = _chunk(gate.shape[0], tp_rank, tp, f"{name} ffn size")
-        return torch.cat([gate[lo:hi], up[lo:hi]], dim=0)
+        out = torch.empty((2 * (hi - lo), *gate.shape[1:]), dtype=gate.dtype)
+        _rows_into(gate, out[:hi - lo], lo)
+        _rows_into(up, out[hi - lo:], lo)
+        return out
     # vocab: zero rows beyond the real vocabulary, then this rank's block of the padded rows.
     lo, hi = _chunk(dims.padded_vocab_size, tp_rank, tp, f"{name} padded vocabulary")
     real = src[0]
