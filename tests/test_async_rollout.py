@@ -20,7 +20,7 @@ from megacov.data import PromptLoader, load_prompts
 from megacov.rewards import RewardManager
 from megacov.rollout.engine import Sample
 from megacov.tiny import build_tokenizer
-from megacov.trainer.rollout import Rollout, Timer, collect, launch, rollout_from_json, rollout_to_json
+from megacov.trainer.rollout import Rollout, Timer, collect, launch, rollout_to_json
 from megacov.trainer.run import RunContext, load_next_rollout, save_next_rollout
 from megacov.trainer.step_metrics import timing_metrics
 
@@ -137,7 +137,7 @@ def test_saved_next_batch_round_trips_exactly_as_json(setup, tmp_path):
 @pytest.mark.parametrize("actor, tag, bound, ok", [(3, 3, 0, True), (3, 2, 0, False), (3, 2, 1, True),
                                                    (3, 1, 1, False), (3, 4, 1, False)])
 def test_staleness_is_bounded_and_refused_beyond(actor, tag, bound, ok):
-    ctx = SimpleNamespace(actor_version=actor, _stale_ok=bound)
+    ctx = SimpleNamespace(actor_version=actor, _stale_ok=bound, async_rollout=bound == 1)
     ro = Rollout([], 1, version=tag)
     if ok:
         assert RunContext.staleness(ctx, ro) == actor - tag

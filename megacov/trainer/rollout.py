@@ -107,8 +107,8 @@ class Launched:
 
 def _sampling(cfg: Any, seed: int) -> dict[str, Any]:
     ro = cfg.rollout
-    return dict(n=ro.n, temperature=ro.temperature, top_p=ro.top_p, top_k=ro.top_k, max_tokens=ro.max_response_len,
-                stop=list(ro.stop), seed=seed)
+    return {"n": ro.n, "temperature": ro.temperature, "top_p": ro.top_p, "top_k": ro.top_k,
+            "max_tokens": ro.max_response_len, "stop": list(ro.stop), "seed": seed}
 
 
 def launch(engines: Any, loader: PromptLoader, cfg: Any, step: int, version: int) -> Launched:
