@@ -25,7 +25,7 @@ from conftest import task_overrides, tiny_task
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("time/", "perf/")
+VOLATILE = ("time/", "perf/", "timing/")
 
 DENSE_REWARD = textwrap.dedent('''
     def digits(response, answer):

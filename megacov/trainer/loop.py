@@ -19,8 +19,8 @@ val/acc, val/<dataset>/{avg,pass}@<k>, cov/{mean,std,max,selected_mean,num_selec
 response/{len_mean,len_max,clip_frac}, actor/{pg_loss,clipfrac,ppo_kl,kl_ref,grad_norm,lr},
 rollout/logprob_diff_{mean,max}, rollout/{staleness,policy_version},
 time/{rollout,reward,logprob,update,sync,other,step,engine_busy,actor_busy},
-perf/{tokens_per_s,engine_idle_frac,actor_idle_frac}; with ``algorithm.advantage=gae`` also critic/{value_loss,vf_clipfrac,explained_var,
-return_mean,value_mean,grad_norm,lr}.
+perf/{tokens_per_s,engine_idle_frac,actor_idle_frac}; with ``algorithm.advantage=gae`` also
+critic/{value_loss,vf_clipfrac,explained_var,return_mean,value_mean,grad_norm,lr}.
 """
 from __future__ import annotations
 
