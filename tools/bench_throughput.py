@@ -6,10 +6,11 @@ Prints, in one run:
   3. update-phase time (one ``train_step`` of the tiny model on CPU) padded vs token-budget + packed,
      both measured here, median of ``--repeats``;
   4. RL step time sync vs async (``trainer.async_rollout``): two short runs of the tiny task with real
-     Ray, vLLM and Megatron, one after the other in this process, with long responses whose length
-     the random tiny model draws (EOS comes at random: a long tail up to the cap); plus the fraction
-     of each step the engines and the actor sit idle (from the loop's own busy times), which shows
-     the overlap even where the cores are too few for a speed-up. ``--rl-steps 0`` skips it.
+     Ray, vLLM and Megatron, one after the other in this process, with response lengths as the
+     random tiny model draws them (EOS at random, many up to the cap; the table prints mean and max);
+     plus the fraction of each step the engines and the actor sit idle (from the loop's own busy
+     times), which shows the overlap even where the cores are too few for a speed-up.
+     ``--rl-steps 0`` skips it.
 
     PYTHONPATH=$PWD python tools/bench_throughput.py [--seqs 64 --dp 4 --max-len 4096 --rl-steps 6]
 """
