@@ -425,6 +425,12 @@ class TrainerConfig:
     rank_timeout_s: float = 3600.0
     """Deadline of one call into the training ranks (log-probs, an update, a checkpoint save): a rank
     that misses it is wedged and ends the run, naming the last good checkpoint."""
+    async_rollout: bool = False
+    """One step off-policy: the engines generate step t+1's batch (with the policy of step t-1) while
+    the actor trains on step t's, and take the new weights at the step boundary. Every batch is then
+    exactly one update stale (``rollout/staleness``); the importance ratio still uses the recomputed
+    old log-probs. Needs ``rollout.placement=disaggregated`` (colocated engines sleep while the actor
+    trains, so nothing could overlap)."""
 
 
 @dataclass

@@ -24,6 +24,11 @@ class RolloutBackend(Protocol):
                  seed: int | None = None) -> list[Any]:
         """Samples ordered by prompt, ``n`` consecutive per prompt."""
 
+    def submit_generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, temperature: float,
+                        top_p: float, top_k: int, max_tokens: int, stop: Sequence[str] | None = None,
+                        seed: int | None = None) -> Any:
+        """``generate`` started without waiting: an object whose ``result()`` returns its samples."""
+
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         """Prompt log-probs ``log p(seq[i] | seq[:i])``, i >= 1."""
 

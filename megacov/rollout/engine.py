@@ -157,7 +157,9 @@ class EngineActor:
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[tuple[int, list[int]]], params: dict[str, Any]) -> list[dict[str, Any]]:
+    def generate(self, prompts: Sequence[tuple[int, list[int]]], params: dict[str, Any]) -> dict[str, Any]:
+        """The samples of ``prompts`` and the seconds this engine spent generating them (the driver
+        sums them into the engines' busy time, which shows how far an async rollout overlaps)."""
         from vllm import SamplingParams
 
         self._check_usable()
@@ -166,13 +168,14 @@ class EngineActor:
                               top_k=params["top_k"], max_tokens=params["max_tokens"], stop=params["stop"] or None,
                               seed=None if seed is None else int(seed) + idx, logprobs=0)
                for idx, _ in prompts]
+        start = time.perf_counter()
         outs = self.llm.generate([{"prompt_token_ids": list(ids)} for _, ids in prompts], sps, use_tqdm=False)
         samples = []
         for (idx, _), out in zip(prompts, outs):
             for comp in out.outputs:
                 lps = [step[tok].logprob for tok, step in zip(comp.token_ids, comp.logprobs or [])]
                 samples.append(asdict(Sample(idx, list(comp.token_ids), comp.text, lps, str(comp.finish_reason))))
-        return samples
+        return {"samples": samples, "seconds": time.perf_counter() - start}
 
     def score(self, sequences: Sequence[list[int]]) -> list[list[float]]:
         """``log p(seq[i] | seq[:i])`` for i >= 1 of every sequence (temperature 1, raw logits)."""
@@ -385,6 +388,20 @@ class EngineWeightClient:
         self._call("shutdown_weight_transfer_engine", [()] * len(self.actors))
 
 
+class PendingSamples:
+    """A generate call in flight on the engines (Ray futures, one per engine used)."""
+
+    def __init__(self, pool: RolloutEngines, refs: list[Any], names: list[str]) -> None:
+        self.pool, self.refs, self.names = pool, refs, names
+
+    def result(self) -> list[Sample]:
+        """Wait for every engine's part (a dead or wedged engine raises :class:`EngineFault`)."""
+        chunks = gather(self.refs, self.names, "generate", self.pool.spec.generate_timeout_s, EngineFault)
+        if chunks:  # mean over the engines used: the wall time an engine spent generating
+            self.pool.busy_s += sum(c["seconds"] for c in chunks) / len(chunks)
+        return [Sample(**s) for chunk in chunks for s in chunk["samples"]]
+
+
 class RolloutEngines:
     """``count`` engines of ``spec``; prompts are split into contiguous chunks, one per engine.
 
@@ -407,6 +424,8 @@ class RolloutEngines:
         self._placements: dict[int, Placement] = {}
         self.incarnations = [0] * count
         """Per engine: how many times it was replaced (the fault drill and the logs tell them apart)."""
+        self.busy_s = 0.0
+        """Seconds the engines spent generating so far (mean over the engines of each call)."""
         self._groups: Any | None = None
         self.start()
 
@@ -500,13 +519,20 @@ class RolloutEngines:
                  top_k: int, max_tokens: int, stop: Sequence[str] | None = None,
                  seed: int | None = None) -> list[Sample]:
         """Samples ordered by prompt, ``n`` consecutive samples per prompt."""
+        return self.submit_generate(prompt_token_ids, n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    max_tokens=max_tokens, stop=stop, seed=seed).result()
+
+    def submit_generate(self, prompt_token_ids: Sequence[Sequence[int]], *, n: int, temperature: float,
+                        top_p: float, top_k: int, max_tokens: int, stop: Sequence[str] | None = None,
+                        seed: int | None = None) -> PendingSamples:
+        """:meth:`generate` without waiting: the engines start now, :meth:`PendingSamples.result` collects
+        (an async rollout trains on one batch while these futures produce the next)."""
         params = {"n": n, "temperature": temperature, "top_p": top_p, "top_k": top_k, "max_tokens": max_tokens,
-                      "stop": list(stop or []), "seed": seed}
+                  "stop": list(stop or []), "seed": seed}
         indexed = [(i, list(p)) for i, p in enumerate(prompt_token_ids)]
         parts = [r for r in _chunks(len(indexed), self.count)]
         refs, names = self._fan_out(parts, lambda a, r: a.generate.remote(indexed[r.start:r.stop], params))
-        chunks = gather(refs, names, "generate", self.spec.generate_timeout_s, EngineFault)
-        return [Sample(**s) for chunk in chunks for s in chunk]
+        return PendingSamples(self, refs, names)
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[list[float]]:
         seqs = [list(s) for s in sequences]

@@ -53,10 +53,29 @@ def reference_note(cfg: Any) -> str:
     return "reference policy: skipped (algorithm.kl_coef=0: no KL term reads it; actor/kl_ref is not logged)"
 
 
+def check_async_placement(cfg: Any) -> None:
+    """An async rollout overlaps generation with training: colocated engines sleep while the actor
+    trains, so the two cannot overlap there (one line, keys named)."""
+    from megacov.config import ConfigError
+
+    if cfg.trainer.async_rollout and cfg.rollout.placement == "colocated":
+        raise ConfigError("trainer.async_rollout=true cannot overlap generation with training under "
+                          "rollout.placement=colocated (the engines share the ranks' devices and sleep while "
+                          "the actor trains); set rollout.placement=disaggregated or trainer.async_rollout=false")
+
+
+def rollout_schedule(cfg: Any) -> str:
+    if cfg.trainer.async_rollout:
+        return ("rollout: async, one step off-policy (engines generate step t+1 with the policy of step t-1 "
+                "while the actor trains on step t; weight sync at the step boundary)")
+    return "rollout: synchronous (engines generate, then the actor trains)"
+
+
 def check_colocation(cfg: Any, world: int) -> None:
     """Colocated engines live in the training ranks' bundles: they must fit (one line, keys named)."""
     from megacov.config import ConfigError
 
+    check_async_placement(cfg)
     ro = cfg.rollout
     if ro.placement == "colocated" and ro.engines * ro.tp > world:
         raise ConfigError(
@@ -80,6 +99,7 @@ class BundleLayout:
         from megacov.workers.group import GPU_FRACTION_COLOCATED
 
         t, ro = cfg.trainer, cfg.rollout
+        check_async_placement(cfg)
         if use_gpu and ro.placement == "colocated":
             check_colocation(cfg, world)
             return cls(True, world, {"CPU": float(t.cpus_per_worker + ro.cpus_per_engine), "GPU": 1.0},
@@ -106,5 +126,5 @@ def plan_table(cfg: Any, world: int, use_gpu: bool, gpus_source: str) -> str:
     routes = route_engines(ro.sync_transport, use_gpu=use_gpu, exporter_nodes=exporters, engine_nodes=engines,
                            m2n=False if not use_gpu else None, pp=cfg.parallel.pp)
     lines = [f"devices: {'GPU' if use_gpu else 'CPU'} ({gpus_source})", f"bundles: {layout.describe()}",
-             reference_note(cfg), "weight sync per engine:", routes_table(routes)]
+             reference_note(cfg), rollout_schedule(cfg), "weight sync per engine:", routes_table(routes)]
     return "\n".join(lines)

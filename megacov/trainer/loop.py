@@ -7,15 +7,21 @@ entropy-shaped) -> optional train-rollout mismatch correction (TIS / MIS) -> min
 high-entropy -- are chosen over the whole mini-batch, exactly) ->
 weight sync into the engines -> periodic eval and checkpoint.
 
+With ``trainer.async_rollout`` the engines generate step t+1's batch (with the policy of step t-1)
+while the actor trains on step t's; the generation is collected before the weight sync at the end of
+the step, so every batch is exactly one update stale (``rollout/staleness``, never more).
+
 Everything that is not the algorithm -- starting Ray, worker groups and engines, resuming, sinks --
 is in :mod:`megacov.trainer.run` (processes: :mod:`megacov.runtime`); the per-step numbers are in :mod:`megacov.trainer.step_metrics`.
 
 Metric names (what ``megacov analyze`` reads): step, actor/entropy, reward/{mean,std,acc},
 val/acc, val/<dataset>/{avg,pass}@<k>, cov/{mean,std,max,selected_mean,num_selected},
 response/{len_mean,len_max,clip_frac}, actor/{pg_loss,clipfrac,ppo_kl,kl_ref,grad_norm,lr},
-rollout/logprob_diff_{mean,max}, time/{rollout,reward,logprob,update,sync,other,step},
-perf/tokens_per_s, engine/{restarts,replaced,recovery_s}; with ``algorithm.advantage=gae`` also
-critic/{value_loss,vf_clipfrac,explained_var,explained_var_last,return_mean,value_mean,grad_norm,lr,updates}.
+rollout/logprob_diff_{mean,max}, rollout/{staleness,policy_version},
+time/{rollout,reward,logprob,update,sync,other,step,engine_busy,actor_busy},
+perf/{tokens_per_s,engine_idle_frac,actor_idle_frac}, engine/{restarts,replaced,recovery_s}; with
+``algorithm.advantage=gae`` also critic/{value_loss,vf_clipfrac,explained_var,explained_var_last,
+return_mean,value_mean,grad_norm,lr,updates}.
 """
 from __future__ import annotations
 
@@ -50,10 +56,12 @@ log = logging.getLogger(__name__)
 def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
     """One RL step; returns its metrics (the weights in the engines are already the new policy)."""
     cfg, algo = ctx.cfg, ctx.cfg.algorithm
-    timer = Timer()
+    timer, engine_s = Timer(), ctx.engine_seconds()
 
     # 1. experience: n samples per prompt, scored (dynamic sampling refills uninformative groups)
     ro = ctx.collect(step, timer)  # an engine that dies or wedges is replaced, re-synced, the rollout redone
+    staleness = ctx.staleness(ro)  # updates since the policy that generated it: 0, or 1 when async
+    ctx.prefetch(step + 1)  # async: the engines generate the next batch while the actor trains on this one
     with timer("rollout"):
         ctx.release_engines()  # colocated GPU: vLLM gives its memory back while the actor trains
     truncated = ro.flat("truncated")
@@ -88,7 +96,7 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
 
     # 4. entropy control sees the entropy of the batch it is about to train on
     mean_entropy = masked_mean(entropy, mask)
-    controls = ctx.controller.step(entropy=mean_entropy, step=step, epoch=ctx.loader.epoch + 1)
+    controls = ctx.controller.step(entropy=mean_entropy, step=step, epoch=ro.epoch)
 
     # 5. mini-batch updates (exact global Clip-Cov / KL-Cov selection inside), then weight sync
     with timer("update"):
@@ -97,6 +105,7 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
             extra.update({**ctx.critic.update(batch, returns, values), **value_metrics(returns, values, mask)})
         train_actor = values is None or step > cfg.critic.warmup_steps
         outs = ctx.update(batch, step, controls) if train_actor else []
+    ctx.finish_prefetch(timer)  # async: the next batch is complete (engines idle) before the new weights go in
     with timer("sync"):
         if train_actor:
             ctx.sync()
@@ -105,14 +114,16 @@ def rl_step(ctx: RunContext, step: int) -> dict[str, float]:
     positions = response_positions(ro.prompt_ids, ro.flat("response_ids"), batch.seq_len)
     metrics = {"actor/entropy": mean_entropy, **sm.rollout_metrics(ro, cfg.rollout.max_response_len),
                **sm.update_metrics(outs), **extra, **ro_mismatch(ctx, old_lp, rollout_lp, positions, step),
-               "actor/entropy_coef": controls.entropy_coef, "actor/positive_weight": controls.positive_weight}
+               "actor/entropy_coef": controls.entropy_coef, "actor/positive_weight": controls.positive_weight,
+               "rollout/staleness": float(staleness), "rollout/policy_version": float(ro.version)}
     metrics.update(diversity_metrics(ro, entropy, positions))
     if ref_lp is not None:
         metrics["actor/kl_ref"] = sm.kl_to_ref(old_lp, ref_lp, mask, algo.kl_estimator)
+    engine_s = ctx.engine_seconds() - engine_s  # before eval: the step's own generation
     ctx.after_update(step, metrics, timer)
     generated = int(positions.sum())
     tokens = sum(len(p) for p in ro.prompt_ids) + generated
-    metrics.update(sm.timing_metrics(timer.seconds, timer.total(), tokens, generated))
+    metrics.update(sm.timing_metrics(timer.seconds, timer.total(), tokens, generated, engine_s))
     return metrics
 
 
@@ -134,7 +145,7 @@ def rl_loop(ctx: RunContext) -> int:
         ctx.log(0, ctx.evaluate())
     step = ctx.start_step
     for step in range(ctx.start_step + 1, cfg.trainer.total_steps + 1):
-        if cfg.trainer.total_epochs is not None and ctx.loader.epochs_done >= cfg.trainer.total_epochs:
+        if cfg.trainer.total_epochs is not None and ctx.out_of_epochs():  # a batch drawn before still runs
             log.info("reached trainer.total_epochs=%d at step %d", cfg.trainer.total_epochs, step - 1)
             step -= 1
             break

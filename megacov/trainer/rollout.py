@@ -8,6 +8,11 @@ every step trains on exactly ``data.batch_size`` prompts and the layout arithmet
 
 Sampling seeds are a pure function of (``rollout.seed``, step, round), so a resumed run samples what
 the uninterrupted run sampled.
+
+With ``trainer.async_rollout`` the first round of a step's generation is :func:`launch` ed one step
+early and :func:`collect` finishes it (rewards, refills); every rollout carries the policy version
+that generated it. A finished rollout waiting for its step is written into the checkpoint as JSON
+(:func:`rollout_to_json`), so a resumed run trains on exactly the batch the killed one had made.
 """
 from __future__ import annotations
 
@@ -66,6 +71,10 @@ class Rollout:
     groups: list[Group]
     n: int
     stats: dict[str, float] = field(default_factory=dict)
+    version: int = 0
+    """Policy version of the engines that generated it (the step whose update made those weights)."""
+    epoch: int = 1
+    """Epoch of the prompt stream once its prompts were drawn (1-based)."""
 
     @property
     def prompt_ids(self) -> list[list[int]]:
@@ -83,13 +92,42 @@ def step_seed(base: int, step: int, round_: int) -> int:
     return (base * 1_000_003 + step * 64 + round_) * 65_536 % (2**31 - 1)
 
 
+@dataclass
+class Launched:
+    """The first generate round of a step, started on the engines before that step began."""
+
+    step: int
+    prompts: list[PromptRecord]
+    pending: Any
+    """What ``engines.submit_generate`` returned; ``result()`` waits for the samples."""
+    version: int
+    position: dict[str, Any]
+    """The loader's position before the prompts were drawn (a redo after an engine fault starts there)."""
+
+
+def _sampling(cfg: Any, seed: int) -> dict[str, Any]:
+    ro = cfg.rollout
+    return {"n": ro.n, "temperature": ro.temperature, "top_p": ro.top_p, "top_k": ro.top_k,
+            "max_tokens": ro.max_response_len, "stop": list(ro.stop), "seed": seed}
+
+
+def launch(engines: Any, loader: PromptLoader, cfg: Any, step: int, version: int) -> Launched:
+    """Draw step ``step``'s prompts and start their first round on the engines, without waiting."""
+    position = loader.state_dict()
+    prompts = loader.next(cfg.data.batch_size)
+    pending = engines.submit_generate([list(p.prompt_ids) for p in prompts],
+                                      **_sampling(cfg, step_seed(cfg.rollout.seed, step, 0)))
+    return Launched(step, prompts, pending, version, position)
+
+
 def _generate_groups(engines: Any, prompts: list[PromptRecord], reward_mgr: RewardManager, cfg: Any,
-                     seed: int, timer: Timer) -> tuple[list[Group], RewardBatch]:
+                     seed: int, timer: Timer, pending: Any = None) -> tuple[list[Group], RewardBatch]:
     ro = cfg.rollout
     with timer("rollout"):
-        samples = engines.generate([list(p.prompt_ids) for p in prompts], n=ro.n, temperature=ro.temperature,
-                                   top_p=ro.top_p, top_k=ro.top_k, max_tokens=ro.max_response_len,
-                                   stop=list(ro.stop), seed=seed)
+        if pending is not None:  # launched earlier: only the rest of its generation is waited for here
+            samples = pending.result()
+        else:
+            samples = engines.generate([list(p.prompt_ids) for p in prompts], **_sampling(cfg, seed))
     if len(samples) != len(prompts) * ro.n:
         raise RuntimeError(f"engines returned {len(samples)} samples for {len(prompts)} prompts x n={ro.n}")
     truncated = [s.finish_reason == "length" for s in samples]
@@ -106,17 +144,22 @@ def _generate_groups(engines: Any, prompts: list[PromptRecord], reward_mgr: Rewa
 
 
 def collect(engines: Any, loader: PromptLoader, reward_mgr: RewardManager, cfg: Any, step: int,
-            timer: Timer) -> Rollout:
-    """Sample, score and (optionally) filter until the step has ``data.batch_size`` groups."""
+            timer: Timer, launched: Launched | None = None, version: int = 0) -> Rollout:
+    """Sample, score and (optionally) filter until the step has ``data.batch_size`` groups. With
+    ``launched`` its first round is already on the engines (the tag is then its version)."""
     want, dynamic = cfg.data.batch_size, cfg.data.dynamic_sampling
     kept: list[Group] = []
     dropped: list[Group] = []
     errors = timeouts = rounds = 0
+    if launched is not None:
+        assert launched.step == step, f"the batch launched for step {launched.step} is not step {step}'s"
+        version = launched.version
     for round_ in range(1 + (cfg.data.max_refill_rounds if dynamic else 0)):
         rounds += 1
-        prompts = loader.next(want - len(kept))
-        groups, rb = _generate_groups(engines, prompts, reward_mgr, cfg,
-                                      step_seed(cfg.rollout.seed, step, round_), timer)
+        first = launched if round_ == 0 else None
+        prompts = first.prompts if first is not None else loader.next(want - len(kept))
+        groups, rb = _generate_groups(engines, prompts, reward_mgr, cfg, step_seed(cfg.rollout.seed, step, round_),
+                                      timer, pending=first.pending if first is not None else None)
         errors, timeouts = errors + rb.errors, timeouts + rb.timeouts
         for g in groups:
             (kept if (not dynamic or g.informative) else dropped).append(g)
@@ -128,4 +171,31 @@ def collect(engines: Any, loader: PromptLoader, reward_mgr: RewardManager, cfg: 
     if dynamic:
         stats.update({"dynamic/rounds": float(rounds), "dynamic/dropped_groups": float(len(dropped)),
                       "dynamic/filled_with_dropped": float(filled)})
-    return Rollout(kept, cfg.rollout.n, stats)
+    return Rollout(kept, cfg.rollout.n, stats, version=version, epoch=loader.epoch + 1)
+
+
+# -- a finished rollout in a checkpoint: JSON (floats round-trip exactly), never a pickle ----------
+
+
+def rollout_to_json(ro: Rollout) -> dict[str, Any]:
+    groups = [{"record": {"uid": g.record.uid, "source": g.record.source, "row": g.record.row,
+                          "prompt_ids": list(g.record.prompt_ids), "question": g.record.question,
+                          "answer": g.record.answer},
+               "response_ids": g.response_ids, "logprobs": g.logprobs, "texts": g.texts, "truncated": g.truncated,
+               "scores": g.scores.tolist(), "raw": g.raw.tolist(), "correct": g.correct.tolist(),
+               "dtypes": [str(g.scores.dtype), str(g.raw.dtype), str(g.correct.dtype)]}
+              for g in ro.groups]
+    return {"n": ro.n, "stats": ro.stats, "version": ro.version, "epoch": ro.epoch, "groups": groups}
+
+
+def rollout_from_json(obj: dict[str, Any]) -> Rollout:
+    groups = []
+    for g in obj["groups"]:
+        r = g["record"]
+        rec = PromptRecord(int(r["uid"]), r["source"], int(r["row"]), tuple(int(t) for t in r["prompt_ids"]),
+                           r["question"], r["answer"])
+        s_dt, r_dt, c_dt = g["dtypes"]
+        groups.append(Group(rec, [list(x) for x in g["response_ids"]], [list(x) for x in g["logprobs"]],
+                            list(g["texts"]), list(g["truncated"]), np.asarray(g["scores"], dtype=s_dt),
+                            np.asarray(g["raw"], dtype=r_dt), np.asarray(g["correct"], dtype=c_dt)))
+    return Rollout(groups, int(obj["n"]), dict(obj["stats"]), version=int(obj["version"]), epoch=int(obj["epoch"]))

@@ -88,6 +88,15 @@ class RunContext:
         self.judge_engines = self.metrics = None
         self.critic: Any = None  # PPO-GAE: megacov.critic.group.CriticGroup
         self.last_saved = 0
+        # trainer.async_rollout: the next step's batch, in flight (launched) or finished (ready)
+        self.async_rollout = bool(cfg.trainer.async_rollout)
+        self.actor_version = 0
+        """Policy version of the actor: how many updates it has applied."""
+        self.engine_version = 0
+        """Policy version of the weights in the engines (what a batch generated now is tagged with)."""
+        self._launched: Any = None  # megacov.trainer.rollout.Launched
+        self._ready: Any = None  # megacov.trainer.rollout.Rollout, generated for the next step
+        self._stale_ok = 1 if self.async_rollout else 0
 
     @property
     def engines(self) -> Any:
@@ -144,6 +153,12 @@ class RunContext:
         self.rewards.load_state_dict(state.get("rewards", {}))
         self.history = [tuple(p) for p in state.get("history", [])]
         self.start_step = int(state["step"])
+        self.actor_version = self.engine_version = int(state.get("policy_version", self.start_step))
+        self._ready = load_next_rollout(path)
+        if self._ready is not None and not self.async_rollout:  # its prompts are drawn: train on it anyway
+            log.warning("%s holds the batch an async run generated for step %d; it is used (one step "
+                        "off-policy) although trainer.async_rollout=false", path, self.start_step + 1)
+            self._stale_ok = 1
         log.info("resumed from %s (step %d)", path, self.start_step)
 
     def close(self) -> None:
@@ -159,14 +174,64 @@ class RunContext:
     # -- what the loop calls -----------------------------------------------------------------------
 
     def collect(self, step: int, timer: Timer) -> Any:
-        """The step's experience. An engine that dies or wedges is replaced (and re-synced), and the
-        rollout is redone from the same data position and seeds: no prompt is skipped or repeated."""
+        """The step's experience: the batch finished during the previous step (async), else generated
+        now. An engine that dies or wedges is replaced (and re-synced), and the rollout is redone from
+        the same data position and seeds: no prompt is skipped or repeated."""
+        if self._ready is not None:
+            ro, self._ready = self._ready, None
+            return ro
+        return self._collect(step, timer, None, self.loader.state_dict())
+
+    def _collect(self, step: int, timer: Timer, launched: Any, position: dict[str, Any]) -> Any:
         from megacov.trainer.rollout import collect
 
-        position = self.loader.state_dict()
-        return self.recovery.run(f"the rollout of step {step}",
-                                 lambda: collect(self.engines, self.loader, self.rewards, self.cfg, step, timer),
-                                 before_retry=lambda: self.loader.load_state_dict(position))
+        def work() -> Any:
+            return collect(self.engines, self.loader, self.rewards, self.cfg, step, timer, launched=launched,
+                           version=self.engine_version)
+
+        def before_retry() -> None:  # the replacement engines hold the actor's weights; redo it all
+            nonlocal launched
+            launched = None
+            self.loader.load_state_dict(position)
+            self.engine_version = self.actor_version
+
+        return self.recovery.run(f"the rollout of step {step}", work, before_retry=before_retry)
+
+    def prefetch(self, step: int) -> None:
+        """``trainer.async_rollout``: start step ``step``'s generation now, on the weights the engines
+        hold, so that it runs while the actor trains on the current batch."""
+        from megacov.trainer.rollout import launch
+
+        if not self.async_rollout or step > self.cfg.trainer.total_steps or self.out_of_epochs():
+            return
+        self._launched = launch(self.engines, self.loader, self.cfg, step, self.engine_version)
+
+    def finish_prefetch(self, timer: Timer) -> None:
+        """Wait for the launched batch (then score it and refill it): the engines must be idle before
+        they take the new weights, and a checkpoint after this step holds the finished batch."""
+        if self._launched is None:
+            return
+        launched, self._launched = self._launched, None
+        self._ready = self._collect(launched.step, timer, launched, launched.position)
+
+    def staleness(self, ro: Any) -> int:
+        """Updates between the policy that generated ``ro`` and the actor about to train on it: 0
+        (synchronous) or 1 (async); anything else is refused rather than trained on."""
+        lag, bound = self.actor_version - ro.version, self._stale_ok
+        self._stale_ok = 1 if self.async_rollout else 0  # a saved async batch resumed synchronously: once
+        if not 0 <= lag <= bound:
+            raise RuntimeError(f"batch generated by policy version {ro.version}, the actor holds version "
+                               f"{self.actor_version}: staleness {lag} outside [0, {bound}]; not trained on")
+        return lag
+
+    def out_of_epochs(self) -> bool:
+        """``trainer.total_epochs`` reached and no batch drawn before that is waiting for its step."""
+        total = self.cfg.trainer.total_epochs
+        return total is not None and self.loader.epochs_done >= total and self._ready is None
+
+    def engine_seconds(self) -> float:
+        """Seconds the engines have spent generating so far (mean over engines)."""
+        return float(getattr(self.engines, "busy_s", 0.0))
 
     def log_probs(self, batch: Any, which: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """[B, L] log-probs (and entropies for the actor) of the whole batch, in row order."""
@@ -189,8 +254,10 @@ class RunContext:
         import ray
 
         # The driver's algorithm section travels with every update, so the driver alone decides the loss.
-        return self.actor.update(ray.put(batch), self.mini_batch_seqs, step=step, controls=controls,
+        outs = self.actor.update(ray.put(batch), self.mini_batch_seqs, step=step, controls=controls,
                                  algo_cfg=self.cfg.algorithm)
+        self.actor_version += 1
+        return outs
 
     def release_engines(self) -> None:
         """Colocated on GPU: vLLM offloads its weights and drops its KV cache while the actor trains."""
@@ -200,7 +267,9 @@ class RunContext:
         """Push the actor's weights into the engines (waking them first when they sleep). An engine
         that is dead before the sync, or dies or wedges during it, is replaced (the others kept) and
         the sync is retried: every engine then holds the actor's new weights."""
+        assert self._launched is None, "a weight sync while a generation is in flight"
         self.recovery.run("the weight sync", self.runtime.sync, catch_up=False)
+        self.engine_version = self.actor_version
 
     def generate(self, prompts: list[list[int]], *, n: int, temperature: float, seed: int) -> list[list[Any]]:
         ro = self.cfg.rollout
@@ -241,8 +310,10 @@ class RunContext:
     def save(self, step: int, commit: bool = True) -> Optional[str]:
         state = {"step": step, "loader": self.loader.state_dict(), "controller": self.controller.state_dict(),
                  "history": self.history, "init_path": os.path.abspath(self.init_path),
-                 "rewards": self.rewards.state_dict()}
+                 "rewards": self.rewards.state_dict(), "policy_version": self.actor_version}
         save_optimizer = self.cfg.checkpoint.save_optimizer
+        assert self._launched is None, "a checkpoint while a generation is in flight"
+        ready = self._ready
 
         def write(tmp: str) -> None:
             self.actor.save_checkpoint(tmp, save_optimizer)
@@ -250,6 +321,8 @@ class RunContext:
                 self.actor.offload()
             if self.critic is not None:
                 self.critic.save(tmp)
+            if ready is not None:  # async: the batch generated for the next step (its prompts are drawn)
+                save_next_rollout(tmp, ready)
 
         staged = self.ckpt.stage(step, write, state)
         self.last_saved = step
@@ -283,6 +356,38 @@ class RunContext:
         log.info("%s: stopped after step %d, checkpoint %s; the same command resumes the run",
                  self.stopped_by, step, path)
         return True
+
+
+#: The batch an async run generated for the step after the checkpoint's (JSON, never a pickle).
+NEXT_ROLLOUT = "next_rollout.json"
+
+
+def save_next_rollout(folder: str, ro: Any) -> None:
+    import json
+
+    from megacov.trainer.rollout import rollout_to_json
+
+    with open(os.path.join(folder, NEXT_ROLLOUT), "w") as fh:
+        json.dump(rollout_to_json(ro), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def load_next_rollout(folder: str) -> Any:
+    """The saved next batch of an async run, or None when the checkpoint has none."""
+    import json
+
+    from megacov.trainer.checkpoint import CheckpointError
+    from megacov.trainer.rollout import rollout_from_json
+
+    path = os.path.join(folder, NEXT_ROLLOUT)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as fh:
+            return rollout_from_json(json.load(fh))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path}: not a saved rollout ({type(exc).__name__}: {exc})") from None
 
 
 def build_reward_manager(cfg: Any, runtime: Any = None) -> tuple[Any, Any]:

@@ -83,7 +83,10 @@ def kl_to_ref(old_lp: torch.Tensor, ref_lp: torch.Tensor, mask: torch.Tensor, es
     return masked_mean(kl_estimate(old_lp.double(), ref_lp.double(), mask, estimator), mask)
 
 
-def timing_metrics(seconds: dict[str, float], step_s: float, tokens: int, generated: int) -> dict[str, float]:
+def timing_metrics(seconds: dict[str, float], step_s: float, tokens: int, generated: int,
+                   engine_s: float = 0.0) -> dict[str, float]:
+    """Phase times of the step and the throughput; ``engine_s`` (seconds the engines spent generating
+    during the step) gives the idle fractions that show how far an async rollout overlaps."""
     out = {f"time/{p}": seconds.get(p, 0.0) for p in PHASES}
     covered = sum(out.values())
     out["time/eval"] = seconds.get("eval", 0.0)
@@ -93,4 +96,9 @@ def timing_metrics(seconds: dict[str, float], step_s: float, tokens: int, genera
     out["time/other_frac"] = out["time/other"] / out["time/step"] if out["time/step"] > 0 else 0.0
     out["perf/tokens_per_s"] = tokens / out["time/step"] if out["time/step"] > 0 else 0.0
     out["perf/rollout_tokens_per_s"] = generated / out["time/rollout"] if out["time/rollout"] > 0 else 0.0
+    out["time/engine_busy"] = engine_s
+    out["time/actor_busy"] = out["time/logprob"] + out["time/update"]
+    for who in ("engine", "actor"):
+        busy = out[f"time/{who}_busy"] / out["time/step"] if out["time/step"] > 0 else 0.0
+        out[f"perf/{who}_idle_frac"] = max(0.0, 1.0 - busy)
     return out
