@@ -316,12 +316,14 @@ def test_fresh_run_in_an_old_runs_folder_refuses_unless_told(tmp_path):
 def test_metrics_row_is_on_disk_before_the_checkpoint_commits(tmp_path):
     from megacov.trainer.metrics import MetricsLogger, read_jsonl
     from megacov.trainer.run import RunContext
+    from megacov.runtime.recovery import EngineRecovery
 
     cfg = load_config(None, ["logging.progress_bar=false", "logging.tensorboard=false", "trainer.total_steps=5"])
     ctx = RunContext.__new__(RunContext)
     ctx.cfg, ctx.run_dir = cfg, str(tmp_path)
     ctx.metrics = MetricsLogger(str(tmp_path), cfg.logging, run_name="t", total_steps=5)
     ctx.guard = faults.NonFiniteGuard(3, 1)
+    ctx.recovery = EngineRecovery(None, 0, lambda: None)
     seen = []
 
     class _Mgr:
