@@ -9,8 +9,10 @@ import torch
 from megacov.models import dcp_slices
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> tuple[str, dict]:
+@pytest.fixture(scope="module", params=[True, False], ids=["crc", "no-crc"])
+def ckpt(tmp_path_factory, request) -> tuple[str, dict]:
+    """Records written with and without zip CRCs (megatron's writer leaves them out)."""
+    import torch.utils.serialization.config as serialization_config
     from torch.distributed.checkpoint import FileSystemWriter
     from torch.distributed.checkpoint import save as dcp_save
 
@@ -24,9 +26,11 @@ def ckpt(tmp_path_factory) -> tuple[str, dict]:
         "empty.fp32": torch.empty(0, 3),
     }
     path = str(tmp_path_factory.mktemp("dcp"))
+    old, serialization_config.save.compute_crc32 = serialization_config.save.compute_crc32, request.param
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore")
         dcp_save(state, storage_writer=FileSystemWriter(path), no_dist=True)
+    serialization_config.save.compute_crc32 = old
     return path, state
 
 

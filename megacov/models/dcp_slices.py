@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import sys
 import warnings
 import zipfile
@@ -114,6 +115,16 @@ def _pread_full(fd: int, view: memoryview, offset: int) -> None:
         view, offset = view[got:], offset + got
 
 
+def _stored_bytes(fd: int, start: int, info: zipfile.ZipInfo) -> bytes:
+    """The bytes of a small uncompressed zip entry, without ``zipfile``'s CRC check (writers may
+    leave the CRC unset, as ``torch.save`` does when told not to compute it)."""
+    header = os.pread(fd, 30, start + info.header_offset)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+        return b""
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return os.pread(fd, info.file_size, start + info.header_offset + 30 + name_len + extra_len)
+
+
 def _record_layout(fd: int, start: int, length: int) -> tuple[torch.Tensor, int] | None:
     """``(meta tensor, absolute byte offset of its storage)`` of the ``torch.save`` record at ``start``,
     or None when the record is not one uncompressed, native-byte-order tensor storage.
@@ -128,7 +139,7 @@ def _record_layout(fd: int, start: int, length: int) -> tuple[torch.Tensor, int]
             order = [i for i in infos if i.filename.endswith("/byteorder")]
             if len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED or len(order) != 1:
                 return None
-            if zf.read(order[0]).decode() != sys.byteorder:
+            if _stored_bytes(fd, start, order[0]) != sys.byteorder.encode():
                 return None
             stored = data[0].file_size
         window.seek(0)
