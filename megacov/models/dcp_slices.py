@@ -9,7 +9,12 @@ only those. No process group is needed.
 """
 from __future__ import annotations
 
+import io
+import os
+import struct
+import sys
 import warnings
+import zipfile
 from collections.abc import Sequence
 
 import torch
@@ -74,6 +79,136 @@ class StorageHints:
         self._fds.clear()
 
 
+class _Window(io.RawIOBase):
+    """A read-only view of ``length`` bytes at ``start`` of an open file, for parsing one DCP record."""
+
+    def __init__(self, fd: int, start: int, length: int) -> None:
+        self._fd, self._start, self._length, self._pos = fd, start, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._length}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf) -> int:
+        view = memoryview(buf).cast("B")
+        n = max(0, min(len(view), self._length - self._pos))
+        got = os.preadv(self._fd, [view[:n]], self._start + self._pos) if n else 0
+        self._pos += got
+        return got
+
+
+def _pread_full(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        got = os.preadv(fd, [view], offset)
+        if got <= 0:
+            raise OSError(f"unexpected end of file at byte {offset}")
+        view, offset = view[got:], offset + got
+
+
+def _stored_bytes(fd: int, start: int, info: zipfile.ZipInfo) -> bytes:
+    """The bytes of a small uncompressed zip entry, without ``zipfile``'s CRC check (writers may
+    leave the CRC unset, as ``torch.save`` does when told not to compute it)."""
+    header = os.pread(fd, 30, start + info.header_offset)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04" or info.compress_type != zipfile.ZIP_STORED:
+        return b""
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return os.pread(fd, info.file_size, start + info.header_offset + 30 + name_len + extra_len)
+
+
+def _record_layout(fd: int, start: int, length: int) -> tuple[torch.Tensor, int] | None:
+    """``(meta tensor, absolute byte offset of its storage)`` of the ``torch.save`` record at ``start``,
+    or None when the record is not one uncompressed, native-byte-order tensor storage.
+
+    The tensor's layout comes from ``torch.load(weights_only=True)`` on the meta device (which reads
+    only the record's pickle and zip directory); the zip directory confirms the storage entry."""
+    window = _Window(fd, start, length)
+    try:
+        with zipfile.ZipFile(window) as zf:
+            infos = zf.infolist()
+            data = [i for i in infos if "/data/" in i.filename and not i.filename.endswith("/")]
+            order = [i for i in infos if i.filename.endswith("/byteorder")]
+            if len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED or len(order) != 1:
+                return None
+            if _stored_bytes(fd, start, order[0]) != sys.byteorder.encode():
+                return None
+            stored = data[0].file_size
+        window.seek(0)
+        meta = torch.load(window, map_location="meta", weights_only=True)
+    except Exception:  # noqa: BLE001 - anything unexpected: DCP's own reader handles the record
+        return None
+    if not isinstance(meta, torch.Tensor) or meta.device.type != "meta":
+        return None
+    storage = meta.untyped_storage()
+    offset = getattr(storage, "_checkpoint_offset", None)
+    if not isinstance(offset, int) or storage.nbytes() != stored or not 0 <= offset <= length - stored:
+        return None
+    return meta, start + offset
+
+
+def _reader_class() -> type:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan
+
+    class _DirectReader(FileSystemReader):
+        """DCP's file reader, reading a tensor chunk straight into its destination slice.
+
+        DCP's own reader ``torch.load``s each stored chunk whole and then copies the requested part
+        into the destination, so a large tensor exists twice and its bytes are passed over twice.
+        When the destination slice and the requested part of the chunk are both one contiguous byte
+        range, the bytes are read from the file into the destination directly. Any other item
+        (byte objects, transformed or strided records, other layouts) goes through DCP's reader.
+        """
+
+        def read_data(self, plan, planner):
+            rest, fds, layouts = [], {}, {}
+            try:
+                for item in plan.items:
+                    if not self._read_direct(item, planner, fds, layouts):
+                        rest.append(item)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+            return super().read_data(LoadPlan(rest), planner)
+
+        def _read_direct(self, item, planner, fds, layouts) -> bool:
+            info = self.storage_data[item.storage_index]
+            if item.type != LoadItemType.TENSOR or info.transform_descriptors:
+                return False
+            path = os.path.join(str(self.path), info.relative_path)
+            if path not in fds:
+                fds[path] = os.open(path, os.O_RDONLY)
+            where = (path, info.offset)
+            if where not in layouts:
+                layouts[where] = _record_layout(fds[path], info.offset, info.length)
+            if layouts[where] is None:
+                return False
+            meta, data_at = layouts[where]
+            src = meta
+            for dim, (start, size) in enumerate(zip(item.storage_offsets, item.lengths)):
+                src = src.narrow(dim, start, size)
+            dest = planner.resolve_tensor(item).detach()
+            if (dest.dtype != src.dtype or dest.shape != src.shape or dest.device.type != "cpu"
+                    or not src.is_contiguous() or not dest.is_contiguous()):
+                return False
+            if dest.numel():
+                view = memoryview(dest.reshape(-1).view(torch.uint8).numpy())
+                _pread_full(fds[path], view, data_at + src.storage_offset() * src.element_size())
+            planner.commit_tensor(item, dest)
+            return True
+
+    return _DirectReader
+
+
 def _planner_class() -> type:
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
     from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
@@ -114,9 +249,12 @@ def _planner_class() -> type:
     return _SlicePlanner
 
 
-def load_slices(ckpt_dir: str, requests: dict[str, tuple[Sequence[int], Sequence[int], torch.dtype]]
-                ) -> dict[str, torch.Tensor]:
-    """Load ``{key: (offsets, shape, dtype)}`` boxes; returns ``{key: tensor of that shape}``."""
+def load_slices(ckpt_dir: str, requests: dict[str, tuple[Sequence[int], Sequence[int], torch.dtype]],
+                direct: bool = True) -> dict[str, torch.Tensor]:
+    """Load ``{key: (offsets, shape, dtype)}`` boxes; returns ``{key: tensor of that shape}``.
+
+    ``direct=False`` reads every chunk through DCP's own reader (the reference the direct reads
+    are tested against)."""
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint import load as dcp_load
     from torch.distributed.checkpoint.api import CheckpointException
@@ -126,7 +264,8 @@ def load_slices(ckpt_dir: str, requests: dict[str, tuple[Sequence[int], Sequence
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*single process.*")
-            dcp_load({}, storage_reader=FileSystemReader(ckpt_dir), planner=planner, no_dist=True)
+            dcp_load({}, storage_reader=(_reader_class() if direct else FileSystemReader)(ckpt_dir),
+                     planner=planner, no_dist=True)
     except (Exception, CheckpointException) as exc:  # noqa: BLE001 - DCP's error derives from BaseException
         keys = sorted(requests)
         what = keys[0] + (f" and {len(keys) - 1} more tensors" if len(keys) > 1 else "")
