@@ -43,3 +43,51 @@ def task_overrides(tiny: dict[str, Any], name: str) -> list[str]:
             f"data.eval_files=[{tiny['eval']}]", "data.sft_files=[]", f"trainer.output_dir={tiny['root']}/runs",
             f"trainer.name={name}", "trainer.sft_steps=0", "logging.progress_bar=false",
             "logging.tensorboard=false"]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def metric_rows(run_dir: str) -> dict[int, dict[str, Any]]:
+    """The run's metrics.jsonl as {step: row}."""
+    from megacov.trainer.metrics import read_jsonl
+
+    return {r["step"]: r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
+
+
+def safetensors_dir(path: str) -> dict[str, Any]:
+    """Every tensor of the ``*.safetensors`` files in ``path`` (optimizer-state files left out)."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors") and not name.startswith("optim_"):
+            out.update(load_file(os.path.join(path, name)))
+    return out
+
+
+def train_cli(tiny: dict[str, Any], ray_address: str, overrides: list[str],
+              config: str = "examples/tiny/config.yaml") -> Any:
+    """``megacov train CONFIG`` as its own process (a driver of the test's Ray cluster), in a
+    session of its own so that it can be killed."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1")
+    args = [sys.executable, "-m", "megacov", "train", os.path.join(ROOT, config),
+            *overrides, f"trainer.ray_address={ray_address}"]
+    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def wait_for_step(run_dir: str, step: int, proc: Any, timeout_s: float = 400) -> None:
+    """Until ``step``'s metrics row is on disk; fails at once when ``proc`` exits first."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if step in metric_rows(run_dir):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"run exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout_s}s")

@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import torch
-from conftest import task_overrides, tiny_task
+from conftest import metric_rows, safetensors_dir, task_overrides, tiny_task, train_cli, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -50,20 +48,10 @@ def _overrides(tiny, name):
             "algorithm.clip_cov_lb=0.0", "optim.lr=1e-3", *ASYNC_RUN]
 
 
-def _rows(run_dir):
-    from megacov.trainer.metrics import read_jsonl
-
-    return {r["step"]: r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
 
 
-def _weights(hf_dir):
-    from safetensors.torch import load_file
 
-    out = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(hf_dir, name)))
-    return out
+
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +66,7 @@ def async_run(ray_cluster, tiny):
 
 
 def test_step_t_trains_on_the_batch_of_policy_t_minus_1(async_run):
-    rows = _rows(async_run)
+    rows = metric_rows(async_run)
     assert sorted(rows) == [0, 1, 2, 3, 4]
     for step in (1, 2, 3, 4):
         r = rows[step]
@@ -104,30 +92,17 @@ def test_step_t_trains_on_the_batch_of_policy_t_minus_1(async_run):
     assert not os.path.exists(os.path.join(ckpts, "step_00000004", "next_rollout.json"))  # nothing after the last
 
 
-def _cli(tiny, ray_address, name):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "megacov", "train", os.path.join(ROOT, "examples/tiny/config.yaml"),
-            *_overrides(tiny, name), f"trainer.ray_address={ray_address}"]
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
 
 
-def _wait_for_step(run_dir, step, proc, timeout_s=400):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if step in _rows(run_dir):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout_s}s")
+
+
 
 
 def test_sigkill_mid_step_then_resume_equals_uninterrupted(async_run, ray_cluster, tiny):
     run_dir = os.path.join(tiny["root"], "runs", "async-killed")
-    proc = _cli(tiny, ray_cluster, "async-killed")
+    proc = train_cli(tiny, ray_cluster, _overrides(tiny, "async-killed"))
     try:
-        _wait_for_step(run_dir, 2, proc)
+        wait_for_step(run_dir, 2, proc)
         ckpt = os.path.join(run_dir, "checkpoints", "step_00000002")
         while not os.path.isdir(ckpt) and proc.poll() is None:  # committed right after the row
             time.sleep(0.01)
@@ -138,16 +113,16 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(async_run, ray_cluste
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert 3 not in _rows(run_dir)
-    resumed = _cli(tiny, ray_cluster, "async-killed")
+    assert 3 not in metric_rows(run_dir)
+    resumed = train_cli(tiny, ray_cluster, _overrides(tiny, "async-killed"))
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err.decode()[-3000:]
     assert b"resumed from" in err and b"step 2" in err
-    a, b = _rows(async_run), _rows(run_dir)
+    a, b = metric_rows(async_run), metric_rows(run_dir)
     assert sorted(a) == sorted(b)
     for step in a:
         stable = [k for k in a[step] if not k.startswith(VOLATILE)]
         assert {k: a[step][k] for k in stable} == {k: b[step].get(k) for k in stable}, step
-    wa, wb = _weights(os.path.join(async_run, "hf")), _weights(os.path.join(run_dir, "hf"))
+    wa, wb = safetensors_dir(os.path.join(async_run, "hf")), safetensors_dir(os.path.join(run_dir, "hf"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -11,14 +11,12 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import torch
-from conftest import task_overrides, tiny_task
+from conftest import metric_rows, safetensors_dir, task_overrides, tiny_task, train_cli
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("deepspeed")
@@ -45,20 +43,10 @@ def _overrides(tiny, name, *extra):
             "trainer.eval_every=0", "rollout.mismatch_sample=4", "optim.lr=1e-3", *RUN, *extra]
 
 
-def _rows(run_dir):
-    from megacov.trainer.metrics import read_jsonl
-
-    return {r["step"]: r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
 
 
-def _load_dir(path, suffix=".safetensors"):
-    from safetensors.torch import load_file
 
-    out = {}
-    for name in sorted(os.listdir(path)):
-        if name.endswith(suffix) and not name.startswith("optim_"):
-            out.update(load_file(os.path.join(path, name)))
-    return out
+
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +61,7 @@ def straight(ray_cluster, tiny):
 
 
 def test_ppo_gae_run(straight):
-    rows = _rows(straight)
+    rows = metric_rows(straight)
     assert sorted(rows) == [1, 2, 3]
     for step in (1, 2, 3):
         for key in ("critic/value_loss", "critic/vf_clipfrac", "critic/return_mean", "critic/value_mean",
@@ -87,20 +75,15 @@ def test_ppo_gae_run(straight):
                                        "optim_rank00001.safetensors"]
 
 
-def _cli(tiny, ray_address, name):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "megacov", "train", os.path.join(ROOT, "examples/tiny/ppo-gae.yaml"),
-            *_overrides(tiny, name), f"trainer.ray_address={ray_address}"]
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+
 
 
 def test_sigkill_then_resume_is_bit_identical(straight, ray_cluster, tiny):
     run_dir = os.path.join(tiny["root"], "runs", "gae-killed")
-    proc = _cli(tiny, ray_cluster, "gae-killed")
+    proc = train_cli(tiny, ray_cluster, _overrides(tiny, "gae-killed"), "examples/tiny/ppo-gae.yaml")
     try:
         deadline = time.monotonic() + 500
-        while not (os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and 2 in _rows(run_dir)):
+        while not (os.path.exists(os.path.join(run_dir, "metrics.jsonl")) and 2 in metric_rows(run_dir)):
             assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
             assert time.monotonic() < deadline, "step 2 not reached"
             time.sleep(0.05)
@@ -111,18 +94,18 @@ def test_sigkill_then_resume_is_bit_identical(straight, ray_cluster, tiny):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert 3 not in _rows(run_dir)
-    resumed = _cli(tiny, ray_cluster, "gae-killed")
+    assert 3 not in metric_rows(run_dir)
+    resumed = train_cli(tiny, ray_cluster, _overrides(tiny, "gae-killed"), "examples/tiny/ppo-gae.yaml")
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err.decode()[-3000:]
     assert b"resumed from" in err
-    a, b = _rows(straight), _rows(run_dir)
+    a, b = metric_rows(straight), metric_rows(run_dir)
     assert sorted(a) == sorted(b)
     for step in a:
         sa = {k: v for k, v in a[step].items() if not k.startswith(VOLATILE)}
         sb = {k: v for k, v in b[step].items() if not k.startswith(VOLATILE)}
         assert sa == sb, step
     for sub in ("hf", os.path.join("checkpoints", "step_00000003", "critic")):
-        wa, wb = _load_dir(os.path.join(straight, sub)), _load_dir(os.path.join(run_dir, sub))
+        wa, wb = safetensors_dir(os.path.join(straight, sub)), safetensors_dir(os.path.join(run_dir, sub))
         assert wa.keys() == wb.keys() and wa
         assert all(torch.equal(wa[k], wb[k]) for k in wa), sub

@@ -17,14 +17,12 @@ from __future__ import annotations
 import math
 import os
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 
 import pytest
 import torch
-from conftest import task_overrides, tiny_task
+from conftest import metric_rows, safetensors_dir, task_overrides, tiny_task, train_cli, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -58,24 +56,14 @@ def _config(tiny, name, *extra):
     return cfg, validate(cfg)
 
 
-def _rows(run_dir):
-    from megacov.trainer.metrics import read_jsonl
 
-    return {r["step"]: r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))}
 
 
 def _stable(row):
     return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
 
 
-def _weights(hf_dir):
-    from safetensors.torch import load_file
 
-    out = {}
-    for name in sorted(os.listdir(hf_dir)):
-        if name.endswith(".safetensors"):
-            out.update(load_file(os.path.join(hf_dir, name)))
-    return out
 
 
 # A small KL-to-reference loss term, so that the reference policy is built and actor/kl_ref logged
@@ -98,7 +86,7 @@ def _finite(row, key):
 
 
 def test_tp2_clip_cov_run_metrics_checkpoints_export(tp2_run):
-    rows = _rows(tp2_run)
+    rows = metric_rows(tp2_run)
     assert sorted(rows) == [0, 1, 2, 3]
     for step in (1, 2, 3):
         r = rows[step]
@@ -125,31 +113,17 @@ def test_tp2_clip_cov_run_metrics_checkpoints_export(tp2_run):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def _cli(tiny, ray_address, name, *extra):
-    """``megacov train`` as its own process (a driver of the test's Ray cluster), so it can be killed."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, tiny["root"]]), OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "megacov", "train", os.path.join(ROOT, "examples/tiny/config.yaml"),
-            *_overrides(tiny, name, *extra), f"trainer.ray_address={ray_address}"]
-    return subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
 
 
-def _wait_for_step(run_dir, step, proc, timeout_s=400):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if step in _rows(run_dir):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
-        time.sleep(0.05)
-    raise AssertionError(f"step {step} not reached in {timeout_s}s")
+
+
 
 
 def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, ray_cluster, tiny):
     run_dir = os.path.join(tiny["root"], "runs", "killed")
-    proc = _cli(tiny, ray_cluster, "killed", *KILL_RUN)
+    proc = train_cli(tiny, ray_cluster, _overrides(tiny, "killed", *KILL_RUN))
     try:
-        _wait_for_step(run_dir, 2, proc)
+        wait_for_step(run_dir, 2, proc)
         time.sleep(0.3)  # into step 3: rollout / log-probs / update
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
@@ -157,16 +131,16 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, ray_cluster,
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert 3 not in _rows(run_dir)
-    resumed = _cli(tiny, ray_cluster, "killed", *KILL_RUN)
+    assert 3 not in metric_rows(run_dir)
+    resumed = train_cli(tiny, ray_cluster, _overrides(tiny, "killed", *KILL_RUN))
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err.decode()[-3000:]
     assert b"resumed from" in err and b"step 2" in err
-    a, b = _rows(tp2_run), _rows(run_dir)
+    a, b = metric_rows(tp2_run), metric_rows(run_dir)
     assert sorted(a) == sorted(b)
     for step in a:
         assert _stable(a[step]) == _stable(b[step]), step
-    wa, wb = _weights(os.path.join(tp2_run, "hf")), _weights(os.path.join(run_dir, "hf"))
+    wa, wb = safetensors_dir(os.path.join(tp2_run, "hf")), safetensors_dir(os.path.join(run_dir, "hf"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
@@ -257,9 +231,9 @@ def test_sigterm_saves_at_the_safe_point_then_resume_falls_back_past_a_damaged_c
     is then truncated (a dying file system); resume falls back to the previous one, says so, and the
     finished run equals the uninterrupted one bit for bit."""
     run_dir = os.path.join(tiny["root"], "runs", "sigterm")
-    proc = _cli(tiny, ray_cluster, "sigterm", *KILL_RUN)
+    proc = train_cli(tiny, ray_cluster, _overrides(tiny, "sigterm", *KILL_RUN))
     try:
-        _wait_for_step(run_dir, 1, proc)
+        wait_for_step(run_dir, 1, proc)
         time.sleep(0.3)  # into step 2
         os.kill(proc.pid, signal.SIGTERM)
         _, err = proc.communicate(timeout=300)
@@ -269,22 +243,22 @@ def test_sigterm_saves_at_the_safe_point_then_resume_falls_back_past_a_damaged_c
     assert proc.returncode == 0, err.decode()[-3000:]
     log_text = open(os.path.join(run_dir, "train.log")).read()
     assert "SIGTERM received" in log_text and "SIGTERM: stopped after step" in log_text
-    assert sorted(_rows(run_dir)) == [0, 1, 2]  # the signal came during step 2: that step was finished
+    assert sorted(metric_rows(run_dir)) == [0, 1, 2]  # the signal came during step 2: that step was finished
     ckpts = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     assert ckpts == ["step_00000001", "step_00000002"]  # nothing half-written
     newest = os.path.join(run_dir, "checkpoints", ckpts[-1], "actor")
     shard = max((os.path.join(newest, f) for f in os.listdir(newest) if f.endswith(".distcp")), key=os.path.getsize)
     with open(shard, "r+b") as fh:  # damage the newest: resume must fall back to the previous one
         fh.truncate(os.path.getsize(shard) // 2)
-    resumed = _cli(tiny, ray_cluster, "sigterm", *KILL_RUN)
+    resumed = train_cli(tiny, ray_cluster, _overrides(tiny, "sigterm", *KILL_RUN))
     _, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err.decode()[-3000:]
     assert b"is damaged" in err and b"falling back to" in err and b"(step 1)" in err
-    a, b = _rows(tp2_run), _rows(run_dir)
+    a, b = metric_rows(tp2_run), metric_rows(run_dir)
     assert sorted(a) == sorted(b)
     for step in a:
         assert _stable(a[step]) == _stable(b[step]), step
-    wa, wb = _weights(os.path.join(tp2_run, "hf")), _weights(os.path.join(run_dir, "hf"))
+    wa, wb = safetensors_dir(os.path.join(tp2_run, "hf")), safetensors_dir(os.path.join(run_dir, "hf"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -309,4 +283,4 @@ def test_nan_storm_stops_the_run_with_one_clear_error(ray_cluster, tiny):
     log_text = open(os.path.join(run_dir, "train.log")).read()
     assert "step 1: 1 of 1 update(s) skipped" in log_text and "step 2: 1 of 1 update(s) skipped" in log_text
     assert "run failed: NonFiniteStorm" in log_text
-    assert sorted(_rows(run_dir)) == [1, 2]  # both rows kept; nothing after the stop
+    assert sorted(metric_rows(run_dir)) == [1, 2]  # both rows kept; nothing after the stop
