@@ -363,6 +363,7 @@ def test_wandb_run_id_is_stored_and_reused_on_resume(tmp_path):
 
 
 def test_hf_export_every_n_steps(tmp_path, monkeypatch):
+    from megacov.runtime.recovery import EngineRecovery
     from megacov.trainer import session
     from megacov.trainer.run import RunContext
 
@@ -373,6 +374,7 @@ def test_hf_export_every_n_steps(tmp_path, monkeypatch):
     ctx.cfg, ctx.run_dir, ctx.init_path, ctx._staged = cfg, str(tmp_path), "init", None
     ctx.runtime = SimpleNamespace(actor=None)
     ctx.guard = faults.NonFiniteGuard(3, 1)
+    ctx.recovery = EngineRecovery(None, 0, lambda: None)
 
     class _Sink:
         def log(self, step, metrics):
