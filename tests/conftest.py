@@ -91,3 +91,18 @@ def wait_for_step(run_dir: str, step: int, proc: Any, timeout_s: float = 400) ->
             raise AssertionError(f"run exited early ({proc.returncode}): {proc.stderr.read().decode()[-3000:]}")
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout_s}s")
+
+
+def addition_prompts(tmp_path: Any, count: int) -> tuple[Any, list[Any]]:
+    """The tiny tokenizer and ``count`` prompts ``a+1=`` loaded through the data layer (for fake engines)."""
+    import json
+
+    from megacov.data import load_prompts
+    from megacov.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"prompt": f"{a}+1=", "answer": str(a + 1)}) + "\n" for a in range(count)))
+    recs = load_prompts([str(path)], tok, prompt_key="prompt", answer_key="answer", max_prompt_len=16,
+                        on_bad_row="error", chat_template=True)
+    return tok, recs

@@ -13,13 +13,13 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import addition_prompts
 
 from megacov.cli import main
 from megacov.config import load_config
-from megacov.data import PromptLoader, load_prompts
+from megacov.data import PromptLoader
 from megacov.rewards import RewardManager
 from megacov.rollout.engine import Sample
-from megacov.tiny import build_tokenizer
 from megacov.trainer.rollout import Rollout, Timer, collect, launch, rollout_to_json
 from megacov.trainer.run import RunContext, load_next_rollout, save_next_rollout
 from megacov.trainer.step_metrics import timing_metrics
@@ -65,13 +65,7 @@ class SeededEngine:
 
 @pytest.fixture
 def setup(tmp_path):
-    tok = build_tokenizer()
-    rows = [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(40)]
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recs = load_prompts([str(path)], tok, prompt_key="prompt", answer_key="answer", max_prompt_len=16,
-                        on_bad_row="error", chat_template=True)
-    return tok, recs
+    return addition_prompts(tmp_path, 40)
 
 
 def _cfg(*extra):

@@ -3,20 +3,18 @@ place of vLLM (the real engine cannot be told which groups to make uninformative
 ``megacov eval`` command's bad-input exits."""
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
+from conftest import addition_prompts
 
 from megacov.cli import main
 from megacov.config import load_config
-from megacov.data import PromptLoader, load_prompts
+from megacov.data import PromptLoader
 from megacov.rewards import RewardManager
 from megacov.rollout.engine import Sample
-from megacov.tiny import build_tokenizer
 from megacov.trainer.batching import build_actor_batch
 from megacov.trainer.rollout import Timer, collect
-
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples/tiny/config.yaml")
 
@@ -44,13 +42,7 @@ class ScriptedEngine:
 
 @pytest.fixture
 def setup(tmp_path):
-    tok = build_tokenizer()
-    rows = [{"prompt": f"{a}+1=", "answer": str(a + 1)} for a in range(20)]
-    path = tmp_path / "d.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    recs = load_prompts([str(path)], tok, prompt_key="prompt", answer_key="answer", max_prompt_len=16,
-                        on_bad_row="error", chat_template=True)
-    return tok, recs
+    return addition_prompts(tmp_path, 20)
 
 
 def _cfg(*extra):
