@@ -106,3 +106,22 @@ def addition_prompts(tmp_path: Any, count: int) -> tuple[Any, list[Any]]:
     recs = load_prompts([str(path)], tok, prompt_key="prompt", answer_key="answer", max_prompt_len=16,
                         on_bad_row="error", chat_template=True)
     return tok, recs
+
+
+def private_ray(module: Any, num_cpus: int, namespace: str) -> Iterator[None]:
+    """A private local Ray in a temp folder of its own, for a module whose worker classes must travel by
+    value (the tests directory is no package). Use as ``yield from private_ray(...)`` in a fixture."""
+    import shutil
+    import tempfile
+
+    import ray
+
+    temp_dir = tempfile.mkdtemp(prefix="mc-", dir="/tmp")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _temp_dir=temp_dir, namespace=namespace,
+             configure_logging=False, log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(module)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)

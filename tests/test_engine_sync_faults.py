@@ -18,13 +18,12 @@ import json
 import logging
 import os
 import re
-import shutil
 import signal
 import sys
-import tempfile
 import time
 
 import pytest
+from conftest import private_ray
 
 pytestmark = pytest.mark.slow
 
@@ -34,15 +33,7 @@ WEDGE_S = 12.0
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="mcsf-", dir="/tmp")
-    ray.init(address="local", num_cpus=6, include_dashboard=False, _temp_dir=temp_dir, namespace="test-sync-faults",
-             configure_logging=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    yield from private_ray(sys.modules[__name__], num_cpus=6, namespace="test-sync-faults")
 
 
 @pytest.fixture(scope="module")

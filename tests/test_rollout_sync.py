@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import private_ray
 
 from megacov.rollout.sender import WeightSenderMixin
 
@@ -35,16 +34,7 @@ MATRIX = {"2x1": [(2, 2, 1), (1, 1, 2)], "1x2": [(1, 2, 2), (2, 1, 1)]}
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="mcro-", dir="/tmp")
-    ray.init(address="local", num_cpus=8, include_dashboard=False, _temp_dir=temp_dir, namespace="test-rollout",
-             configure_logging=False, log_to_driver=False)
-    # Worker classes defined in this file travel by value (the tests directory is no package).
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    yield from private_ray(sys.modules[__name__], num_cpus=8, namespace="test-rollout")
 
 
 @pytest.fixture(scope="module")
