@@ -145,7 +145,7 @@ def rl_loop(ctx: RunContext) -> int:
         ctx.log(0, ctx.evaluate())
     step = ctx.start_step
     for step in range(ctx.start_step + 1, cfg.trainer.total_steps + 1):
-        if ctx.out_of_epochs():  # trainer.total_epochs reached; a batch drawn before still runs
+        if cfg.trainer.total_epochs is not None and ctx.out_of_epochs():  # a batch drawn before still runs
             log.info("reached trainer.total_epochs=%d at step %d", cfg.trainer.total_epochs, step - 1)
             step -= 1
             break
