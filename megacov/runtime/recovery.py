@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 log = logging.getLogger("megacov.runtime")
@@ -74,29 +74,46 @@ def gather(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: floa
     import ray
     from ray.exceptions import RayActorError
 
-    position = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(position)
-    pending = list(refs)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not ready:
-            who = ", ".join(names[position[r]] for r in pending)
-            raise fault(who, call, "wedged", f"no answer in {timeout_s:g} s")
-        i = position[ready[0]]
+    answers = _Answers(refs, timeout_s)
+    results: list[Any] = [None] * len(answers.position)
+    for i, ref in answers:
         try:
-            results[i] = ray.get(ready[0])
+            results[i] = ray.get(ref)
         except RayActorError as exc:
             raise fault(names[i], call, "died", type(exc).__name__) from exc
         except Exception as exc:
             # A peer's death often reaches the survivors first, as a collective's error (gloo:
             # connection reset): name the process that died, when one did, rather than its symptom.
-            dead = _first_dead(pending, position, names)
+            dead = _first_dead(answers.pending, answers.position, names)
             if dead is not None:
                 raise fault(dead[0], call, "died", dead[1]) from exc
             raise
+    if answers.pending:
+        raise fault(answers.who(names), call, "wedged", f"no answer in {timeout_s:g} s")
     return results
+
+
+class _Answers:
+    """The futures ``refs`` as they resolve, one at a time, until all have or ``timeout_s`` passes;
+    ``pending`` then holds those that missed the deadline."""
+
+    def __init__(self, refs: Sequence[Any], timeout_s: float | None) -> None:
+        self.position = {ref: i for i, ref in enumerate(refs)}
+        self.pending = list(refs)
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def __iter__(self) -> Iterator[tuple[int, Any]]:
+        import ray
+
+        while self.pending:
+            left = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+            ready, self.pending = ray.wait(self.pending, num_returns=1, timeout=left)
+            if not ready:
+                return
+            yield self.position[ready[0]], ready[0]
+
+    def who(self, names: Sequence[str]) -> str:
+        return ", ".join(names[self.position[r]] for r in self.pending)
 
 
 def _first_dead(pending: Sequence[Any], position: dict, names: Sequence[str],
@@ -128,19 +145,12 @@ def settle(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: floa
     import ray
     from ray.exceptions import RayActorError
 
-    position = {ref: i for i, ref in enumerate(refs)}
-    results: list[Any] = [None] * len(position)
+    answers = _Answers(refs, timeout_s)
+    results: list[Any] = [None] * len(answers.position)
     errors: list[BaseException] = []
-    pending = list(refs)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while pending:
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        ready, pending = ray.wait(pending, num_returns=1, timeout=left)
-        if not ready:
-            break
-        i = position[ready[0]]
+    for i, ref in answers:
         try:
-            results[i] = ray.get(ready[0])
+            results[i] = ray.get(ref)
         except RayActorError as exc:
             raise fault(names[i], call, "died", type(exc).__name__) from exc
         except Exception as exc:  # noqa: BLE001 - classified below
@@ -148,8 +158,8 @@ def settle(refs: Sequence[Any], names: Sequence[str], call: str, timeout_s: floa
     cause = next((f for f in map(find_fault, errors) if f is not None), None)
     if cause is not None:
         raise EngineFault(cause.who, cause.call, cause.kind, cause.detail) from errors[0]
-    if pending:
-        raise fault(", ".join(names[position[r]] for r in pending), call, "wedged", f"no answer in {timeout_s:g} s")
+    if answers.pending:
+        raise fault(answers.who(names), call, "wedged", f"no answer in {timeout_s:g} s")
     if errors:
         raise errors[0]
     return results
