@@ -37,6 +37,22 @@ def build_tokenizer(out_dir: Optional[str] = None):
     return fast
 
 
+def _save_quietly(model, tokenizer, out_dir: str) -> None:
+    """Save without transformers' progress bar, so a command that builds the example on first use
+    keeps stderr for its own one-line messages."""
+    from transformers.utils import logging as hf_logging
+
+    os.makedirs(out_dir, exist_ok=True)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+        tokenizer.save_pretrained(out_dir)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 def tiny_vocab_size() -> int:
     return len(SPECIAL_TOKENS) + len(CHARS)
 
@@ -92,9 +108,7 @@ def build_model(
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.02)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    _save_quietly(model, tokenizer, out_dir)
     return out_dir
 
 
@@ -142,9 +156,7 @@ def build_moe_model(
         for _, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.08)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
+    _save_quietly(model, tokenizer, out_dir)
     return out_dir
 
 
