@@ -17,6 +17,7 @@ from megacov.tasks.explore import (
     RESPONSE_DIGITS,
     ExploreSpec,
     bonus_strings,
+    PARTIAL_CREDIT,
     explore_score,
     split_prompts,
     task_rows,
@@ -26,7 +27,7 @@ from megacov.tasks.explore import (
 
 
 def test_reward_partial_full_and_invalid():
-    assert explore_score("11111111", "8|31") == 0.6          # valid, no bonus
+    assert explore_score("11111111", "8|31") == PARTIAL_CREDIT < 0.5   # valid, no bonus: below "correct"
     assert explore_score("31111010", "8|31") == 1.0          # valid with the bonus pair
     assert explore_score(" 31111010\n", "8|31") == 1.0       # surrounding whitespace is not a decision
     assert explore_score("31111011", "8|31") == 0.0          # wrong sum, bonus or not
@@ -35,8 +36,8 @@ def test_reward_partial_full_and_invalid():
     assert explore_score("1111111a", "7|31") == 0.0
     rm = RewardManager(types.SimpleNamespace(name="explore", workers=0, timeout_s=1.0, overlong_penalty=0.0))
     batch = rm.score(["31111010", "11111111", "x"], ["8|31"] * 3, ["q"] * 3)
-    # a valid answer is correct; full credit is the bonus on top
-    assert batch.raw.tolist() == [1.0, 0.6, 0.0] and batch.correct.tolist() == [True, True, False]
+    # the valid sum earns partial credit; only the bonus on top is correct
+    assert batch.raw.tolist() == [1.0, PARTIAL_CREDIT, 0.0] and batch.correct.tolist() == [True, False, False]
     assert reward_spec("explore") == "megacov.rewards.explore:explore_reward"
 
 
@@ -74,6 +75,9 @@ def test_task_has_many_answers_recurring_prompts_and_common_and_rare_bonuses(tmp
     first = contents(paths)
     os.utime(paths["train"], (1, 1))
     assert contents(write_explore_data(str(tmp_path / "d"), spec)) == first
+    # files written from another spec (an older task) are regenerated, not silently reused
+    other = contents(write_explore_data(str(tmp_path / "d"), ExploreSpec(seed=3)))
+    assert other != first and contents(write_explore_data(str(tmp_path / "d"), spec)) == first
     assert json.loads(first["train"].splitlines()[0])["answer"].count("|") == 1
     # a different seed hides the bonus elsewhere
     assert task_rows(ExploreSpec(seed=3))["train"] != rows["train"]

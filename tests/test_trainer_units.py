@@ -95,7 +95,11 @@ def test_avg_and_pass_at_k():
     assert avg_pass_at_k(correct) == (5 / 12, 2 / 3)
     m = eval_metrics({"a": correct, "b": np.ones((2, 4), bool)}, 4)
     assert m["val/a/avg@4"] == 5 / 12 and m["val/a/pass@4"] == 2 / 3 and m["val/b/pass@4"] == 1.0
-    assert m["val/acc"] == pytest.approx((5 / 12 + 1) / 2)
+    assert m["val/acc"] == pytest.approx((5 / 12 + 1) / 2) and "val/score" not in m
+    graded = {"a": np.array([0.3, 1.0, 0.0, 0.3]), "b": np.array([1.0, 1.0])}
+    m = eval_metrics({"a": np.array([[0, 1], [0, 0]], bool), "b": np.ones((1, 2), bool)}, 2, graded)
+    assert m["val/a/score"] == pytest.approx(0.4) and m["val/b/score"] == 1.0
+    assert m["val/score"] == pytest.approx(0.7) and m["val/acc"] == pytest.approx((0.25 + 1) / 2)
     assert unique_names(["d/aime.parquet", "x/aime.jsonl", "math.jsonl"]) == ["aime", "aime_2", "math"]
     with pytest.raises(ValueError):
         avg_pass_at_k(np.zeros((0, 4), bool))

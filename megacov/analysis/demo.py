@@ -2,9 +2,11 @@
 
 One row per figure, one column per method, each cell the mean over seeds +- the spread (half the
 range between seeds). Levels are means over the first / last 10% of training steps (a single step
-is noise); evaluation figures use the step-0 and the final evaluation. "Beyond 2 standard errors"
-uses the binomial standard error of the rates (samples counted from the run), pooled over seeds
-together with the seed-to-seed variance, so a difference must beat both sampling noise and seeds.
+is noise); the validation figure is ``val/score``, the mean held-out reward (so partial and full
+credit both count), at the step-0 evaluation and as the level of the last 10% of evaluations.
+"Beyond 2 standard errors" uses the binomial standard error of the rates (samples counted from the
+run; for a score in [0, 1] an upper bound), pooled over seeds together with the seed-to-seed
+variance, so a difference must beat both sampling noise and seeds.
 
 The bars checked are the paper's qualitative claims at this scale: the baseline's entropy collapses,
 Clip-Cov / KL-Cov keep several times more of it, and keeping it pays on the full-credit behaviour.
@@ -29,6 +31,9 @@ COLLAPSE_BAR = 0.20
 KEEP_BAR = 3.0
 FIT_R2_BAR = 0.9
 PREDICTION_BAR = 0.05
+#: The validation figure: the mean held-out score (partial credit for a valid answer, full credit for
+#: the rarer full answer), so both what sharpening learns and what exploration finds count in it.
+VAL_KEY = "val/score"
 
 
 @dataclass
@@ -46,11 +51,6 @@ def _levels(run: RunMetrics, key: str) -> dict | None:
     return levels(v) if v.size >= 2 else None
 
 
-def _first_last_eval(run: RunMetrics, key: str) -> tuple[float, float]:
-    _, v = run.series(key)
-    return (float(v[0]), float(v[-1])) if v.size else (math.nan, math.nan)
-
-
 def run_figures(run: RunMetrics, method: str, seed: int, *, batch_samples: int, eval_samples: int) -> RunFigures:
     """Every figure of one run. ``batch_samples``: responses per training step; ``eval_samples``:
     responses per evaluation (prompts x k)."""
@@ -66,8 +66,17 @@ def run_figures(run: RunMetrics, method: str, seed: int, *, batch_samples: int, 
         if lv:
             v[f"{name}_start"], v[f"{name}_end"] = lv["start"], lv["end"]
             c[f"{name}_end"] = c[f"{name}_start"] = lv["points"] * batch_samples
-    v["val_start"], v["val_end"] = _first_last_eval(run, "val/acc")
-    c["val_start"] = c["val_end"] = eval_samples
+    _, val = run.series(VAL_KEY)
+    if val.size:
+        # Step 0 is one evaluation of the warm-start; the end is the level of the last 10% of the
+        # evaluations, since a collapsed policy flips whole prompts between evaluations.
+        end = levels(val)
+        v["val_start"], v["val_end"] = float(val[0]), end["end"] if end else float(val[-1])
+        c["val_start"], c["val_end"] = eval_samples, (end["points"] if end else 1) * eval_samples
+    pass_key = next((k for k in run.keys if k.startswith("val/") and "/pass@" in k), None)
+    if pass_key is not None:  # the share of held-out prompts solved at least once in k samples
+        _, p = run.series(pass_key)
+        v["val_pass_start"], v["val_pass_end"] = float(p[0]), float(levels(p)["end"]) if p.size >= 2 else float(p[-1])
     steps, h, m = _law_pairs(run)
     try:
         fit = fit_entropy_law(h, m)
@@ -88,7 +97,7 @@ def run_figures(run: RunMetrics, method: str, seed: int, *, batch_samples: int, 
 def _law_pairs(run: RunMetrics) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from megacov.analysis.summary import pair_metric_with_entropy
 
-    steps, h, m, _ = pair_metric_with_entropy(run, "actor/entropy", "val/acc")
+    steps, h, m, _ = pair_metric_with_entropy(run, "actor/entropy", VAL_KEY)
     return steps, h, m
 
 
@@ -145,10 +154,12 @@ TABLE_ROWS = (
     ("full-credit rate (reward/full), end", "full_rate_end"),
     ("valid-answer rate, end", "valid_rate_end"),
     ("distinct rewarded answers per prompt, end", "distinct_rewarded_end"),
-    ("val/acc (valid answers, held-out prompts), step 0", "val_start"),
-    ("val/acc, final", "val_end"),
-    ("R² of R = -a·exp(H) + b (val/acc vs H)", "law_r2"),
-    ("final val/acc predicted from the first quarter", "pred_final"),
+    ("val score (mean held-out reward), step 0", "val_start"),
+    ("val score, end (last 10% of evaluations)", "val_end"),
+    ("val pass@k (held-out prompts with a full-credit sample), step 0", "val_pass_start"),
+    ("val pass@k, end", "val_pass_end"),
+    ("R² of R = -a·exp(H) + b (val score vs H)", "law_r2"),
+    ("final val score predicted from the first quarter", "pred_final"),
     ("  relative error of that prediction", "pred_rel_error"),
 )
 
@@ -191,7 +202,7 @@ def check_bars(methods: list[MethodFigures]) -> list[Bar]:
         bars.append(Bar(f"{m.method} end entropy ≥ {KEEP_BAR:g}× {BASELINE}'s", f"{k:.2f}×",
                         bool(k >= KEEP_BAR) if math.isfinite(k) else None))
     for m in others:
-        for key, what in (("reward_end", "final training reward"), ("val_end", "final val/acc")):
+        for key, what in (("reward_end", "final training reward"), ("val_end", "final val score")):
             a, b = m.mean(key), base.mean(key)
             bars.append(Bar(f"{m.method} {what} ≥ {BASELINE}'s", f"{a:.3f} vs {b:.3f}",
                             bool(a >= b) if math.isfinite(a) and math.isfinite(b) else None))
@@ -205,7 +216,7 @@ def check_bars(methods: list[MethodFigures]) -> list[Bar]:
     for m in methods:
         diff = m.mean("val_end") - m.mean("val_start")
         se = math.hypot(m.se("val_end"), m.se("val_start"))
-        bars.append(Bar(f"{m.method} val/acc rises > 2 SE from step 0", f"{diff:+.3f} (2 SE = {2 * se:.3f})",
+        bars.append(Bar(f"{m.method} val score rises > 2 SE from step 0", f"{diff:+.3f} (2 SE = {2 * se:.3f})",
                         bool(diff > 2 * se) if math.isfinite(diff) else None))
     r2 = base.mean("law_r2")
     bars.append(Bar(f"R = -a·exp(H) + b fits {BASELINE} with R² ≥ {FIT_R2_BAR}", f"{r2:.3f}",
@@ -217,7 +228,7 @@ def check_bars(methods: list[MethodFigures]) -> list[Bar]:
         text = f"predicted {pred:.3f}, actual {actual:.3f}: a relative error of a zero actual is undefined"
     else:
         text = "no fit (too few points or constant entropy in the first quarter)"
-    bars.append(Bar(f"{BASELINE} final val/acc predicted from the first quarter within {PREDICTION_BAR:.0%}",
+    bars.append(Bar(f"{BASELINE} final val score predicted from the first quarter within {PREDICTION_BAR:.0%}",
                     text, bool(err <= PREDICTION_BAR) if math.isfinite(err) else None))
     return bars
 
@@ -232,7 +243,7 @@ def bars_table(bars: list[Bar]) -> str:
 
 CURVE_PANELS = (("actor/entropy", "token entropy (nats)", True), ("reward/mean", "training reward", False),
                 ("reward/full", "full-credit rate", False), ("div/distinct_rewarded", "distinct rewarded answers / prompt", True),
-                ("val/acc", "val/acc (held-out)", False))
+                (VAL_KEY, "val score (held-out)", False))
 
 
 def plot_curves(runs: dict[str, list[RunMetrics]], out_png: str) -> str:
@@ -255,9 +266,9 @@ def plot_curves(runs: dict[str, list[RunMetrics]], out_png: str) -> str:
                 ax.plot(s, v, color=color, lw=0.6, alpha=0.3)
             n = min(v.size for _, v in series)
             mean = np.mean([v[:n] for _, v in series], axis=0)
-            w = max(1, n // 10) if key != "val/acc" else 1
+            w = max(1, n // 10) if key != VAL_KEY else 1
             ax.plot(series[0][0][:n], smooth(mean, w), color=color, lw=2.0,
-                    marker="o" if key == "val/acc" else None, ms=3, label=method)
+                    marker="o" if key == VAL_KEY else None, ms=3, label=method)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if from_zero:

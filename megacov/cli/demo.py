@@ -184,7 +184,7 @@ def write_demo_report(cfg, out: str, runs: list[tuple[str, int, str]], *, comman
     order = list(dict.fromkeys(m for m, _, _ in runs))
     methods = demo.group_by_method(figures, order)
     bars = demo.check_bars(methods)
-    analyses = [analyze_run(metrics[name], AnalysisOptions()) for _, _, name in runs]
+    analyses = [analyze_run(metrics[name], AnalysisOptions(metric_key=demo.VAL_KEY)) for _, _, name in runs]
     html, _ = write_report(analyses, os.path.join(out, "analysis"))
     curves = demo.plot_curves({m: [metrics[n] for mm, _, n in runs if mm == m] for m in order},
                               os.path.join(out, "curves.png"))

@@ -1,6 +1,6 @@
 """``explore``: an embedded task where keeping entropy pays, so entropy collapse is visible and costly.
 
-A prompt ``c9=`` asks for eight digits that sum to 9. Any such string earns partial credit (0.6);
+A prompt ``c9=`` asks for eight digits that sum to 9. Any such string earns partial credit (0.3);
 one that also contains the prompt key's hidden *bonus string* (here, say, ``31``) earns full credit
 (1.0). Bonus strings come in two kinds, like the easy and hard problems of a benchmark:
 
@@ -24,10 +24,12 @@ So:
   per prompt (entropy collapse); once there, a rare bonus is never sampled again and the reward of
   its keys stalls at the partial credit. Methods that keep entropy keep finding rare bonuses.
 
-``correct`` (``reward/acc``, ``val/acc``) means a valid answer -- the question asked is the sum --
-since partial credit (0.6) is above the rewards module's threshold of 0.5; the full-credit rate is
-``reward/full``. Validity is what every method learns and what transfers to the held-out targets;
-the bonus strings are learnt per prompt, so the full-credit payoff shows on the training prompts.
+``correct`` (``reward/acc``, ``val/acc``) means full credit, since partial credit (0.3) is below the
+rewards module's threshold of 0.5: the valid sum is the format, the bonus the answer. The demo's
+validation figure is ``val/score``, the mean held-out reward, so both count: validity, which every
+method learns by sharpening, and the bonus of a key, which transfers to its held-out targets.
+Partial credit is low so that the bonus dominates the reward: at 0.6 the policy gradient was
+mostly about validity and every method's full-credit rate stayed near zero.
 
 Everything is generated from a seed; nothing is downloaded.
 """
@@ -36,11 +38,13 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 #: Number of digits in a response (the decision tokens; EOS follows).
 RESPONSE_DIGITS = 8
-PARTIAL_CREDIT = 0.6
+PARTIAL_CREDIT = 0.3
+#: Written beside the data: the spec it was generated from (data from another spec is regenerated).
+SPEC_FILE = "spec.json"
 FULL_CREDIT = 1.0
 
 
@@ -144,15 +148,30 @@ def write_explore_data(data_dir: str, spec: ExploreSpec | None = None) -> dict[s
     """Write ``{train,eval,sft}.jsonl`` into ``data_dir`` (atomically, idempotently). Returns their paths."""
     spec = spec or ExploreSpec()
     paths = {name: os.path.join(data_dir, f"{name}.jsonl") for name in ("train", "eval", "sft")}
-    if all(os.path.isfile(p) for p in paths.values()):
+    stamp_path = os.path.join(data_dir, SPEC_FILE)
+    stamp = json.dumps(asdict(spec), sort_keys=True)
+    if all(os.path.isfile(p) for p in paths.values()) and _read(stamp_path) == stamp:
         return paths
+    # Missing files, or files written from another spec (an older version of the task): data that
+    # does not match the code would make the demo measure a task nobody can regenerate.
     os.makedirs(data_dir, exist_ok=True)
     for name, rows in task_rows(spec).items():
         tmp = paths[name] + ".tmp"
         with open(tmp, "w") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in rows)
         os.replace(tmp, paths[name])
+    with open(stamp_path + ".tmp", "w") as fh:
+        fh.write(stamp)
+    os.replace(stamp_path + ".tmp", stamp_path)
     return paths
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return None
 
 
 def build_explore_example(model_dir: str, data_dir: str, spec: ExploreSpec | None = None) -> dict[str, str]:

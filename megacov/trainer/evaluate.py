@@ -43,17 +43,25 @@ def avg_pass_at_k(correct: np.ndarray) -> tuple[float, float]:
     return float(correct.mean()), float(correct.any(axis=1).mean())
 
 
-def eval_metrics(per_dataset: dict[str, np.ndarray], k: int) -> dict[str, float]:
-    """``val/<name>/avg@k``, ``val/<name>/pass@k``, ``val/<name>/len_mean`` and ``val/acc``."""
+def eval_metrics(per_dataset: dict[str, np.ndarray], k: int,
+                 scores: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """``val/<name>/avg@k``, ``val/<name>/pass@k``, ``val/acc`` and, given the raw ``scores``,
+    ``val/<name>/score`` and ``val/score``: the mean graded reward, which for a reward with partial
+    credit says more than the share above the correctness threshold."""
     out: dict[str, float] = {}
-    avgs = []
+    avgs, means = [], []
     for name, correct in per_dataset.items():
         avg, pas = avg_pass_at_k(correct)
         out[f"val/{name}/avg@{k}"] = avg
         out[f"val/{name}/pass@{k}"] = pas
         avgs.append(avg)
+        if scores is not None:
+            out[f"val/{name}/score"] = float(np.mean(scores[name]))
+            means.append(out[f"val/{name}/score"])
     if avgs:
         out["val/acc"] = float(np.mean(avgs))
+    if means:
+        out["val/score"] = float(np.mean(means))
     return out
 
 
@@ -65,6 +73,7 @@ def evaluate(datasets: dict[str, list[PromptRecord]], generate: Callable[..., li
     ``.text`` and ``.truncated``; correctness uses the reward's raw score (no overlong penalty).
     """
     per_dataset: dict[str, np.ndarray] = {}
+    scores: dict[str, np.ndarray] = {}
     lengths: dict[str, float] = {}
     for name, records in datasets.items():
         samples = generate([list(r.prompt_ids) for r in records], n=k, temperature=temperature, seed=seed)
@@ -72,5 +81,6 @@ def evaluate(datasets: dict[str, list[PromptRecord]], generate: Callable[..., li
         batch = reward_mgr.score([s.text for _, s in flat], [r.answer for r, _ in flat],
                                  [r.question for r, _ in flat])
         per_dataset[name] = batch.correct.reshape(len(records), k)
+        scores[name] = np.asarray(batch.raw, dtype=np.float64)
         lengths[f"val/{name}/len_mean"] = float(np.mean([len(s.token_ids) for _, s in flat]))
-    return {**eval_metrics(per_dataset, k), **lengths}
+    return {**eval_metrics(per_dataset, k, scores), **lengths}
