@@ -147,6 +147,13 @@ class LazyTensor:
         if out.numel():
             self.file.read_into(out, self._begin + start * _numel(self.shape[1:]) * _itemsize(self.dtype))
 
+    def row_extent(self, start: int, rows: int) -> tuple[str, int, int]:
+        """``(file path, absolute byte offset, bytes)`` of rows ``start .. start + rows``."""
+        if not self.shape or start < 0 or rows < 0 or start + rows > self.shape[0]:
+            raise ValueError(f"{self.name}: no rows {start}+{rows} in a tensor of shape {self.shape}")
+        row = _numel(self.shape[1:]) * _itemsize(self.dtype)
+        return self.file.path, self.file.data_start + self._begin + start * row, rows * row
+
     def __getitem__(self, index: Any) -> torch.Tensor:
         rows, cols = index if isinstance(index, tuple) else (index, slice(None))
         if not (isinstance(rows, slice) and isinstance(cols, slice)) or rows.step not in (None, 1) \
