@@ -129,8 +129,8 @@ class ExtentReader:
     def _extent(self, ext: Extent, src: Source) -> bool:
         size = torch.empty((), dtype=src.stored).element_size()
         pos, end = ext.offset, ext.offset + ext.nbytes
-        if pos % size or end % size:
-            raise ValueError(f"{ext.path}: byte range {pos}..{end} is not aligned to its {src.stored} elements")
+        if ext.nbytes % size:
+            raise ValueError(f"{ext.path}: byte range {pos}..{end} is not whole {src.stored} elements")
         while pos < end:
             buf = self._slot()
             if buf is None:
@@ -143,6 +143,7 @@ class ExtentReader:
                 start = pos - pos % _ALIGN
                 want = min(self._block, -(-(end - start) // _ALIGN) * _ALIGN)
                 take = min(end, start + want) - pos
+                take -= take % size if pos + take < end else 0  # whole elements: chunks convert alone
                 self._pread(ext.path, buf[:want], start, pos - start + take)
                 view = buf[pos - start:pos - start + take]
             self.bytes_read += take

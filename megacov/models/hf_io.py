@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from collections import deque
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
@@ -472,6 +472,21 @@ class ShardWriter:
         if data.numel() != nbytes:
             raise ValueError(f"tensor {name}: {data.numel()} bytes, planned {nbytes}")
         fh.write_at(pos, memoryview(data.numpy()))
+        self._written.add(name)
+
+    def add_bytes(self, name: str, chunks: Iterable[Any]) -> None:
+        """Write tensor ``name`` from its raw bytes in the planned dtype, given chunk by chunk."""
+        if name not in self.plan or name in self._written:
+            raise ValueError(f"tensor {name} is not in the export plan or was written twice")
+        fh, pos, nbytes = self._where[name]
+        end = pos + nbytes
+        for chunk in chunks:
+            if pos + len(chunk) > end:
+                raise ValueError(f"tensor {name}: more than the planned {nbytes} bytes")
+            fh.write_at(pos, chunk)
+            pos += len(chunk)
+        if pos != end:
+            raise ValueError(f"tensor {name}: {nbytes - (end - pos)} bytes, planned {nbytes}")
         self._written.add(name)
 
     def finish(self) -> dict[str, str]:

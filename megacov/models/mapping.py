@@ -417,6 +417,27 @@ def mcore_to_hf(name: str, full: torch.Tensor, layer_rules: Sequence[Rule], dims
     return [(res.hf[0], full)]
 
 
+def mcore_rows_of_hf(name: str, rows: int, layer_rules: Sequence[Rule], dims: Dims
+                     ) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The HF tensors of full (TP-gathered) megatron parameter ``name`` of ``rows`` rows, each as the
+    ``(first row, rows)`` ranges of it that make it up, in HF order: what :func:`mcore_to_hf` returns,
+    said as places, so that an exporter can copy the bytes without loading the parameter."""
+    res = resolve(name, layer_rules, dims)
+    kind = res.rule.kind
+    if kind == "qkv":
+        hd, qrows = dims.head_dim, (dims.num_heads // dims.num_kv_heads) * dims.head_dim
+        per_group = qrows + 2 * hd
+        groups = range(rows // per_group)
+        return [(res.hf[0], [(g * per_group, qrows) for g in groups]),
+                (res.hf[1], [(g * per_group + qrows, hd) for g in groups]),
+                (res.hf[2], [(g * per_group + qrows + hd, hd) for g in groups])]
+    if kind == "fc1":
+        return [(res.hf[0], [(0, rows // 2)]), (res.hf[1], [(rows // 2, rows // 2)])]
+    if kind == "vocab":
+        return [(res.hf[0], [(0, dims.vocab_size)])]
+    return [(res.hf[0], [(0, rows)])]
+
+
 def hf_to_mcore_full(name: str, hf: Mapping[str, SliceableTensor], layer_rules: Sequence[Rule], dims: Dims
                      ) -> torch.Tensor:
     """The full (TP=1) megatron tensor: :func:`hf_to_mcore_shard` at ``tp=1``."""

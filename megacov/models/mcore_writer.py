@@ -29,6 +29,15 @@ from megacov.models.loader import Source
 _LAYER_PREFIX = mapping.CKPT_LAYER_PREFIX
 
 
+def import_megatron() -> None:
+    """Import what the writer uses from megatron and DCP (process start-up, seconds on a cold cache),
+    so that a caller can do it before it starts timing or measuring the conversion itself."""
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
+    import megatron.core.models.gpt.gpt_model  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+
+
 def build_meta_chunk(src: Source, layout: Any, dtype: torch.dtype) -> torch.nn.Module:
     """This rank's GPTModel chunk with every parameter on the meta device (no memory, no init)."""
     from megacov.models.arch import megatron_config
