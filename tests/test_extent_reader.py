@@ -69,16 +69,16 @@ def test_reads_ahead_at_most_depth_blocks(data_file) -> None:
 
 def test_errors_reach_the_caller_and_close_mid_stream(data_file) -> None:
     path, raw = data_file
-    with ExtentReader([Source([Extent(path, len(raw) - 10, 100)])], block=BLOCK) as reader:
-        with pytest.raises(OSError, match="unexpected end of file"):
-            _read_all(reader, 1)
+    with ExtentReader([Source([Extent(path, len(raw) - 10, 100)])], block=BLOCK) as reader, \
+            pytest.raises(OSError, match="unexpected end of file"):
+        _read_all(reader, 1)
     with ExtentReader([Source([Extent(path, 2, 10)], torch.uint8, torch.float32)], block=BLOCK) as reader:
         _read_all(reader, 1)  # uint8 elements: any offset is aligned
-    with ExtentReader([Source([Extent(path, 2, 10)], torch.float32, torch.bfloat16)], block=BLOCK) as reader:
-        with pytest.raises(ValueError, match="not whole"):
-            _read_all(reader, 1)
+    with ExtentReader([Source([Extent(path, 2, 10)], torch.float32, torch.bfloat16)], block=BLOCK) as reader, \
+            pytest.raises(ValueError, match="not whole"):
+        _read_all(reader, 1)
     with ExtentReader([Source([Extent(path, 0, len(raw))])] * 3, depth=1, block=BLOCK) as reader:
         next(reader.chunks())  # closed with the thread blocked on a full ring: must not hang
-    with ExtentReader([Source([Extent(os.path.join(os.path.dirname(path), "missing"), 0, 1)])]) as reader:
-        with pytest.raises(FileNotFoundError):
-            _read_all(reader, 1)
+    missing = os.path.join(os.path.dirname(path), "missing")
+    with ExtentReader([Source([Extent(missing, 0, 1)])]) as reader, pytest.raises(FileNotFoundError):
+        _read_all(reader, 1)

@@ -2,15 +2,17 @@
 
 hf-to-mcore spawns TP x PP gloo processes (one is enough: the result does not depend on the layout;
 more processes convert in parallel). Each builds its chunk on the meta device and megatron saves it
-with a strategy that reads every tensor from the HF files only when it is written
-(:mod:`megacov.models.mcore_writer`), so memory stays at one tensor per process. Tensors are stored in
+with a strategy that copies every record's bytes from the HF files as it writes the record
+(:mod:`megacov.models.mcore_writer`), so memory stays at a few I/O buffers per process. Tensors are stored in
 global (TP=1, all layers) coordinates, which is what makes the checkpoint load at any TP x PP:
 megatron reshards on load. Next to megatron's files the directory holds
 ``megacov.json`` (family, padded vocabulary, a copy of the HF config) and the tokenizer files.
 
-mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, then loads one
-decoder layer at a time (a slice of megatron's stacked per-layer tensors), maps it to HF names and
-streams it into safetensors shards, reading the next layer meanwhile. Peak memory is two layers.
+mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, finds where the
+rows of every HF tensor lie in the checkpoint's files and copies them into safetensors shards
+(:func:`_extent_sources`; memory: a few I/O buffers). Mixture-of-experts checkpoints are exported
+one decoder layer at a time instead (a slice of megatron's stacked per-layer tensors, mapped to HF
+names, the next layer read meanwhile; peak memory two layers).
 
 Both directions write into ``<out>.tmp-*`` and rename at the end, so an interrupted conversion
 never leaves a directory that looks complete. Before writing anything, mcore-to-hf checks every
@@ -338,7 +340,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overw
 
     The checkpoint is a megacov one (``megacov.json``) or, with ``hf_dir`` naming the HF model it
     derives from, any checkpoint of the model's sharded state (e.g. a training checkpoint's ``actor/``).
-    ``dtype`` defaults to the checkpoint's. Memory: one decoder layer of the checkpoint.
+    ``dtype`` defaults to the checkpoint's. Memory: I/O buffers (MoE: two decoder layers).
     """
     from megacov.models.dcp_slices import tensor_metadata
     from megacov.trainer import safe_load

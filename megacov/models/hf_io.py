@@ -105,12 +105,6 @@ class SafetensorsFile:
                 raise CheckpointError(f"{self.path}: unexpected end of file")
             done += got
 
-    def will_need(self, offset: int, nbytes: int) -> None:
-        """Ask the kernel to start reading these data bytes into the page cache now (asynchronously),
-        so that a later read of them does not wait for the disk."""
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd, self.data_start + offset, nbytes, os.POSIX_FADV_WILLNEED)
-
     def close(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
             os.close(self._fd)
@@ -215,13 +209,6 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.weight_map)
 
-    def will_need(self, names: Sequence[str]) -> None:
-        """Start reading these tensors from disk in the background (see :meth:`SafetensorsFile.will_need`)."""
-        for name in names:
-            if name in self.weight_map:
-                lazy = self[name]
-                lazy.file.will_need(lazy._begin, _numel(lazy.shape) * _itemsize(lazy.dtype))
-
     def total_bytes(self) -> int:
         return sum(os.path.getsize(os.path.join(self.dir, f)) for f in set(self.weight_map.values()))
 
@@ -278,13 +265,6 @@ class ReadAhead(Generic[_T, _R]):
             future.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=True)
-
-
-def release_storage(tensor: torch.Tensor) -> None:
-    """Free a tensor's bytes while references to it remain (a writer that keeps every tensor it
-    has written until its file closes). The tensor must not be read afterwards."""
-    with contextlib.suppress(RuntimeError):  # storage not owned by torch (numpy, mmap): leave it
-        tensor.untyped_storage().resize_(0)
 
 
 _DIRECT_ALIGN = 4096  # O_DIRECT wants file offsets, lengths and buffers aligned to the device block

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from megacov.models import mapping
-from megacov.models.family import families
 from megacov.models.extent_reader import Extent
 from megacov.models.extent_reader import Source as ExtentSource
+from megacov.models.family import families
 from megacov.models.loader import Source
 
 _LAYER_PREFIX = mapping.CKPT_LAYER_PREFIX
@@ -32,9 +32,6 @@ _LAYER_PREFIX = mapping.CKPT_LAYER_PREFIX
 def import_megatron() -> None:
     """Import what the writer uses from megatron and DCP (process start-up, seconds on a cold cache),
     so that a caller can do it before it starts timing or measuring the conversion itself."""
-    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
-    import megatron.core.models.gpt.gpt_layer_specs  # noqa: F401
-    import megatron.core.models.gpt.gpt_model  # noqa: F401
     import torch.distributed.checkpoint  # noqa: F401
 
 
@@ -156,7 +153,7 @@ def _strategy(read_box: BoxReader, progress: bool) -> Any:
 
     megatron plans the checkpoint (its sharded state dict of meta tensors, DCP's planner: keys,
     boxes, metadata) exactly as for a model in memory. Only the storage writer differs: where
-    DCP's would ask the planner for each tensor and ``torch.save`` it, this one ``torch.save``\ s a
+    DCP's would ask the planner for each tensor and ``torch.save`` it, this one ``torch.save``-s a
     placeholder of the right shape and dtype under ``torch.serialization.skip_data`` (which writes
     the record without its data bytes: the placeholder's storage is reserved address space, never
     touched), and fills the skipped bytes from the HF files, which an
