@@ -280,7 +280,8 @@ def _strategy(read_box: BoxReader, progress: bool) -> Any:
                 # One process: no plan to gather (DCP's gather pickles every plan through gloo,
                 # a fixed ~0.2 s); the files and metadata are those the coordinator would write.
                 dcp_save(mcore_to_pyt_state_dict(state, False), storage_writer=writer, planner=planner,
-                         no_dist=torch.distributed.get_world_size() == 1)
+                         no_dist=not torch.distributed.is_initialized()
+                         or torch.distributed.get_world_size() == 1)
             finally:
                 torch.serialization.set_crc32_options(crc)
 
