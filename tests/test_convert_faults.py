@@ -77,16 +77,16 @@ def test_smaller_vocab_in_hf_config_is_refused_not_cut(converted, tmp_path, caps
 def test_sigterm_during_export_leaves_no_temp_folder(converted, tmp_path, monkeypatch, capsys):
     from megacov.models import hf_io
 
-    real_add = hf_io.ShardWriter.add
+    real_add = hf_io.ShardWriter.add_bytes
     calls = {"n": 0}
 
-    def add_then_term(self, name, tensor):
-        real_add(self, name, tensor)
+    def add_then_term(self, name, chunks):
+        real_add(self, name, chunks)
         calls["n"] += 1
         if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # preempted mid-conversion
+            os.kill(os.getpid(), signal.SIGTERM)  # preempted mid-conversion, with the reader's thread running
 
-    monkeypatch.setattr(hf_io.ShardWriter, "add", add_then_term)
+    monkeypatch.setattr(hf_io.ShardWriter, "add_bytes", add_then_term)
     code = main(["convert", "mcore-to-hf", "--mcore", converted["mcore"], "--out", str(tmp_path / "out"), "--quiet"])
     assert code == 143 and "interrupted" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []

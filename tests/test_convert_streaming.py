@@ -7,7 +7,7 @@ import threading
 import pytest
 import torch
 
-from megacov.models.hf_io import ReadAhead, release_storage
+from megacov.models.hf_io import ReadAhead
 
 
 def test_read_ahead_resolves_the_next_item_while_the_caller_works():
@@ -57,14 +57,6 @@ def test_read_ahead_out_of_order_and_errors():
             broken(3)
     finally:
         broken.close()
-
-
-def test_release_storage_frees_bytes_held_by_other_references():
-    t = torch.ones(1000)
-    kept = t.detach()  # what a writer keeps until its file is closed
-    release_storage(t)
-    assert kept.untyped_storage().nbytes() == 0
-    release_storage(torch.from_numpy(torch.ones(3).numpy()))  # not torch-owned: left alone, no error
 
 
 def direct_io_supported(path) -> bool:

@@ -12,11 +12,17 @@ privileges and touches no one else's cache):
 * ``cold read``   ``O_DIRECT`` sequential read of every safetensors shard in 16 MiB blocks, which
                   bypasses the page cache entirely: the disk's speed for these files, the baseline
                   the ``x cold read`` column divides by;
+* ``write``       ``O_DIRECT`` sequential write of as many bytes to a new file on the same disk;
+                  "read + write" adds the two: a conversion moves every byte in and out of one
+                  disk, so where the disk does not serve reads and writes at once its best is
+                  about that row's "x cold read";
 * ``hf-to-mcore`` the streaming writer (one process per TP x PP rank): reads the HF shards, maps
                   and casts each write item, writes megatron's torch_dist files;
 * ``mcore-to-hf`` layer by layer from the dist checkpoint into planned safetensors shards.
 
-"seconds" is the conversion itself; "wall" adds the process and megatron start-up. Outputs are
+"seconds" is the conversion itself; "wall" adds the process and megatron start-up (imports, the
+process group). Each step runs ``--repeat`` times (cold each time, the three steps in turn); the
+table shows the median time and the largest memory of the runs. Outputs are
 written as the converters write them: ``O_DIRECT`` where the file system allows it (so the bytes
 are on disk when a step ends), no fsync in either direction.
 Memory is Linux's exact high-water mark over the step (``VmHWM`` reset on entry,
@@ -62,6 +68,27 @@ with PeakRss() as peak:
             os.close(fd)
 sec = time.perf_counter() - t
 print(json.dumps({"seconds": sec, "wall": sec, "bytes": total, "peak_rss_mb": peak.peak_bytes / 2**20,
+                  "floor_mb": peak.start_bytes / 2**20}))
+"""
+
+_WRITE = """
+import json, mmap, os, sys, time
+from megacov.rollout.memory import PeakRss
+path, total = sys.argv[1], int(sys.argv[2])
+block = mmap.mmap(-1, 16 << 20)  # page-aligned, as O_DIRECT requires
+block.write(os.urandom(len(block)))
+t = time.perf_counter()
+with PeakRss() as peak:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        done = 0
+        while done < total:
+            done += os.pwrite(fd, block, done)
+    finally:
+        os.close(fd)
+sec = time.perf_counter() - t
+os.unlink(path)
+print(json.dumps({"seconds": sec, "wall": sec, "peak_rss_mb": peak.peak_bytes / 2**20,
                   "floor_mb": peak.start_bytes / 2**20}))
 """
 
@@ -142,20 +169,34 @@ def _evict(path: str) -> None:
             os.close(fd)
 
 
-def bench(name: str, workdir: str, tp: int, pp: int) -> list[tuple]:
+def _median_run(runs: list[dict]) -> dict:
+    """The run with the median time, reporting the worst memory of all runs."""
+    mid = sorted(runs, key=lambda r: r["seconds"])[len(runs) // 2]
+    worst = max(runs, key=lambda r: r["peak_rss_mb"] - r["floor_mb"])
+    return dict(mid, peak_rss_mb=worst["peak_rss_mb"], floor_mb=worst["floor_mb"])
+
+
+def bench(name: str, workdir: str, tp: int, pp: int, repeat: int) -> list[tuple]:
     hf = _model_dir(workdir, name)
     mb, largest = _weights_mb(hf), _largest_tensor_mb(hf)
     ckpt, back = os.path.join(workdir, f"{name}-mcore"), os.path.join(workdir, f"{name}-back")
-    for d in (ckpt, back):
-        shutil.rmtree(d, ignore_errors=True)
-    _evict(hf)
-    read = _run(_READ, hf)
-    _evict(hf)
-    h2m = _run(_H2M, hf, ckpt, str(tp), str(pp))
-    _evict(ckpt)
-    m2h = _run(_M2H, ckpt, back)
+    reads, writes, h2ms, m2hs = [], [], [], []
+    for _ in range(repeat):  # each step in a fresh process, starting cold, in turn
+        for d in (ckpt, back):
+            shutil.rmtree(d, ignore_errors=True)
+        _evict(hf)
+        reads.append(_run(_READ, hf))
+        writes.append(_run(_WRITE, os.path.join(workdir, "write-test.bin"), str(int(mb * 2**20))))
+        _evict(hf)
+        h2ms.append(_run(_H2M, hf, ckpt, str(tp), str(pp)))
+        _evict(ckpt)
+        m2hs.append(_run(_M2H, ckpt, back))
+    read, write, h2m, m2h = _median_run(reads), _median_run(writes), _median_run(h2ms), _median_run(m2hs)
     rows = []
-    for step, r in (("cold read (O_DIRECT)", read), (f"hf-to-mcore tp{tp}pp{pp}", h2m), ("mcore-to-hf", m2h)):
+    for step, r in (("cold read (O_DIRECT)", read), ("write (O_DIRECT, same bytes)", write),
+                    ("read + write, one after the other", {**read, "seconds": read["seconds"] + write["seconds"],
+                                                           "wall": read["wall"] + write["wall"]}),
+                    (f"hf-to-mcore tp{tp}pp{pp}", h2m), ("mcore-to-hf", m2h)):
         over = r["peak_rss_mb"] - r["floor_mb"]
         rows.append((name, mb, largest, step, r["seconds"], r["wall"], mb / r["seconds"],
                      read["seconds"] / r["seconds"], r["floor_mb"], over, over / largest))
@@ -172,6 +213,8 @@ def main() -> int:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--keep", action="store_true", help="keep the generated HF models in --workdir")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per step: the median time is reported "
+                        "(and its ratio to the median cold read), with the largest memory of all runs")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     header = ("model", "MB", "largest tensor MB", "step", "seconds", "wall s", "MB/s", "x cold read",
@@ -182,7 +225,7 @@ def main() -> int:
           flush=True)
     try:
         for name in args.sizes.split(","):
-            rows += bench(name.strip(), args.workdir, args.tp, args.pp)
+            rows += bench(name.strip(), args.workdir, args.tp, args.pp, args.repeat)
     finally:
         if not args.keep:
             shutil.rmtree(args.workdir, ignore_errors=True)

@@ -2,15 +2,17 @@
 
 hf-to-mcore spawns TP x PP gloo processes (one is enough: the result does not depend on the layout;
 more processes convert in parallel). Each builds its chunk on the meta device and megatron saves it
-with a strategy that reads every tensor from the HF files only when it is written
-(:mod:`megacov.models.mcore_writer`), so memory stays at one tensor per process. Tensors are stored in
+with a strategy that copies every record's bytes from the HF files as it writes the record
+(:mod:`megacov.models.mcore_writer`), so memory stays at a few I/O buffers per process. Tensors are stored in
 global (TP=1, all layers) coordinates, which is what makes the checkpoint load at any TP x PP:
 megatron reshards on load. Next to megatron's files the directory holds
 ``megacov.json`` (family, padded vocabulary, a copy of the HF config) and the tokenizer files.
 
-mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, then loads one
-decoder layer at a time (a slice of megatron's stacked per-layer tensors), maps it to HF names and
-streams it into safetensors shards, reading the next layer meanwhile. Peak memory is two layers.
+mcore-to-hf needs no model and no layout: it reads the checkpoint's tensor metadata, finds where the
+rows of every HF tensor lie in the checkpoint's files and copies them into safetensors shards
+(:func:`_extent_sources`; memory: a few I/O buffers). Mixture-of-experts checkpoints are exported
+one decoder layer at a time instead (a slice of megatron's stacked per-layer tensors, mapped to HF
+names, the next layer read meanwhile; peak memory two layers).
 
 Both directions write into ``<out>.tmp-*`` and rename at the end, so an interrupted conversion
 never leaves a directory that looks complete. Before writing anything, mcore-to-hf checks every
@@ -25,13 +27,15 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from megacov.models import mapping
 from megacov.models.arch import Arch, check_layout, hf_tensor_shapes, torch_dtype
+from megacov.models.extent_reader import ExtentReader
+from megacov.models.extent_reader import Source as ExtentSource
 from megacov.models.family import families
 from megacov.models.hf_io import CheckpointError, ReadAhead, ShardWriter, atomic_dir, copy_side_files
 from megacov.models.loader import (
@@ -63,11 +67,12 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 def _hf_to_mcore_rank(rank: int, world_size: int, hf_dir: str, out_dir: str, tp: int, pp: int, dtype: str,
                       progress: bool, ep: int = 1) -> dict:
-    from megacov.models.mcore_writer import save_from_hf
+    from megacov.models.mcore_writer import import_megatron, save_from_hf
     from megacov.parallel.layout import ParallelLayout
 
     layout = ParallelLayout.initialize(tp, pp, ep=ep)
     try:
+        import_megatron()  # start-up, like the process group: not part of the conversion's time
         src = resolve_source(hf_dir, tp=tp)
         start = time.perf_counter()
         with PeakRss() as peak:
@@ -208,6 +213,51 @@ def iter_checkpoint_tensors(ckpt_dir: str, arch: Arch, progress: bool = False
         hints.close()
 
 
+def _extent_sources(mcore_dir: str, arch: Arch, plan: dict) -> dict[str, ExtentSource] | None:
+    """Every planned HF tensor as byte ranges of the checkpoint's files (q/k/v row groups, gate and
+    up halves, the vocabulary's real rows: :func:`mapping.mcore_rows_of_hf`), converted to the
+    planned dtype while read; a tensor whose rows are not whole in the stored chunks (a row-parallel
+    weight saved at TP > 1) is loaded and mapped instead. None (export layer by layer) for
+    mixture-of-experts models, or when the checkpoint's tensors and the plan do not match one to one.
+    """
+    from megacov.models.dcp_slices import RowExtents, load_slices, tensor_metadata
+
+    if arch.moe is not None:
+        return None
+    rules, dims = families()[arch.family].layer_rules, arch.dims
+    meta = {k: v for k, v in tensor_metadata(mcore_dir).items() if k.startswith(MODEL_KEY_PREFIXES)}
+
+    def build(key: str, lead: tuple, gname: str, hf_name: str) -> Callable[[], torch.Tensor]:
+        shape, stored = meta[key]
+        box = {key: (lead + (0,) * (len(shape) - len(lead)), (1,) * len(lead) + tuple(shape[len(lead):]), stored)}
+        return lambda: dict(mapping.mcore_to_hf(gname, load_slices(mcore_dir, box)[key].reshape(shape[len(lead):]),
+                                                rules, dims))[hf_name]
+
+    places = RowExtents(mcore_dir)
+    sources: dict[str, ExtentSource] = {}
+    try:
+        for key, (shape, stored) in meta.items():
+            elements: list[tuple[tuple, int | None]] = [((), None)]
+            if key.startswith("decoder.layers."):
+                parsed = mapping.parse_checkpoint_key(key)
+                if parsed.expert:
+                    return None
+                elements = [((s,), s) for s in range(shape[0])] if parsed.layer is None else [((), parsed.layer)]
+            for lead, layer in elements:
+                if len(shape) <= len(lead):
+                    return None
+                gname = key if layer is None else mapping.model_name_of_checkpoint_key(key, layer)
+                for hf_name, ranges in mapping.mcore_rows_of_hf(gname, shape[len(lead)], rules, dims):
+                    if hf_name not in plan or hf_name in sources:
+                        return None
+                    extents = places.rows(key, lead, ranges)
+                    sources[hf_name] = (ExtentSource(extents, stored, plan[hf_name][1]) if extents is not None else
+                                        ExtentSource(build=build(key, lead, gname, hf_name), wanted=plan[hf_name][1]))
+    finally:
+        places.close()
+    return sources if set(sources) == set(plan) else None
+
+
 def _describe_mcore(mcore_dir: str, hf_dir: str | None) -> tuple[dict, Arch, str]:
     """``(hf_config, arch, side_files_dir)`` of a checkpoint: from its megacov.json, or, for a checkpoint
     without one (the trainer's ``actor/`` folders), from the HF directory it was trained from."""
@@ -290,7 +340,7 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overw
 
     The checkpoint is a megacov one (``megacov.json``) or, with ``hf_dir`` naming the HF model it
     derives from, any checkpoint of the model's sharded state (e.g. a training checkpoint's ``actor/``).
-    ``dtype`` defaults to the checkpoint's. Memory: one decoder layer of the checkpoint.
+    ``dtype`` defaults to the checkpoint's. Memory: I/O buffers (MoE: two decoder layers).
     """
     from megacov.models.dcp_slices import tensor_metadata
     from megacov.trainer import safe_load
@@ -312,9 +362,20 @@ def mcore_to_hf(mcore_dir: str, out_dir: str, *, dtype: str | None = None, overw
         _check_vocab_padding(mcore_dir, arch, source)
     with atomic_dir(out_dir, overwrite) as tmp, PeakRss() as peak:
         writer = ShardWriter(tmp, plan, max_shard_mb * 1024 * 1024)
-        for gname, full in iter_checkpoint_tensors(mcore_dir, arch, progress):
-            for hf_name, tensor in mapping.mcore_to_hf(gname, full, rules, dims):
-                writer.add(hf_name, tensor)
+        sources = _extent_sources(mcore_dir, arch, plan)
+        if sources is not None:  # every tensor's bytes are known places in the checkpoint's files
+            names: Any = list(plan)
+            with ExtentReader([sources[n] for n in names]) as reader:
+                if progress:
+                    from tqdm import tqdm
+
+                    names = tqdm(names, desc="exporting tensors", unit="tensor", file=sys.stderr)
+                for name in names:
+                    writer.add_bytes(name, reader.chunks())
+        else:
+            for gname, full in iter_checkpoint_tensors(mcore_dir, arch, progress):
+                for hf_name, tensor in mapping.mcore_to_hf(gname, full, rules, dims):
+                    writer.add(hf_name, tensor)
         writer.finish()
         hf_config = dict(hf_config)
         for key in [k for k in ("dtype", "torch_dtype") if k in hf_config] or ["torch_dtype"]:

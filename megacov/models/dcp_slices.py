@@ -271,3 +271,79 @@ def load_slices(ckpt_dir: str, requests: dict[str, tuple[Sequence[int], Sequence
         what = keys[0] + (f" and {len(keys) - 1} more tensors" if len(keys) > 1 else "")
         raise _error(ckpt_dir, f"cannot read {what}", exc) from None
     return {k: t for k, (_, t) in dests.items()}
+
+
+class RowExtents:
+    """Where rows of a torch_dist checkpoint's tensors lie in its files, as byte ranges.
+
+    A tensor is stored as chunks (one per saving rank's shard), each one ``torch.save`` record whose
+    storage is one contiguous byte range (:func:`_record_layout`). A run of rows of one element of
+    a stacked tensor (layer ``s``, expert ``e``) whose chunks hold every column is therefore a few
+    byte ranges, which an exporter can copy without loading the tensor. :meth:`rows` returns None
+    for anything else (a chunk holding a block of columns, a transformed or unusual record).
+    """
+
+    def __init__(self, ckpt_dir: str) -> None:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self._dir = ckpt_dir
+        self._md = FileSystemReader(ckpt_dir).read_metadata()
+        self._fds: dict[str, int] = {}
+        self._layouts: dict[tuple[str, int], tuple[torch.Tensor, int] | None] = {}
+
+    def _layout(self, key: str, offsets: Sequence[int]) -> tuple[str, torch.Tensor, int] | None:
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        info = (self._md.storage_data or {}).get(MetadataIndex(key, offsets))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        path = os.path.join(self._dir, info.relative_path)
+        if path not in self._fds:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+        where = (path, info.offset)
+        if where not in self._layouts:
+            self._layouts[where] = _record_layout(self._fds[path], info.offset, info.length)
+        found = self._layouts[where]
+        return None if found is None else (path, found[0], found[1])
+
+    def rows(self, key: str, lead: Sequence[int], ranges: Sequence[tuple[int, int]]) -> list | None:
+        """:class:`~megacov.models.extent_reader.Extent`\\ s of rows ``ranges`` (``(first, count)`` along the
+        axis after the ``lead`` ones) of element ``lead`` of tensor ``key``, or None."""
+        from megacov.models.extent_reader import Extent
+
+        tmd = self._md.state_dict_metadata.get(key)
+        if tmd is None or not hasattr(tmd, "chunks"):
+            return None
+        shape, nl = tuple(tmd.size), len(lead)
+        if len(shape) <= nl:
+            return None
+        inner = shape[nl + 1:]
+        out = []
+        for first, count in ranges:
+            row = first
+            while row < first + count:
+                chunk = next((c for c in tmd.chunks
+                              if all(o <= i < o + n for i, o, n in zip(lead, c.offsets, c.sizes))
+                              and c.offsets[nl] <= row < c.offsets[nl] + c.sizes[nl]
+                              and all(o == 0 for o in c.offsets[nl + 1:]) and tuple(c.sizes[nl + 1:]) == inner),
+                             None)
+                found = None if chunk is None else self._layout(key, chunk.offsets)
+                if found is None:
+                    return None
+                path, meta, data_at = found
+                if tuple(meta.shape) != tuple(chunk.sizes) or not meta.is_contiguous():
+                    return None
+                take = min(first + count, chunk.offsets[nl] + chunk.sizes[nl]) - row
+                index = [i - o for i, o in zip(lead, chunk.offsets)] + [row - chunk.offsets[nl]]
+                element = meta.storage_offset() + sum(i * s for i, s in zip(index, meta.stride()))
+                row_bytes = meta.element_size()
+                for n in inner:
+                    row_bytes *= n
+                out.append(Extent(path, data_at + element * meta.element_size(), take * row_bytes))
+                row += take
+        return out
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

@@ -292,52 +292,70 @@ def _rows_into(src: SliceableTensor, out: torch.Tensor, start: int) -> None:
         out.copy_(src[start:start + out.shape[0]])
 
 
+def hf_rows_of_shard(name: str, hf: Mapping[str, SliceableTensor], layer_rules: Sequence[Rule], dims: Dims,
+                     tp_rank: int = 0, tp: int = 1) -> list[tuple[str | None, int, int]] | None:
+    """This TP rank's shard of megatron parameter ``name`` as whole rows of HF tensors, in order.
+
+    Each part is ``(absolute HF name, first row, rows)``, or ``(None, 0, rows)`` for rows of zeros
+    (vocabulary padding); stacked, the parts are the shard. A writer that knows where each HF row
+    lies on disk can copy the shard's bytes without building it. ``None`` where the shard is not
+    made of whole rows: a row-parallel weight split over several TP ranks (a block of columns), a
+    scalar. Only the HF tensors' shapes are read.
+    """
+    res = resolve(name, layer_rules, dims)
+    src = [hf[h] for h in res.hf]
+    kind = res.rule.kind
+    if not src[0].shape or (kind == "row" and tp > 1):
+        return None
+    if kind in ("replicated", "row"):
+        return [(res.hf[0], 0, src[0].shape[0])]
+    if kind == "qkv":
+        q, k, v = res.hf
+        groups = src[1].shape[0] // dims.head_dim
+        g0, g1 = _chunk(groups, tp_rank, tp, f"{name}: number of key/value heads")
+        hd, qrows = dims.head_dim, (dims.num_heads // dims.num_kv_heads) * dims.head_dim
+        parts: list[tuple[str | None, int, int]] = []
+        for g in range(g0, g1):  # megatron's per-group [q heads, k head, v head]
+            parts += [(q, g * qrows, qrows), (k, g * hd, hd), (v, g * hd, hd)]
+        return parts
+    if kind == "fc1":
+        lo, hi = _chunk(src[0].shape[0], tp_rank, tp, f"{name} ffn size")
+        return [(res.hf[0], lo, hi - lo), (res.hf[1], lo, hi - lo)]
+    # vocab: zero rows beyond the real vocabulary, then this rank's block of the padded rows.
+    lo, hi = _chunk(dims.padded_vocab_size, tp_rank, tp, f"{name} padded vocabulary")
+    if src[0].shape[0] != dims.vocab_size:
+        raise ValueError(f"{res.hf[0]} has {src[0].shape[0]} rows, config says vocab_size={dims.vocab_size}")
+    top = min(hi, dims.vocab_size)
+    parts = [(res.hf[0], lo, top - lo)] if top > lo else []
+    return parts + ([(None, 0, hi - max(lo, top))] if hi > max(lo, top) else [])
+
+
 def hf_to_mcore_shard(name: str, hf: Mapping[str, SliceableTensor], layer_rules: Sequence[Rule], dims: Dims,
                       tp_rank: int = 0, tp: int = 1) -> torch.Tensor:
     """This TP rank's shard of megatron parameter ``name`` built from the HF tensors in ``hf``.
 
     ``hf`` maps absolute HF names to tensors or lazy slices; only the rows/columns of this rank are
     read from it. Returns a new tensor in the HF tensor's dtype; fused tensors (q/k/v, gate/up) are
-    filled in place, part by part, with no concatenation copy.
+    filled in place, part by part (:func:`hf_rows_of_shard`), with no concatenation copy.
     """
+    parts = hf_rows_of_shard(name, hf, layer_rules, dims, tp_rank, tp)
     res = resolve(name, layer_rules, dims)
-    src = [hf[h] for h in res.hf]
-    kind = res.rule.kind
-    if kind == "replicated":
-        return src[0][:].clone()
-    if kind == "row":
-        lo, hi = _chunk(src[0].shape[1], tp_rank, tp, f"{name} input dim")
-        return src[0][:, lo:hi].contiguous()
-    if kind == "qkv":
-        q, k, v = src
-        groups = k.shape[0] // dims.head_dim
-        g0, g1 = _chunk(groups, tp_rank, tp, f"{name}: number of key/value heads")
-        hd, qrows = dims.head_dim, (dims.num_heads // dims.num_kv_heads) * dims.head_dim
-        out = torch.empty(((g1 - g0) * (qrows + 2 * hd), *q.shape[1:]), dtype=q.dtype)
-        grouped = out.view(g1 - g0, qrows + 2 * hd, *q.shape[1:])
-        for j, g in enumerate(range(g0, g1)):  # megatron's per-group [q heads, k head, v head]
-            _rows_into(q, grouped[j, :qrows], g * qrows)
-            _rows_into(k, grouped[j, qrows:qrows + hd], g * hd)
-            _rows_into(v, grouped[j, qrows + hd:], g * hd)
-        return out
-    if kind == "fc1":
-        gate, up = src
-        lo, hi = _chunk(gate.shape[0], tp_rank, tp, f"{name} ffn size")
-        out = torch.empty((2 * (hi - lo), *gate.shape[1:]), dtype=gate.dtype)
-        _rows_into(gate, out[:hi - lo], lo)
-        _rows_into(up, out[hi - lo:], lo)
-        return out
-    # vocab: zero rows beyond the real vocabulary, then this rank's block of the padded rows.
-    lo, hi = _chunk(dims.padded_vocab_size, tp_rank, tp, f"{name} padded vocabulary")
-    real = src[0]
-    if real.shape[0] != dims.vocab_size:
-        raise ValueError(f"{res.hf[0]} has {real.shape[0]} rows, config says vocab_size={dims.vocab_size}")
-    top = min(hi, dims.vocab_size)
-    rows = real[lo:top] if top > lo else real[0:0]
-    if top - lo == hi - lo:
-        return rows.contiguous()
-    pad = torch.zeros((hi - lo - rows.shape[0], *rows.shape[1:]), dtype=rows.dtype)
-    return torch.cat([rows, pad], dim=0)
+    first = hf[res.hf[0]]
+    if parts is None:
+        if not first.shape:
+            return first[:].clone()
+        lo, hi = _chunk(first.shape[1], tp_rank, tp, f"{name} input dim")
+        return first[:, lo:hi].contiguous()
+    rest = tuple(first.shape[1:])
+    out = torch.empty((sum(n for _, _, n in parts), *rest), dtype=first[0:0].dtype)
+    at = 0
+    for h, start, n in parts:
+        if h is None:
+            out[at:at + n].zero_()
+        else:
+            _rows_into(hf[h], out[at:at + n], start)
+        at += n
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,6 +415,27 @@ def mcore_to_hf(name: str, full: torch.Tensor, layer_rules: Sequence[Rule], dims
                              f"{dims.padded_vocab_size}")
         return [(res.hf[0], full[:dims.vocab_size])]
     return [(res.hf[0], full)]
+
+
+def mcore_rows_of_hf(name: str, rows: int, layer_rules: Sequence[Rule], dims: Dims
+                     ) -> list[tuple[str, list[tuple[int, int]]]]:
+    """The HF tensors of full (TP-gathered) megatron parameter ``name`` of ``rows`` rows, each as the
+    ``(first row, rows)`` ranges of it that make it up, in HF order: what :func:`mcore_to_hf` returns,
+    said as places, so that an exporter can copy the bytes without loading the parameter."""
+    res = resolve(name, layer_rules, dims)
+    kind = res.rule.kind
+    if kind == "qkv":
+        hd, qrows = dims.head_dim, (dims.num_heads // dims.num_kv_heads) * dims.head_dim
+        per_group = qrows + 2 * hd
+        groups = range(rows // per_group)
+        return [(res.hf[0], [(g * per_group, qrows) for g in groups]),
+                (res.hf[1], [(g * per_group + qrows, hd) for g in groups]),
+                (res.hf[2], [(g * per_group + qrows + hd, hd) for g in groups])]
+    if kind == "fc1":
+        return [(res.hf[0], [(0, rows // 2)]), (res.hf[1], [(rows // 2, rows // 2)])]
+    if kind == "vocab":
+        return [(res.hf[0], [(0, dims.vocab_size)])]
+    return [(res.hf[0], [(0, rows)])]
 
 
 def hf_to_mcore_full(name: str, hf: Mapping[str, SliceableTensor], layer_rules: Sequence[Rule], dims: Dims
