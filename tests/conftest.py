@@ -21,6 +21,32 @@ def ray_cluster() -> Iterator[str]:
     ray.shutdown()
 
 
+#: A reward module's source for :func:`tiny_task`: the share of digit characters, dense enough for a
+#: random tiny model to get varied rewards, so every update moves the policy.
+DIGITS_REWARD = '''
+def digits(response, answer):
+    """Share of digit characters: dense enough for a random model to get varied rewards."""
+    return sum(c.isdigit() for c in response) / 6.0
+'''
+#: Metric prefixes that depend on wall time: left out when two runs are compared.
+VOLATILE = ("time/", "perf/", "timing/")
+
+
+def stable_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row without its wall-time entries (what must match between equal runs)."""
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def train_example(config: str, overrides: list[str]) -> None:
+    """``megacov train`` in this process on ``examples/tiny/<config>`` with ``overrides``; it must exit 0."""
+    from megacov.config import load_config
+    from megacov.config.validate import validate
+    from megacov.trainer import train
+
+    cfg = load_config(os.path.join(ROOT, "examples", "tiny", config), overrides)
+    assert train(cfg, validate(cfg)) == 0
+
+
 def tiny_task(root: str, reward_module: str, reward_source: str) -> Iterator[dict[str, Any]]:
     """The tiny model and addition data under ``root``, plus an importable reward module."""
     from megacov.tiny import EXAMPLE_MODEL, build_model, write_task_data

@@ -13,23 +13,25 @@ from __future__ import annotations
 import json
 import os
 import signal
-import textwrap
 import time
 
 import pytest
 import torch
-from conftest import metric_rows, safetensors_dir, task_overrides, tiny_task, train_cli, wait_for_step
+from conftest import (
+    DIGITS_REWARD,
+    VOLATILE,
+    metric_rows,
+    safetensors_dir,
+    task_overrides,
+    tiny_task,
+    train_cli,
+    train_example,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("time/", "perf/", "timing/")
-
-DENSE_REWARD = textwrap.dedent('''
-    def digits(response, answer):
-        """Share of digit characters: dense enough for a random model to get varied rewards."""
-        return sum(c.isdigit() for c in response) / 6.0
-''')
 
 ASYNC_RUN = ("trainer.async_rollout=true", "rollout.placement=disaggregated", "parallel.tp=1",
              "trainer.total_steps=4", "checkpoint.save_every=1", "checkpoint.keep_last=4",
@@ -38,7 +40,7 @@ ASYNC_RUN = ("trainer.async_rollout=true", "rollout.placement=disaggregated", "p
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    yield from tiny_task(str(tmp_path_factory.mktemp("tiny")), "async_reward_mod", DENSE_REWARD)
+    yield from tiny_task(str(tmp_path_factory.mktemp("tiny")), "async_reward_mod", DIGITS_REWARD)
 
 
 def _overrides(tiny, name):
@@ -48,20 +50,9 @@ def _overrides(tiny, name):
             "algorithm.clip_cov_lb=0.0", "optim.lr=1e-3", *ASYNC_RUN]
 
 
-
-
-
-
-
-
 @pytest.fixture(scope="module")
 def async_run(ray_cluster, tiny):
-    from megacov.config import load_config
-    from megacov.config.validate import validate
-    from megacov.trainer import train
-
-    cfg = load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), _overrides(tiny, "async"))
-    assert train(cfg, validate(cfg)) == 0
+    train_example("config.yaml", _overrides(tiny, "async"))
     return os.path.join(tiny["root"], "runs", "async")
 
 
@@ -90,12 +81,6 @@ def test_step_t_trains_on_the_batch_of_policy_t_minus_1(async_run):
         with open(os.path.join(ckpts, f"step_0000000{step}", "trainer_state.json")) as fh:
             assert json.load(fh)["policy_version"] == step
     assert not os.path.exists(os.path.join(ckpts, "step_00000004", "next_rollout.json"))  # nothing after the last
-
-
-
-
-
-
 
 
 def test_sigkill_mid_step_then_resume_equals_uninterrupted(async_run, ray_cluster, tiny):

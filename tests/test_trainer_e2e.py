@@ -17,28 +17,29 @@ from __future__ import annotations
 import math
 import os
 import signal
-import textwrap
 import time
 
 import pytest
 import torch
-from conftest import metric_rows, safetensors_dir, task_overrides, tiny_task, train_cli, wait_for_step
+from conftest import (
+    DIGITS_REWARD,
+    metric_rows,
+    safetensors_dir,
+    stable_metrics,
+    task_overrides,
+    tiny_task,
+    train_cli,
+    wait_for_step,
+)
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VOLATILE = ("time/", "perf/", "timing/")
-
-DENSE_REWARD = textwrap.dedent('''
-    def digits(response, answer):
-        """Share of digit characters: dense enough for a random model to get varied rewards."""
-        return sum(c.isdigit() for c in response) / 6.0
-''')
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    yield from tiny_task(str(tmp_path_factory.mktemp("tiny")), "dense_reward_mod", DENSE_REWARD)
+    yield from tiny_task(str(tmp_path_factory.mktemp("tiny")), "dense_reward_mod", DIGITS_REWARD)
 
 
 def _overrides(tiny, name, *extra):
@@ -54,16 +55,6 @@ def _config(tiny, name, *extra):
 
     cfg = load_config(os.path.join(ROOT, "examples/tiny/config.yaml"), _overrides(tiny, name, *extra))
     return cfg, validate(cfg)
-
-
-
-
-
-def _stable(row):
-    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
-
-
-
 
 
 # A small KL-to-reference loss term, so that the reference policy is built and actor/kl_ref logged
@@ -113,12 +104,6 @@ def test_tp2_clip_cov_run_metrics_checkpoints_export(tp2_run):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-
-
-
-
-
-
 def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, ray_cluster, tiny):
     run_dir = os.path.join(tiny["root"], "runs", "killed")
     proc = train_cli(tiny, ray_cluster, _overrides(tiny, "killed", *KILL_RUN))
@@ -139,7 +124,7 @@ def test_sigkill_mid_step_then_resume_equals_uninterrupted(tp2_run, ray_cluster,
     a, b = metric_rows(tp2_run), metric_rows(run_dir)
     assert sorted(a) == sorted(b)
     for step in a:
-        assert _stable(a[step]) == _stable(b[step]), step
+        assert stable_metrics(a[step]) == stable_metrics(b[step]), step
     wa, wb = safetensors_dir(os.path.join(tp2_run, "hf")), safetensors_dir(os.path.join(run_dir, "hf"))
     assert wa.keys() == wb.keys()
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -257,7 +242,7 @@ def test_sigterm_saves_at_the_safe_point_then_resume_falls_back_past_a_damaged_c
     a, b = metric_rows(tp2_run), metric_rows(run_dir)
     assert sorted(a) == sorted(b)
     for step in a:
-        assert _stable(a[step]) == _stable(b[step]), step
+        assert stable_metrics(a[step]) == stable_metrics(b[step]), step
     wa, wb = safetensors_dir(os.path.join(tp2_run, "hf")), safetensors_dir(os.path.join(run_dir, "hf"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 

@@ -21,15 +21,12 @@ import sys
 import time
 
 import pytest
+from conftest import DIGITS_REWARD
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WEDGE_TIMEOUT_S = 20
-DENSE_REWARD = (
-    "def digits(response, answer):\n"
-    "    # dense: a random tiny model gets varied rewards, so every update moves the policy\n"
-    "    return sum(c.isdigit() for c in response) / 6.0\n")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +46,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     build_model(str(root / "model"), **EXAMPLE_MODEL)
-    (root / "fault_reward_mod.py").write_text(DENSE_REWARD)
+    (root / "fault_reward_mod.py").write_text(DIGITS_REWARD)
     return {"root": str(root), "model": str(root / "model"),
             **write_task_data(str(root / "data"), n_train=64, n_eval=8)}
 

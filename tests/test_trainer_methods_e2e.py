@@ -11,15 +11,11 @@ import os
 import sys
 
 import pytest
+from conftest import DIGITS_REWARD
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DENSE_REWARD = '''
-def digits(response, answer):
-    """Share of digit characters: dense enough for a random model to get varied rewards."""
-    return sum(c.isdigit() for c in response) / 6.0
-'''
 
 METHODS = {
     "gspo": {"policy_loss": "gspo", "loss_agg_mode": "seq-mean-token-mean"},
@@ -50,7 +46,7 @@ def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     build_model(str(root / "model"), **EXAMPLE_MODEL)
     paths = write_task_data(str(root / "data"), n_train=64, n_eval=8)
-    (root / "dense_reward_mod.py").write_text(DENSE_REWARD)
+    (root / "dense_reward_mod.py").write_text(DIGITS_REWARD)
     sys.path.insert(0, str(root))
     ray.init(address="local", num_cpus=4, include_dashboard=False, namespace="megacov", log_to_driver=False,
              configure_logging=False)

@@ -13,22 +13,17 @@ import math
 import os
 
 import pytest
-from conftest import task_overrides, tiny_task
+from conftest import DIGITS_REWARD, task_overrides, tiny_task
 
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REWARD = '''
-def digits(response, answer):
-    """Share of digit characters: dense enough for a random model to get varied rewards."""
-    return sum(c.isdigit() for c in response) / 6.0
-'''
 STEPS = 3
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    yield from tiny_task(str(tmp_path_factory.mktemp("tiny-moe")), "moe_reward_mod", REWARD)
+    yield from tiny_task(str(tmp_path_factory.mktemp("tiny-moe")), "moe_reward_mod", DIGITS_REWARD)
 
 
 def test_moe_rl_run_logs_router_metrics(ray_cluster, tiny):
