@@ -51,6 +51,17 @@ def _levels(run: RunMetrics, key: str) -> dict | None:
     return levels(v) if v.size >= 2 else None
 
 
+def _eval_levels(run: RunMetrics, key: str) -> tuple[float, float, int] | None:
+    """(step-0 evaluation, end level, evaluations in it). Step 0 is one evaluation of the warm-start;
+    the end is the level of the last 10% of the evaluations, since a collapsed policy flips whole
+    prompts between evaluations."""
+    _, v = run.series(key)
+    if not v.size:
+        return None
+    end = levels(v)
+    return (float(v[0]), end["end"], end["points"]) if end else (float(v[0]), float(v[-1]), 1)
+
+
 def run_figures(run: RunMetrics, method: str, seed: int, *, batch_samples: int, eval_samples: int) -> RunFigures:
     """Every figure of one run. ``batch_samples``: responses per training step; ``eval_samples``:
     responses per evaluation (prompts x k)."""
@@ -66,17 +77,14 @@ def run_figures(run: RunMetrics, method: str, seed: int, *, batch_samples: int, 
         if lv:
             v[f"{name}_start"], v[f"{name}_end"] = lv["start"], lv["end"]
             c[f"{name}_end"] = c[f"{name}_start"] = lv["points"] * batch_samples
-    _, val = run.series(VAL_KEY)
-    if val.size:
-        # Step 0 is one evaluation of the warm-start; the end is the level of the last 10% of the
-        # evaluations, since a collapsed policy flips whole prompts between evaluations.
-        end = levels(val)
-        v["val_start"], v["val_end"] = float(val[0]), end["end"] if end else float(val[-1])
-        c["val_start"], c["val_end"] = eval_samples, (end["points"] if end else 1) * eval_samples
+    val = _eval_levels(run, VAL_KEY)
+    if val:
+        v["val_start"], v["val_end"] = val[0], val[1]
+        c["val_start"], c["val_end"] = eval_samples, val[2] * eval_samples
     pass_key = next((k for k in run.keys if k.startswith("val/") and "/pass@" in k), None)
-    if pass_key is not None:  # the share of held-out prompts solved at least once in k samples
-        _, p = run.series(pass_key)
-        v["val_pass_start"], v["val_pass_end"] = float(p[0]), float(levels(p)["end"]) if p.size >= 2 else float(p[-1])
+    passed = _eval_levels(run, pass_key) if pass_key else None
+    if passed:  # the share of held-out prompts solved at least once in k samples
+        v["val_pass_start"], v["val_pass_end"] = passed[0], passed[1]
     steps, h, m = _law_pairs(run)
     try:
         fit = fit_entropy_law(h, m)
