@@ -131,12 +131,16 @@ def test_warm_start_cache_key_is_content_not_path(tmp_path):
     shutil.copytree(tmp_path / "d1", tmp_path / "d2")
     plan = types.SimpleNamespace(tp=2, pp=1, dp=1)
 
-    def key(model: str, data: str) -> str:
+    def key(model: str, data: str, *extra: str) -> str:
         cfg = load_config(None, [f"model.path={tmp_path / model}", f"data.sft_files=[{tmp_path / data / 'sft.jsonl'}]",
-                                 "trainer.sft_steps=10"])
+                                 "trainer.sft_steps=10", *extra])
         return cache_key(cfg, plan)
 
     base = key("m1", "d1")
+    # The RL schedule is not the warm-start's (it trains at a constant sft_lr) ...
+    assert key("m1", "d1", "optim.lr_decay_style=cosine", "optim.min_lr=1e-7", "optim.lr_warmup_steps=3") == base
+    assert key("m1", "d1", "trainer.sft_lr=1e-4") != base   # ... but its own rate and Adam settings are
+    assert key("m1", "d1", "optim.adam_beta2=0.99") != base
     assert key("m2", "d2") == base                     # byte-identical copies elsewhere: same warm-start
     os.utime(os.path.join(paths["model"], "config.json"), (1, 1))
     assert key("m1", "d1") == base                     # touched, not changed

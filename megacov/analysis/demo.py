@@ -34,6 +34,8 @@ PREDICTION_BAR = 0.05
 #: The validation figure: the mean held-out score (partial credit for a valid answer, full credit for
 #: the rarer full answer), so both what sharpening learns and what exploration finds count in it.
 VAL_KEY = "val/score"
+#: The held-out full-credit rate (the share of held-out samples that are correct answers).
+VAL_FULL_KEY = "val/acc"
 
 
 @dataclass
@@ -77,10 +79,11 @@ def run_figures(run: RunMetrics, method: str, seed: int, *, batch_samples: int, 
         if lv:
             v[f"{name}_start"], v[f"{name}_end"] = lv["start"], lv["end"]
             c[f"{name}_end"] = c[f"{name}_start"] = lv["points"] * batch_samples
-    val = _eval_levels(run, VAL_KEY)
-    if val:
-        v["val_start"], v["val_end"] = val[0], val[1]
-        c["val_start"], c["val_end"] = eval_samples, val[2] * eval_samples
+    for key, name in ((VAL_KEY, "val"), (VAL_FULL_KEY, "val_full")):
+        val = _eval_levels(run, key)
+        if val:
+            v[f"{name}_start"], v[f"{name}_end"] = val[0], val[1]
+            c[f"{name}_start"], c[f"{name}_end"] = eval_samples, val[2] * eval_samples
     pass_key = next((k for k in run.keys if k.startswith("val/") and "/pass@" in k), None)
     passed = _eval_levels(run, pass_key) if pass_key else None
     if passed:  # the share of held-out prompts solved at least once in k samples
@@ -164,6 +167,8 @@ TABLE_ROWS = (
     ("distinct rewarded answers per prompt, end", "distinct_rewarded_end"),
     ("val score (mean held-out reward), step 0", "val_start"),
     ("val score, end (last 10% of evaluations)", "val_end"),
+    ("val full-credit rate (val/acc), step 0", "val_full_start"),
+    ("val full-credit rate, end", "val_full_end"),
     ("val pass@k (held-out prompts with a full-credit sample), step 0", "val_pass_start"),
     ("val pass@k, end", "val_pass_end"),
     ("R² of R = -a·exp(H) + b (val score vs H)", "law_r2"),
@@ -215,11 +220,12 @@ def check_bars(methods: list[MethodFigures]) -> list[Bar]:
             bars.append(Bar(f"{m.method} {what} ≥ {BASELINE}'s", f"{a:.3f} vs {b:.3f}",
                             bool(a >= b) if math.isfinite(a) and math.isfinite(b) else None))
     clear = []
-    for m in others:
-        for key in ("full_rate_end",):
+    for m in others:  # the full-credit behaviour, on the training prompts and on the held-out ones
+        for key, what in (("full_rate_end", "training"), ("val_full_end", "held-out")):
             diff, se = m.mean(key) - base.mean(key), math.hypot(m.se(key), base.se(key))
-            clear.append((diff > 2 * se, f"{m.method} {key} {diff:+.3f} (2 SE = {2 * se:.3f})"))
-    bars.append(Bar("at least one entropy method clearly higher (> 2 SE) on full credit",
+            if math.isfinite(diff):
+                clear.append((diff > 2 * se, f"{m.method} {what} {diff:+.3f} (2 SE = {2 * se:.3f})"))
+    bars.append(Bar("at least one entropy method clearly higher (> 2 SE) on full credit (training or held-out)",
                     "; ".join(t for _, t in clear), any(ok for ok, _ in clear) if clear else None))
     for m in methods:
         diff = m.mean("val_end") - m.mean("val_start")

@@ -524,12 +524,13 @@ def rank_guard(ctx: RunContext, body: Callable[[], int]) -> int:
 
 def _run_sft(cfg: Any, plan: Any, run_dir: str) -> int:
     from megacov.runtime.core import Runtime
-    from megacov.trainer.sft import run_sft
+    from megacov.trainer.sft import run_sft, sft_lr
 
     steps = cfg.trainer.sft_steps or cfg.trainer.total_steps
+    optim = dataclasses.replace(cfg.optim, lr=sft_lr(cfg))  # no RL after it: the schedule is its own
     with Runtime(cfg, plan) as runtime:
         runtime.connect()
-        out = run_sft(cfg, plan, _tokenizer(cfg.model.path), runtime, steps=steps,
+        out = run_sft(cfg, plan, _tokenizer(cfg.model.path), runtime, steps=steps, optim=optim,
                       out_dir=os.path.join(run_dir, "hf"), metrics_path=os.path.join(run_dir, "metrics.jsonl"))
     log.info("SFT finished: %s", out)
     return 0

@@ -52,7 +52,7 @@ def cache_key(cfg: Any, plan: Any) -> str:
         "steps": cfg.trainer.sft_steps, "lr": sft_lr(cfg), "seed": cfg.trainer.seed,
         "batch": cfg.data.batch_size * cfg.rollout.n, "layout": [plan.tp, plan.pp, plan.dp],
         "mbs": cfg.parallel.micro_batch_size, "dtype": cfg.model.dtype, "max_prompt_len": cfg.data.max_prompt_len,
-        "optim": {k: v for k, v in dataclasses.asdict(cfg.optim).items() if k != "lr"},  # lr: sft_lr above
+        "optim": {k: v for k, v in dataclasses.asdict(sft_optim(cfg)).items() if k != "lr"},  # lr: sft_lr above
     }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -61,15 +61,26 @@ def sft_lr(cfg: Any) -> float:
     return float(cfg.trainer.sft_lr if cfg.trainer.sft_lr is not None else cfg.optim.lr)
 
 
+def sft_optim(cfg: Any) -> Any:
+    """The warm-start's optimizer: RL's Adam settings at ``sft_lr``, held constant. The RL schedule
+    (warmup, decay to ``min_lr``) is counted in RL updates; applied to the warm-start's own steps it
+    would change the start whenever the RL schedule changes, so runs compared from "one start" with
+    different schedules would not share it. (``trainer.mode=sft`` has no RL part and keeps the
+    schedule.)"""
+    return dataclasses.replace(cfg.optim, lr=sft_lr(cfg), lr_decay_style="constant", lr_warmup_steps=0,
+                               min_lr=0.0)
+
+
 def cached_warm_start(cfg: Any, plan: Any) -> Optional[str]:
     path = os.path.join(cfg.trainer.output_dir, "sft-cache", cache_key(cfg, plan))
     return path if os.path.isfile(os.path.join(path, "config.json")) else None
 
 
-def run_sft(cfg: Any, plan: Any, tokenizer: Any, runtime: Any, *, steps: int, out_dir: str,
+def run_sft(cfg: Any, plan: Any, tokenizer: Any, runtime: Any, *, steps: int, out_dir: str, optim: Any,
             metrics_path: Optional[str] = None) -> str:
-    """Train ``steps`` SFT updates from ``cfg.model.path`` and export the result to ``out_dir``, on an
-    actor group of ``runtime`` (connected) that is shut down afterwards."""
+    """Train ``steps`` SFT updates from ``cfg.model.path`` with the optimizer settings ``optim`` and
+    export the result to ``out_dir``, on an actor group of ``runtime`` (connected) that is shut down
+    afterwards."""
     from megacov.data import PromptLoader, load_from_config, sft_examples
     from megacov.trainer.batching import build_actor_batch, seq_multiple
     from megacov.trainer.session import export_hf
@@ -78,7 +89,7 @@ def run_sft(cfg: Any, plan: Any, tokenizer: Any, runtime: Any, *, steps: int, ou
     examples = sft_examples(records, tokenizer, cfg.rollout.max_response_len)
     loader = PromptLoader(records, shuffle=True, seed=cfg.data.seed + 1)
     per_step = cfg.data.batch_size * cfg.rollout.n
-    sft_cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=sft_lr(cfg)))
+    sft_cfg = dataclasses.replace(cfg, optim=optim)
     hp = sft_hparams(cfg.algorithm)
     import ray
 
@@ -116,5 +127,5 @@ def warm_start(cfg: Any, plan: Any, tokenizer: Any, runtime: Any) -> str:
     out = os.path.join(cfg.trainer.output_dir, "sft-cache", cache_key(cfg, plan))
     os.makedirs(os.path.dirname(out), exist_ok=True)
     log.info("warm-start: %d SFT steps -> %s", cfg.trainer.sft_steps, out)
-    return run_sft(cfg, plan, tokenizer, runtime, steps=cfg.trainer.sft_steps, out_dir=out,
+    return run_sft(cfg, plan, tokenizer, runtime, steps=cfg.trainer.sft_steps, out_dir=out, optim=sft_optim(cfg),
                    metrics_path=out.rstrip("/") + ".metrics.jsonl")
