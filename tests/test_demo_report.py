@@ -31,6 +31,7 @@ def _write_run(path, *, h_end: float, full_end: float, val_end: float, seed: int
                    "div/distinct_rewarded": float(1 + 6 * h[i]), "div/distinct": float(1 + 7 * h[i])}
             if step % 10 == 0:
                 row["val/score"] = float(0.01 + (val_end - 0.01) * (1 - np.exp(-step / 15)))
+                row["val/acc"] = float(full[i] * 0.8)
                 row["val/eval/pass@16"] = float(h[i])   # narrows as the entropy falls
             fh.write(json.dumps(row) + "\n")
 
@@ -61,6 +62,8 @@ def test_figures_and_claims_from_runs(tmp_path):
     assert claims["grpo end entropy < 20% of its start"]["met"] is True
     assert claims["clip_cov end entropy ≥ 3× grpo's"]["met"] is True
     assert claims[FULL_CLAIM]["met"] is True
+    assert claims["clip_cov final val full-credit rate ≥ grpo's"]["met"] is True
+    assert by["grpo-s1"]["val_full_end"] < by["clip_cov-s1"]["val_full_end"]
     assert "| entropy end / start |" in text and "± " in text and "end entropy ÷ grpo's" in text
     assert os.path.isfile(tmp_path / "curves.png") and os.path.isfile(tmp_path / "analysis" / "report.html")
 

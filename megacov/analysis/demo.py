@@ -3,7 +3,11 @@
 One row per figure, one column per method, each cell the mean over seeds +- the spread (half the
 range between seeds). Levels are means over the first / last 10% of training steps (a single step
 is noise); the validation figure is ``val/score``, the mean held-out reward (so partial and full
-credit both count), at the step-0 evaluation and as the level of the last 10% of evaluations.
+credit both count), at the step-0 evaluation and as the level of the last 10% of evaluations; the
+held-out full-credit rate (``val/acc``, the share of held-out samples that are correct answers) is
+levelled the same way. "Clearly higher on full credit" is checked on the training prompts and on
+the held-out ones: with two seeds the baseline's training rate depends on which bonuses each seed
+happened to find, and the held-out rate shows whether what was found carries over.
 "Beyond 2 standard errors" uses the binomial standard error of the rates (samples counted from the
 run; for a score in [0, 1] an upper bound), pooled over seeds together with the seed-to-seed
 variance, so a difference must beat both sampling noise and seeds.
@@ -215,7 +219,8 @@ def check_bars(methods: list[MethodFigures]) -> list[Bar]:
         bars.append(Bar(f"{m.method} end entropy ≥ {KEEP_BAR:g}× {BASELINE}'s", f"{k:.2f}×",
                         bool(k >= KEEP_BAR) if math.isfinite(k) else None))
     for m in others:
-        for key, what in (("reward_end", "final training reward"), ("val_end", "final val score")):
+        for key, what in (("reward_end", "final training reward"), ("val_end", "final val score"),
+                          ("val_full_end", "final val full-credit rate")):
             a, b = m.mean(key), base.mean(key)
             bars.append(Bar(f"{m.method} {what} ≥ {BASELINE}'s", f"{a:.3f} vs {b:.3f}",
                             bool(a >= b) if math.isfinite(a) and math.isfinite(b) else None))
