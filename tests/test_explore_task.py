@@ -14,10 +14,10 @@ import torch
 from megacov.analysis.diversity import diversity_metrics, entropy_by_position, group_diversity
 from megacov.rewards import RewardManager, reward_spec
 from megacov.tasks.explore import (
+    PARTIAL_CREDIT,
     RESPONSE_DIGITS,
     ExploreSpec,
     bonus_strings,
-    PARTIAL_CREDIT,
     explore_score,
     split_prompts,
     task_rows,

@@ -46,8 +46,8 @@ class RunContext:
     def __init__(self, cfg: Any, plan: Any, run_dir: str) -> None:
         from megacov.algorithms import build_entropy_controller
         from megacov.data import LoadReport, PromptLoader, load_from_config
-        from megacov.trainer.checkpoint import CheckpointManager
         from megacov.runtime.core import Runtime
+        from megacov.trainer.checkpoint import CheckpointManager
         from megacov.trainer.evaluate import unique_names
 
         self.cfg, self.plan, self.run_dir = cfg, plan, run_dir
@@ -442,9 +442,8 @@ def run(cfg: Any, plan: Any) -> int:
     from megacov.data import DataError
     from megacov.models import CheckpointError as ModelCheckpointError
     from megacov.rewards import RewardSpecError
-    from megacov.trainer.checkpoint import CheckpointError
-
     from megacov.trainer import faults, startup
+    from megacov.trainer.checkpoint import CheckpointError
 
     run_dir = os.path.join(cfg.trainer.output_dir, cfg.trainer.name)
     os.makedirs(run_dir, exist_ok=True)
